@@ -1,0 +1,1 @@
+"""Stages: one module per subcommand, directory in -> directory out."""
