@@ -8,7 +8,10 @@ can be written back onto the original scan exactly.
 
 from __future__ import annotations
 
+import gzip
 import os
+import struct
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -162,8 +165,54 @@ def _check_header(path: Path) -> None:
         raise InputError(path, f"image header announces {' x '.join(map(str, size))} voxels: too large")
 
 
+def _nifti_expected_bytes(header: bytes) -> int | None:
+    """Bytes a NIfTI-1/-2 file must hold (header + voxels), or None if `header` is not NIfTI."""
+    for order in ("<", ">"):
+        if len(header) >= 348 and struct.unpack(order + "i", header[:4])[0] == 348:
+            dims = struct.unpack(order + "8h", header[40:56])
+            bitpix = struct.unpack(order + "h", header[72:74])[0]
+            offset = struct.unpack(order + "f", header[108:112])[0]
+            break
+        if len(header) >= 540 and struct.unpack(order + "i", header[:4])[0] == 540:
+            dims = struct.unpack(order + "8q", header[16:80])
+            bitpix = struct.unpack(order + "h", header[14:16])[0]
+            offset = struct.unpack(order + "q", header[168:176])[0]
+            break
+    else:
+        return None
+    n_dims = min(max(int(dims[0]), 0), 7)
+    voxels = int(np.prod([max(int(d), 1) for d in dims[1 : 1 + n_dims]], dtype=np.float64))
+    return int(offset) + voxels * max(int(bitpix), 0) // 8
+
+
+def _check_complete(path: Path) -> None:
+    """Refuse truncated files that ITK would read without complaint (NIfTI, gzip streams).
+
+    A .gz file is decompressed to its end (the gzip CRC catches corruption); a NIfTI file must
+    hold as many bytes as its header announces.
+    """
+    is_gzip = path.name.lower().endswith(".gz")
+    total, header = 0, b""
+    try:
+        with (gzip.open(path, "rb") if is_gzip else open(path, "rb")) as fh:
+            header = fh.read(540)
+            total = len(header)
+            if is_gzip:
+                while chunk := fh.read(1 << 24):
+                    total += len(chunk)
+            else:
+                total = path.stat().st_size
+    except (OSError, EOFError, zlib.error):
+        raise InputError(path, "truncated or corrupt gzip data") from None
+    if path.name.lower().endswith((".nii", ".nii.gz")):
+        expected = _nifti_expected_bytes(header)
+        if expected is not None and total < expected:
+            raise InputError(path, f"truncated NIfTI: {total} bytes of data, header announces {expected}")
+
+
 def _read_file(path: Path) -> sitk.Image:
     _check_header(path)
+    _check_complete(path)
     try:
         return sitk.ReadImage(str(path))
     except RuntimeError:

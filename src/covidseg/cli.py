@@ -1,0 +1,229 @@
+"""The `covidseg` command line: one thin function per subcommand.
+
+Each command parses and validates its options, calls one stage, prints a short rich summary and maps
+errors to exit codes: 0 ok, 1 a case failed or a threshold was not met, 2 usage error. Heavy
+imports (torch, SimpleITK) happen inside the commands so that `covidseg --help` is instant.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from covidseg import __version__
+from covidseg.errors import CovidsegError, UsageError
+
+app = typer.Typer(
+    name="covidseg",
+    help="Label-free COVID-19 lesion segmentation on chest CT.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console(stderr=True)
+out = Console()
+
+
+def _version(value: bool) -> None:
+    if value:
+        out.print(f"covidseg {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")
+    ] = False,
+) -> None:
+    """Label-free COVID-19 lesion segmentation on chest CT."""
+
+
+def _fail(exc: CovidsegError) -> None:
+    console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+    raise typer.Exit(exc.exit_code)
+
+
+def _triple(text: str, kind: type, name: str) -> tuple:
+    """Parse 'A,B,C' into a tuple of three numbers (z, y, x)."""
+    try:
+        values = tuple(kind(v) for v in text.split(","))
+    except ValueError:
+        raise UsageError(None, f"{name} must be three numbers 'Z,Y,X', got {text!r}") from None
+    if len(values) != 3 or any(v <= 0 for v in values):
+        raise UsageError(None, f"{name} must be three positive numbers 'Z,Y,X', got {text!r}")
+    return values
+
+
+def _pair(text: str, name: str) -> tuple[float, float]:
+    try:
+        lo, hi = (float(v) for v in text.split(","))
+    except ValueError:
+        raise UsageError(None, f"{name} must be two numbers 'LO,HI', got {text!r}") from None
+    return lo, hi
+
+
+@contextlib.contextmanager
+def _progress(total: int, description: str, enabled: bool) -> Iterator[Callable[[str], None]]:
+    """A rich progress bar advanced by a callback that takes one message per finished item."""
+    if not enabled or total == 0:
+        yield lambda message: None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("{task.fields[last]}"),
+        console=console,
+        transient=False,
+    ) as bar:
+        task = bar.add_task(description, total=total, last="")
+        yield lambda message: bar.update(task, advance=1, last=message)
+
+
+NoProgress = Annotated[bool, typer.Option("--no-progress", help="No progress bar (batch jobs, logs).")]
+
+
+@app.command()
+def synth(
+    output: Annotated[Path, typer.Option("-o", "--output", help="Folder to write the phantoms to.")],
+    healthy: Annotated[int, typer.Option(help="Number of healthy phantoms.")] = 2,
+    covid: Annotated[int, typer.Option(help="Number of COVID phantoms (with lesion masks).")] = 2,
+    seed: Annotated[int, typer.Option(help="Random seed; other seeds give unseen cases.")] = 0,
+    shape: Annotated[str, typer.Option(help="Volume size in voxels 'Z,Y,X'.")] = "64,256,256",
+    spacing: Annotated[str, typer.Option(help="Voxel size in mm 'Z,Y,X' (5 mm clinical slices).")] = "5,1.4,1.4",
+    montage: Annotated[bool, typer.Option("--montage", help="Also write a PNG montage per case.")] = False,
+    no_progress: NoProgress = False,
+) -> None:
+    """Make synthetic chest-CT phantoms (HU) with lung and lesion ground truth."""
+    try:
+        shape_zyx = _triple(shape, int, "--shape")
+        spacing_zyx = _triple(spacing, float, "--spacing")
+        from covidseg.stages.synth import run_synth
+
+        with _progress(healthy + covid, "synth", not no_progress) as advance:
+            manifest = run_synth(
+                output, healthy, covid, seed, shape_zyx, spacing_zyx, montage=montage, progress=advance
+            )
+    except CovidsegError as exc:
+        _fail(exc)
+    out.print(f"wrote {len(manifest['cases'])} phantoms to {output} (manifest.json)")
+
+
+@app.command()
+def preprocess(
+    output: Annotated[Path, typer.Option("-o", "--output", help="Output folder (e.g. WORK/pre).")],
+    healthy: Annotated[Path | None, typer.Option(help="Healthy CTs: a file or a folder (recursive).")] = None,
+    covid: Annotated[Path | None, typer.Option(help="COVID CTs: a file or a folder (recursive).")] = None,
+    masks: Annotated[
+        Path | None, typer.Option(help="Reference lesion masks, matched by case id (for evaluate).")
+    ] = None,
+    grid: Annotated[str, typer.Option(help="Network grid in voxels 'Z,Y,X'.")] = "32,128,128",
+    hu_window: Annotated[str, typer.Option(help="HU clip window 'LO,HI' before scaling to [0,1].")] = (
+        "-1000,400"
+    ),
+    intensity: Annotated[
+        str | None,
+        typer.Option(help="Map non-HU images to HU: 'window:LO,HI' (0..255 -> LO..HI) or 'linear:A,B'."),
+    ] = None,
+    series: Annotated[str | None, typer.Option(help="DICOM SeriesInstanceUID to read.")] = None,
+    workers: Annotated[int, typer.Option(help="Cases processed in parallel.")] = 1,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a previous output.")] = False,
+    no_progress: NoProgress = False,
+) -> None:
+    """CTs -> lung-cropped, HU-windowed, fixed-size arrays + lung masks + manifest."""
+    try:
+        from covidseg.config import PreprocessConfig
+        from covidseg.intensity import parse_intensity
+
+        try:
+            config = PreprocessConfig(grid=_triple(grid, int, "--grid"), hu_window=_pair(hu_window, "--hu-window"))
+            mapping = parse_intensity(intensity) if intensity else None
+        except ValueError as exc:
+            raise UsageError(None, str(exc)) from None
+        if workers < 1:
+            raise UsageError(None, "--workers must be >= 1")
+        from covidseg.stages.preprocess import collect_inputs, run_preprocess
+
+        total = len(collect_inputs(healthy, covid, masks, allow_2d=mapping is not None))
+        with _progress(total, "preprocess", not no_progress) as advance:
+            result = run_preprocess(
+                output, healthy, covid, masks, config, workers, series, mapping, overwrite, advance
+            )
+    except CovidsegError as exc:
+        _fail(exc)
+    for note in result.notes:
+        console.print(f"note: {note}", highlight=False)
+    for failure in result.failures:
+        console.print(f"[red]failed:[/] {failure['error']}", highlight=False, soft_wrap=True)
+    n_ok = len(result.manifest["cases"])
+    out.print(f"preprocessed {n_ok} case(s) into {output}; {len(result.failures)} failed")
+    if result.failures:
+        raise typer.Exit(1)
+
+
+@app.command()
+def evaluate(
+    pred: Annotated[Path, typer.Option(help="Folder of predicted masks (NIfTI/MHA/NRRD).")],
+    ref: Annotated[Path, typer.Option(help="Folder of reference masks, or a synth manifest.json.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Folder for metrics.csv and summary.json.")],
+    min_dice: Annotated[float | None, typer.Option(help="Exit 1 if mean Dice is below this.")] = None,
+    min_sensitivity: Annotated[float | None, typer.Option(help="Exit 1 if mean sensitivity is below.")] = None,
+    min_specificity: Annotated[float | None, typer.Option(help="Exit 1 if mean specificity is below.")] = None,
+    per_slice: Annotated[bool, typer.Option("--per-slice", help="Also Dice over lesion slices.")] = False,
+    no_progress: NoProgress = False,
+) -> None:
+    """Dice, sensitivity, specificity, IoU, HD95 and volumes per case and pooled."""
+    try:
+        from covidseg.stages.evaluate import run_evaluate
+
+        with _progress(0, "evaluate", False) as advance:
+            result = run_evaluate(
+                pred, ref, output, min_dice, min_sensitivity, min_specificity, per_slice, progress=advance
+            )
+    except CovidsegError as exc:
+        _fail(exc)
+    _print_evaluation(result)
+    if result.failed_cases or result.failed_thresholds:
+        raise typer.Exit(1)
+
+
+def _print_evaluation(result) -> None:
+    from rich.table import Table
+
+    agg = result.summary["aggregate"]
+    table = Table(title=f"{result.summary['n_cases']} case(s)")
+    table.add_column("metric")
+    table.add_column("mean ± std", justify="right")
+    for name in ("dice", "sensitivity", "specificity", "iou", "hd95_mm"):
+        stats = agg.get(name) or {}
+        if stats.get("mean") is None:
+            table.add_row(name, "n/a")
+        else:
+            table.add_row(name, f"{stats['mean']:.3f} ± {stats['std']:.3f}")
+    if agg.get("pooled_dice") is not None:
+        table.add_row("pooled dice", f"{agg['pooled_dice']:.3f}")
+    out.print(table)
+    for failure in result.failed_cases:
+        console.print(f"[red]failed:[/] {failure['error']}", highlight=False, soft_wrap=True)
+    for failed in result.failed_thresholds:
+        console.print(f"[red]threshold not met:[/] {failed}", highlight=False)
+    out.print(f"report: {result.summary_path}")
+
+
+def main() -> None:
+    """Console-script entry point."""
+    try:
+        app()
+    except KeyboardInterrupt:
+        console.print("interrupted")
+        sys.exit(130)

@@ -1,0 +1,279 @@
+"""Stage `evaluate`: compare predicted lesion masks with reference masks, case by case.
+
+Inputs
+------
+* `pred`: a folder (searched recursively) of mask files (NIfTI, MHA, NRRD, ...), or one file.
+* `ref`: a folder of reference masks, or a ``manifest.json`` written by ``covidseg synth`` (or the
+  folder holding it): its ``cases`` with a non-null ``"mask"`` (a path relative to the manifest's
+  folder) are the references, named by their ``"id"``.
+
+Cases are matched by case id (file name without extensions). Unmatched ids on either side are
+listed in the summary; no match at all is a usage error. Masks are compared voxel by voxel in
+their native grid, so a prediction must have the reference's exact geometry (size, spacing,
+origin, direction). A case whose prediction has another geometry, or whose files cannot be read,
+is recorded as a *failed case* with its error message and the others go on; the report is
+always written (even when every case failed) and :attr:`EvaluationResult.ok` turns False so the
+CLI exits 1.
+
+Outputs (both written atomically)
+---------------------------------
+* ``metrics.csv``: one row per evaluated case: ``case_id`` and the metrics of
+  :func:`covidseg.metrics.case_metrics` (plus ``lesion_slices, slice_dice_mean, slice_dice_std``
+  with `per_slice`). An empty cell is an undefined value (NaN). No summary row.
+* ``summary.json``: ``{"format": "covidseg.evaluate", "version": 1, "covidseg_version", "pred",
+  "ref", "n_cases", "aggregate", "thresholds", "failed_thresholds", "failed_cases", "unmatched",
+  "cases"}``; ``aggregate`` is :func:`covidseg.metrics.aggregate`'s dict; undefined values are
+  ``null``.
+
+Thresholds compare the mean over cases of Dice / sensitivity / specificity with the given
+minimum; an undefined mean (no case with a defined value) fails a threshold.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from covidseg import __version__
+from covidseg.atomic import write_json, write_text
+from covidseg.errors import CovidsegError, InputError, UsageError
+from covidseg.io import find_cases, read_mask
+from covidseg.metrics import METRIC_KEYS, aggregate, case_metrics, per_slice_dice, summarize_slice_dice
+
+FORMAT = "covidseg.evaluate"
+VERSION = 1
+METRICS_CSV = "metrics.csv"
+SUMMARY_JSON = "summary.json"
+MANIFEST_NAME = "manifest.json"
+
+#: CSV columns, in order (the per-slice ones only with `per_slice`).
+CSV_COLUMNS = ("case_id",) + METRIC_KEYS + ("tp", "fp", "fn", "tn")
+PER_SLICE_COLUMNS = ("lesion_slices", "slice_dice_mean", "slice_dice_std")
+THRESHOLD_METRICS = ("dice", "sensitivity", "specificity")
+
+Progress = Callable[[str], None]
+
+
+@dataclass
+class EvaluationResult:
+    """What `evaluate` found and wrote."""
+
+    cases: list[dict]  # one dict per evaluated case: case_id, pred, ref and the metrics
+    summary: dict  # the content of summary.json (NaN already replaced by None)
+    failed_thresholds: list[str]  # e.g. "dice 0.812 < 0.9"
+    failed_cases: list[dict]  # {"case_id", "pred", "ref", "error"} per case that could not be evaluated
+    metrics_csv: Path
+    summary_json: Path
+    unmatched: dict = field(default_factory=dict)  # {"ref_without_pred": [...], "pred_without_ref": [...]}
+
+    @property
+    def ok(self) -> bool:
+        """True when every matched case was evaluated and every threshold was met (exit code 0)."""
+        return not self.failed_thresholds and not self.failed_cases
+
+    @property
+    def paths(self) -> list[Path]:
+        return [self.metrics_csv, self.summary_json]
+
+
+def _manifest_references(manifest_path: Path) -> list[tuple[str, Path]]:
+    """(case id, mask path) for every case of a synth manifest that has a reference mask."""
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UsageError(manifest_path, f"cannot read manifest: {exc}") from None
+    cases = manifest.get("cases") if isinstance(manifest, dict) else None
+    if not isinstance(cases, list):
+        raise UsageError(manifest_path, "not a covidseg manifest: no 'cases' list")
+    references: dict[str, Path] = {}
+    for entry in cases:
+        if not isinstance(entry, dict) or "id" not in entry:
+            raise UsageError(manifest_path, f"manifest case without an 'id': {entry!r}")
+        mask = entry.get("mask")
+        if mask is None:
+            continue
+        case_id = str(entry["id"])
+        if case_id in references:
+            raise UsageError(manifest_path, f"case id {case_id!r} appears twice")
+        references[case_id] = manifest_path.parent / mask
+    return sorted(references.items())
+
+
+def _references(ref: Path) -> list[tuple[str, Path]]:
+    if ref.is_file() and ref.name.lower().endswith(".json"):
+        return _manifest_references(ref)
+    if ref.is_dir() and (ref / MANIFEST_NAME).is_file():
+        return _manifest_references(ref / MANIFEST_NAME)
+    return find_cases(ref)
+
+
+def _check_threshold(name: str, value: float | None) -> None:
+    if value is not None and not (0.0 <= value <= 1.0):
+        raise UsageError(None, f"--min-{name} must be between 0 and 1, got {value}")
+
+
+def _format_below(value: float, threshold: float) -> str:
+    """`value` with 3 decimals, or more where 3 would round it up to `threshold`."""
+    for digits in range(3, 12):
+        text = f"{value:.{digits}f}"
+        if float(text) < threshold:
+            return text
+    return repr(value)
+
+
+def _json_safe(obj):
+    """Replace NaN/inf by None and numpy scalars by Python numbers, recursively."""
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_json_safe(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def _csv_cell(value) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    return repr(value) if isinstance(value, float) else str(value)
+
+
+def _metrics_csv(cases: list[dict], columns: tuple[str, ...]) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(columns)
+    for case in cases:
+        writer.writerow([_csv_cell(case.get(col)) for col in columns])
+    return buffer.getvalue()
+
+
+def _evaluate_case(case_id: str, pred_path: Path, ref_path: Path, per_slice: bool) -> tuple[dict, np.ndarray]:
+    pred_mask, pred_geometry = read_mask(pred_path)
+    ref_mask, ref_geometry = read_mask(ref_path)
+    if not pred_geometry.matches(ref_geometry):
+        reason = pred_geometry.describe_mismatch(ref_geometry)
+        raise InputError(pred_path, f"geometry differs from reference {ref_path}: {reason}")
+    record = {"case_id": case_id, "pred": str(pred_path), "ref": str(ref_path)}
+    record.update(case_metrics(pred_mask, ref_mask, ref_geometry.spacing_zyx))
+    slices = np.zeros(0)
+    if per_slice:
+        slices = per_slice_dice(pred_mask, ref_mask)
+        stats = summarize_slice_dice(slices)
+        record["lesion_slices"] = stats["n_slices"]
+        record["slice_dice_mean"] = stats["mean"]
+        record["slice_dice_std"] = stats["std"]
+    return record, slices
+
+
+def run_evaluate(
+    pred: Path,
+    ref: Path,
+    out_dir: Path,
+    min_dice: float | None = None,
+    min_sensitivity: float | None = None,
+    min_specificity: float | None = None,
+    per_slice: bool = False,
+    progress: Progress | None = None,
+) -> EvaluationResult:
+    """Evaluate the masks in `pred` against `ref`; write metrics.csv and summary.json to `out_dir`.
+
+    Raises :class:`UsageError` for a missing input, a threshold outside [0, 1] or when no case id
+    is shared by `pred` and `ref`. Per-case problems (unreadable file, geometry mismatch) are
+    recorded in ``failed_cases`` instead of raised.
+    """
+    pred, ref, out_dir = Path(pred), Path(ref), Path(out_dir)
+    thresholds = {"dice": min_dice, "sensitivity": min_sensitivity, "specificity": min_specificity}
+    for name, value in thresholds.items():
+        _check_threshold(name, value)
+    for label, path in (("--pred", pred), ("--ref", ref)):
+        if not path.exists():
+            raise UsageError(path, f"{label}: no such file or folder")
+
+    predictions = dict(find_cases(pred))
+    references = dict(_references(ref))
+    matched = sorted(predictions.keys() & references.keys())
+    unmatched = {
+        "ref_without_pred": sorted(references.keys() - predictions.keys()),
+        "pred_without_ref": sorted(predictions.keys() - references.keys()),
+    }
+    if not matched:
+        raise UsageError(
+            None,
+            f"no case id in common between --pred {pred} ({len(predictions)} cases) "
+            f"and --ref {ref} ({len(references)} cases)",
+        )
+
+    cases: list[dict] = []
+    slice_dice: list[np.ndarray] = []
+    failed_cases: list[dict] = []
+    for i, case_id in enumerate(matched, start=1):
+        pred_path, ref_path = predictions[case_id], references[case_id]
+        try:
+            record, slices = _evaluate_case(case_id, pred_path, ref_path, per_slice)
+        except CovidsegError as exc:
+            failed_cases.append(
+                {"case_id": case_id, "pred": str(pred_path), "ref": str(ref_path), "error": str(exc)}
+            )
+            if progress is not None:
+                progress(f"[{i}/{len(matched)}] {case_id}: failed: {exc}")
+            continue
+        cases.append(record)
+        slice_dice.append(slices)
+        if progress is not None:
+            progress(
+                f"[{i}/{len(matched)}] {case_id}: dice {record['dice']:.3f}, "
+                f"hd95 {record['hd95_mm']:.1f} mm, lesion {record['ref_ml']:.1f} mL"
+            )
+
+    summary_stats = aggregate(cases, slice_dice if per_slice else None)
+    failed_thresholds = []
+    for name, minimum in thresholds.items():
+        if minimum is None:
+            continue
+        mean = summary_stats["metrics"][name]["mean"] if name in summary_stats["metrics"] else math.nan
+        if math.isnan(mean):
+            failed_thresholds.append(f"{name} undefined (no case with a defined value) < {minimum:g}")
+        elif mean < minimum:
+            failed_thresholds.append(f"{name} {_format_below(mean, minimum)} < {minimum:g}")
+
+    summary = _json_safe(
+        {
+            "format": FORMAT,
+            "version": VERSION,
+            "covidseg_version": __version__,
+            "pred": str(pred),
+            "ref": str(ref),
+            "n_cases": len(cases),
+            "aggregate": summary_stats,
+            "thresholds": {f"min_{name}": value for name, value in thresholds.items()},
+            "failed_thresholds": failed_thresholds,
+            "failed_cases": failed_cases,
+            "unmatched": unmatched,
+            "cases": cases,
+        }
+    )
+    columns = CSV_COLUMNS + (PER_SLICE_COLUMNS if per_slice else ())
+    metrics_csv = out_dir / METRICS_CSV
+    summary_json = out_dir / SUMMARY_JSON
+    write_text(metrics_csv, _metrics_csv(cases, columns))
+    write_json(summary_json, summary)
+    return EvaluationResult(
+        cases=cases,
+        summary=summary,
+        failed_thresholds=failed_thresholds,
+        failed_cases=failed_cases,
+        metrics_csv=metrics_csv,
+        summary_json=summary_json,
+        unmatched=unmatched,
+    )

@@ -1,0 +1,88 @@
+"""Shared test helpers: tiny CT-like volumes and a DICOM series writer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+LPS = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
+LAS = (-1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)  # NIfTI "RAS+" stored as ITK direction
+
+
+def oblique_direction(degrees: float = 12.0) -> tuple[float, ...]:
+    """A direction rotated about z then x (gantry tilt), with a flipped y axis."""
+    a, b = np.radians(degrees), np.radians(degrees / 2)
+    rz = np.array([[np.cos(a), -np.sin(a), 0], [np.sin(a), np.cos(a), 0], [0, 0, 1]])
+    rx = np.array([[1, 0, 0], [0, np.cos(b), -np.sin(b)], [0, np.sin(b), np.cos(b)]])
+    d = rz @ rx @ np.diag([1.0, -1.0, 1.0])
+    return tuple(float(v) for v in d.ravel())
+
+
+def ct_like(shape_zyx=(6, 20, 24), seed: int = 0) -> np.ndarray:
+    """A small int16 array with air (-1000 HU) around a soft-tissue block and random values."""
+    rng = np.random.default_rng(seed)
+    a = np.full(shape_zyx, -1000, dtype=np.int16)
+    z, y, x = shape_zyx
+    inner = (slice(None), slice(y // 4, 3 * y // 4), slice(x // 4, 3 * x // 4))
+    a[inner] = rng.integers(-900, 400, a[inner].shape)
+    return a
+
+
+def write_dicom_series(
+    folder: Path,
+    hu_zyx: np.ndarray,
+    spacing_zyx=(2.5, 0.8, 0.8),
+    origin=(-10.0, -20.0, 30.0),
+    series_uid: str = "1.2.826.0.1.3680043.2.1125.1",
+    intercept: float = -1024.0,
+    slope: float = 1.0,
+    shuffle_names: bool = True,
+    patient_name: str = "Doe^Jane",
+) -> list[Path]:
+    """Write an axial CT series (one file per slice) with rescale tags; names in shuffled order."""
+    folder.mkdir(parents=True, exist_ok=True)
+    n = hu_zyx.shape[0]
+    order = np.random.default_rng(1).permutation(n) if shuffle_names else np.arange(n)
+    # GDCM's writer stores (value - intercept) / slope and writes the rescale tags given, so we pass HU
+    hu = np.asarray(hu_zyx, dtype=np.int16)
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    paths = []
+    for k in range(n):
+        image = sitk.GetImageFromArray(hu[k])
+        image.SetSpacing((spacing_zyx[2], spacing_zyx[1]))
+        position = (origin[0], origin[1], origin[2] + k * spacing_zyx[0])
+        tags = {
+            "0008|0060": "CT",
+            "0008|0016": "1.2.840.10008.5.1.4.1.1.2",
+            "0008|0018": f"{series_uid}.{k + 1}",
+            "0010|0010": patient_name,
+            "0020|000d": "1.2.826.0.1.3680043.2.1125.99",
+            "0020|000e": series_uid,
+            "0020|0013": str(k + 1),
+            "0020|0032": "\\".join(f"{v:.4f}" for v in position),
+            "0020|0037": "1\\0\\0\\0\\1\\0",
+            "0018|0050": str(spacing_zyx[0]),
+            "0028|1052": f"{intercept:g}",
+            "0028|1053": f"{slope:g}",
+            "0028|0030": f"{spacing_zyx[1]}\\{spacing_zyx[2]}",
+        }
+        for key, value in tags.items():
+            image.SetMetaData(key, value)
+        path = folder / f"IM{int(order[k]):04d}.dcm"
+        writer.SetFileName(str(path))
+        writer.Execute(image)
+        paths.append(path)
+    return paths
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    if not SHARED_DATA.exists():
+        pytest.fail(f"real test data expected at {SHARED_DATA}")
+    return SHARED_DATA
