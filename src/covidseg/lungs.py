@@ -9,8 +9,9 @@ The method (threshold, components, closing) is the textbook one, with two choice
    are filled, which brings subpleural consolidations back **inside** the lung mask.
 
 It works on a coarser copy (about ``work_mm`` mm voxels) for speed: a 512x512x300 CT becomes
-~256x256x150. Outside air is air that touches at least two sides of an axial slice; air that touches
-one side only is kept, so crops that cut through a lung (common in CTA crops) still work.
+~256x256x150. Outside air is air that touches the border of an axial slice and averages below
+``outside_hu`` (true air); a lung cut by a tight crop (common in CTA crops) averages ~-850 HU
+and is kept.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ class LungParams:
     """Parameters of the classical lung segmentation (HU, mm, mL)."""
 
     air_hu: float = -300.0  # voxels below are air-like (lung incl. ground glass, airways, outside air)
+    outside_hu: float = -950.0  # border-touching air darker than this on average is outside the body
     work_mm: float = 2.0  # target voxel size of the working copy (mm); never upsampled
     closing_mm: float = 12.0  # in-plane closing radius per lung (mm): pulls dense lesions inside
     min_lung_ml: float = 5.0  # components smaller than this are not lung (mL; area-based for 1 slice)
@@ -89,16 +91,18 @@ def _downsample_mean(hu: np.ndarray, factors: tuple[int, int, int]) -> np.ndarra
     return t[0, 0].numpy()
 
 
-def _outside_air(air: np.ndarray) -> np.ndarray:
-    """Air components (per axial slice) that touch at least two sides of the slice."""
+def _outside_air(air: np.ndarray, hu: np.ndarray, outside_hu: float) -> np.ndarray:
+    """Air outside the body: per axial slice, air components that touch the slice border and whose
+    mean is below `outside_hu` (true air, ~-1000 HU; a lung cut by a crop averages ~-850 HU)."""
     labels, n = ndimage.label(air, structure=_IN_PLANE)
     if n == 0:
         return np.zeros_like(air)
-    sides = np.zeros(n + 1, dtype=np.int32)
+    touches = np.zeros(n + 1, dtype=bool)
     for face in (labels[:, 0, :], labels[:, -1, :], labels[:, :, 0], labels[:, :, -1]):
-        sides[np.unique(face)] += 1
-    sides[0] = 0
-    return sides[labels] >= 2
+        touches[np.unique(face)] = True
+    touches[0] = False
+    mean_hu = ndimage.mean(hu, labels, index=np.arange(n + 1))
+    return (touches & (np.nan_to_num(mean_hu, nan=0.0) < outside_hu))[labels]
 
 
 def _fill_holes(mask: np.ndarray, max_hole_px: int) -> np.ndarray:
@@ -198,17 +202,18 @@ def segment_lungs(
         ``params.work_mm`` mm; empty when no lung is found.
     """
     params = params or LungParams()
-    factors = working_factors(spacing_zyx, params.work_mm)
+    factors = tuple(min(f, n) for f, n in zip(working_factors(spacing_zyx, params.work_mm), hu.shape, strict=True))
     work = _downsample_mean(hu, factors)
     work_spacing = tuple(s * f for s, f in zip(spacing_zyx, factors, strict=True))
     voxel_ml = float(np.prod(work_spacing)) / 1000.0
 
     air = work < params.air_hu
-    inside_air = air & ~_outside_air(air)
+    outside = _outside_air(air, work, params.outside_hu)
+    inside_air = air & ~outside
     lungs = _keep_lung_components(inside_air, voxel_ml, params, z_extent_mm=hu.shape[0] * spacing_zyx[0])
     sides = _split_left_right(lungs)
 
-    body = ~_outside_air(air)
+    body = ~outside
     radius_px = tuple(int(round(params.closing_mm / s)) for s in work_spacing[1:])
     max_hole_px = int(params.max_hole_cm2 * 100.0 / (work_spacing[1] * work_spacing[2]))
     labels = np.zeros_like(sides)

@@ -21,21 +21,22 @@ Units and conventions
   contributes at most its distance, and the fade-weighted mean distance is largest at the centre.
   ``normalise=True`` divides by it so the output lies in [-1, 1]. Typical std is ~0.2 in 2D and ~0.17
   in 3D (unnormalised); it falls by a few percent per octave in fractal noise.
-* Determinism: gradients are drawn in float64 on ``generator.device`` (CPU for ``generator=None``,
+* Determinism: gradients are drawn in float32 on ``generator.device`` (CPU for ``generator=None``,
   which uses torch's global CPU generator) and only then moved to ``device``. The same generator
   state therefore gives bit-identical output on CPU, and the same field (to float rounding) on any
   device and in any floating dtype. Each call advances the generator.
 
-Implementation: Perlin noise is separable per gradient component. For component ``a``,
-``sum_corners w(x) g_a(corner) (x_a - corner_a)`` equals the lattice array ``g_a`` contracted along
-every axis with a sparse ``(voxels, corners)`` matrix: fade weights ``w`` along the other axes and
-weight x displacement along axis ``a``. The contractions are small matrix products, which is much
-faster than gathering 2^N corners per voxel, and equally exact (voxels on lattice points get
-exactly 0).
+Implementation: Perlin noise is separable per gradient component. Component ``a`` contributes
+``sum_corners w(x) g_a(corner) (x_a - corner_a)``, which is the lattice array ``g_a`` contracted along
+every axis with a sparse ``(voxels, corners)`` matrix: the fade weights ``w`` along the other axes,
+weight x displacement along axis ``a``. The contractions are small matrix products instead of
+gathering 2^N corners per voxel, and all octaves share the last, full-size one. Voxels on lattice
+points still get exactly 0.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 from collections.abc import Sequence
@@ -127,7 +128,9 @@ def fractal_perlin_2d(
     Returns:
         ``(*lead, H, W)`` tensor.
     """
-    return _fractal(shape, 2, frequency, octaves, persistence, lacunarity, generator, device, dtype, normalise)
+    return _fractal(
+        shape, 2, frequency, octaves, persistence, lacunarity, generator, device, dtype, normalise
+    )
 
 
 def fractal_perlin_3d(
@@ -151,7 +154,9 @@ def fractal_perlin_3d(
     Returns:
         ``(*lead, D, H, W)`` tensor.
     """
-    return _fractal(shape, 3, frequency, octaves, persistence, lacunarity, generator, device, dtype, normalise)
+    return _fractal(
+        shape, 3, frequency, octaves, persistence, lacunarity, generator, device, dtype, normalise
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -181,22 +186,27 @@ def _fractal(
     if not dtype.is_floating_point:
         raise ValueError(f"dtype must be a floating dtype, got {dtype}")
     device = torch.device(device) if device is not None else torch.get_default_device()
-    # half types: accumulate in float32, cast once at the end
+    # half types: compute in float32, cast once at the end
     work_dtype = dtype if dtype in (torch.float32, torch.float64) else torch.float32
 
-    total: torch.Tensor | None = None
+    # Each octave is `term @ kernel` (see _perlin_factors); concatenating the octaves along the
+    # contracted axis, with the amplitudes folded into the kernels, makes the whole fractal sum one
+    # matrix product that writes the full-size output once.
+    terms, kernels = [], []
     amplitude, amplitude_sum = 1.0, 0.0
     for k in range(octaves):
         octave_freqs = tuple(f * lacunarity**k for f in freqs)
         corners = tuple(math.ceil(f) + 1 for f in octave_freqs)
-        gradients = _random_gradients(lead, corners, generator)  # (*lead, *corners, ndim), float64
-        layer = _perlin_from_gradients(gradients.to(device, work_dtype), spatial, octave_freqs)
-        total = layer.mul_(amplitude) if total is None else total.add_(layer, alpha=amplitude)
+        gradients = _random_gradients(lead, corners, generator)  # (*lead, *corners, ndim), float32
+        term, kernel = _perlin_factors(gradients.to(device, work_dtype), spatial, octave_freqs)
+        terms.append(term)  # (*lead, n_0, ..., n_{N-2}, 2 L_k)
+        kernels.append(kernel * amplitude)  # (2 L_k, n_{N-1})
         amplitude_sum += amplitude
         amplitude *= persistence
-    assert total is not None
     scale = amplitude_sum * (perlin_bound(ndim) if normalise else 1.0)
-    return total.div_(scale).to(dtype)
+    kernel = torch.cat(kernels, dim=0) / scale  # (sum_k 2 L_k, n_{N-1})
+    term = terms[0] if octaves == 1 else torch.cat(terms, dim=-1)  # (*lead, n_0, ..., n_{N-2}, sum_k 2 L_k)
+    return (term @ kernel).to(dtype)  # (*lead, n_0, ..., n_{N-1})
 
 
 def _split_shape(shape: Sequence[int], ndim: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -227,10 +237,10 @@ def _frequencies(frequency: Frequency, ndim: int) -> tuple[float, ...]:
 def _random_gradients(
     lead: tuple[int, ...], corners: tuple[int, ...], generator: torch.Generator | None
 ) -> torch.Tensor:
-    """Random unit gradients, float64 on the generator's device: ``(*lead, *corners, ndim)``."""
+    """Random unit gradients, float32 on the generator's device: ``(*lead, *corners, ndim)``."""
     ndim = len(corners)
     gen_device = generator.device if generator is not None else torch.device("cpu")
-    kw = {"generator": generator, "device": gen_device, "dtype": torch.float64}
+    kw = {"generator": generator, "device": gen_device, "dtype": torch.float32}
     if ndim == 2:
         angle = torch.rand(*lead, *corners, **kw) * (2 * math.pi)  # (*lead, *corners)
         return torch.stack((torch.cos(angle), torch.sin(angle)), dim=-1)
@@ -243,6 +253,7 @@ def _fade(t: torch.Tensor) -> torch.Tensor:
     return t * t * t * (t * (t * 6 - 15) + 10)
 
 
+@functools.lru_cache(maxsize=256)
 def _axis_matrices(n: int, f: float, corners: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Interpolation matrices of one axis (float64, CPU), each ``(n voxels, corners)``.
 
@@ -266,15 +277,15 @@ def _axis_matrices(n: int, f: float, corners: int) -> tuple[torch.Tensor, torch.
     return weight, displacement
 
 
-def _contract(t: torch.Tensor, matrix: torch.Tensor, dim: int) -> torch.Tensor:
-    """Apply ``matrix`` ``(n, L)`` along axis ``dim`` of ``t`` (size L there, size n after)."""
-    return torch.movedim(torch.movedim(t, dim, -1) @ matrix.mT, -1, dim)
-
-
-def _perlin_from_gradients(
+def _perlin_factors(
     gradients: torch.Tensor, spatial: tuple[int, ...], frequency: tuple[float, ...]
-) -> torch.Tensor:
-    """Perlin noise for given lattice gradients.
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Perlin noise for given lattice gradients, as ``noise = term @ kernel``.
+
+    Component ``a`` of the gradients contributes ``g_a`` contracted along axis ``a`` with the
+    ``displacement`` matrix and along every other axis with the ``weight`` matrix (see
+    :func:`_axis_matrices`). All axes but the last are contracted here, for all components at once;
+    the last is left to the caller's matrix product, so that octaves can share it.
 
     Args:
         gradients: ``(*lead, L_0, ..., L_{N-1}, N)``, with ``L_a >= ceil(frequency[a]) + 1``.
@@ -282,29 +293,26 @@ def _perlin_from_gradients(
         frequency: lattice cells across each axis.
 
     Returns:
-        ``(*lead, n_0, ..., n_{N-1})`` in the dtype and on the device of ``gradients``.
+        ``term`` ``(*lead, n_0, ..., n_{N-2}, 2 L_{N-1})`` and ``kernel`` ``(2 L_{N-1}, n_{N-1})``,
+        in the dtype and on the device of ``gradients``.
     """
     ndim = len(spatial)
-    corners = gradients.shape[-ndim - 1 : -1]
-    mats = [_axis_matrices(n, f, L) for n, f, L in zip(spatial, frequency, corners, strict=True)]
-    weight = [w.to(gradients) for w, _ in mats]  # each (n_a, L_a)
-    displacement = [d.to(gradients) for _, d in mats]  # each (n_a, L_a)
-
-    # noise = sum_a  g_a  x_0 M_0  x_1 M_1 ... , with M_b = displacement[b] if b == a else weight[b].
-    # Contract every axis but the last per component; the components that take `weight` on the last
-    # axis are summed first, so the full-size product is done once, as one matrix product.
-    last_weight = None
-    last_displacement = None
-    for a in range(ndim):
-        t = gradients[..., a]  # (*lead, L_0, ..., L_{N-1})
-        for b in range(ndim - 1):
-            t = _contract(t, displacement[b] if b == a else weight[b], dim=b - ndim)
-        # t: (*lead, n_0, ..., n_{N-2}, L_{N-1})
-        if a < ndim - 1:
-            last_weight = t if last_weight is None else last_weight + t
-        else:
-            last_displacement = t
-    assert last_weight is not None and last_displacement is not None
-    stacked = torch.cat((last_weight, last_displacement), dim=-1)  # (*lead, n_0, ..., n_{N-2}, 2 L)
-    last = torch.cat((weight[-1], displacement[-1]), dim=-1)  # (n_{N-1}, 2 L)
-    return stacked @ last.mT  # (*lead, n_0, ..., n_{N-1})
+    n_lead = gradients.ndim - ndim - 1
+    corners = tuple(gradients.shape[n_lead:-1])
+    component = torch.arange(ndim, device=gradients.device)
+    t = gradients
+    for b in range(ndim - 1):
+        weight, displacement = (m.to(gradients) for m in _axis_matrices(spatial[b], frequency[b], corners[b]))
+        batch = t.shape[: n_lead + b]  # (*lead, n_0, ..., n_{b-1})
+        rest = t.shape[n_lead + b + 1 :]  # (L_{b+1}, ..., L_{N-1}, N)
+        flat = t.reshape(*batch, corners[b], -1)  # (*batch, L_b, R)
+        both = torch.cat((weight, displacement)) @ flat  # (*batch, 2 n_b, R)
+        both = both.reshape(*batch, 2, spatial[b], *rest)  # (*batch, 2, n_b, L_{b+1}, ..., N)
+        # component b takes the displacement along axis b, the others the weight
+        t = torch.where(component == b, both.select(n_lead + b, 1), both.select(n_lead + b, 0))
+    # t: (*lead, n_0, ..., n_{N-2}, L_{N-1}, N)
+    term = torch.stack((t[..., :-1].sum(-1), t[..., -1]), dim=-1)  # (..., L_{N-1}, 2): weight, displacement
+    term = term.flatten(-2)  # (*lead, n_0, ..., n_{N-2}, 2 L_{N-1})
+    weight, displacement = (m.to(gradients) for m in _axis_matrices(spatial[-1], frequency[-1], corners[-1]))
+    kernel = torch.stack((weight.mT, displacement.mT), dim=1).flatten(0, 1)  # (2 L_{N-1}, n_{N-1})
+    return term, kernel
