@@ -100,7 +100,9 @@ def synth(
     covid: Annotated[int, typer.Option(help="Number of COVID phantoms (with lesion masks).")] = 2,
     seed: Annotated[int, typer.Option(help="Random seed; other seeds give unseen cases.")] = 0,
     shape: Annotated[str, typer.Option(help="Volume size in voxels 'Z,Y,X'.")] = "64,256,256",
-    spacing: Annotated[str, typer.Option(help="Voxel size in mm 'Z,Y,X' (5 mm clinical slices).")] = "5,1.4,1.4",
+    spacing: Annotated[
+        str, typer.Option(help="Voxel size in mm 'Z,Y,X' (5 mm clinical slices).")
+    ] = "5,1.4,1.4",
     montage: Annotated[bool, typer.Option("--montage", help="Also write a PNG montage per case.")] = False,
     no_progress: NoProgress = False,
 ) -> None:
@@ -146,7 +148,9 @@ def preprocess(
         from covidseg.intensity import parse_intensity
 
         try:
-            config = PreprocessConfig(grid=_triple(grid, int, "--grid"), hu_window=_pair(hu_window, "--hu-window"))
+            config = PreprocessConfig(
+                grid=_triple(grid, int, "--grid"), hu_window=_pair(hu_window, "--hu-window")
+            )
             mapping = parse_intensity(intensity) if intensity else None
         except ValueError as exc:
             raise UsageError(None, str(exc)) from None
@@ -177,8 +181,12 @@ def evaluate(
     ref: Annotated[Path, typer.Option(help="Folder of reference masks, or a synth manifest.json.")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Folder for metrics.csv and summary.json.")],
     min_dice: Annotated[float | None, typer.Option(help="Exit 1 if mean Dice is below this.")] = None,
-    min_sensitivity: Annotated[float | None, typer.Option(help="Exit 1 if mean sensitivity is below.")] = None,
-    min_specificity: Annotated[float | None, typer.Option(help="Exit 1 if mean specificity is below.")] = None,
+    min_sensitivity: Annotated[
+        float | None, typer.Option(help="Exit 1 if mean sensitivity is below.")
+    ] = None,
+    min_specificity: Annotated[
+        float | None, typer.Option(help="Exit 1 if mean specificity is below.")
+    ] = None,
     per_slice: Annotated[bool, typer.Option("--per-slice", help="Also Dice over lesion slices.")] = False,
     no_progress: NoProgress = False,
 ) -> None:
@@ -193,7 +201,7 @@ def evaluate(
     except CovidsegError as exc:
         _fail(exc)
     _print_evaluation(result)
-    if result.failed_cases or result.failed_thresholds:
+    if not result.ok:
         raise typer.Exit(1)
 
 
@@ -201,23 +209,31 @@ def _print_evaluation(result) -> None:
     from rich.table import Table
 
     agg = result.summary["aggregate"]
-    table = Table(title=f"{result.summary['n_cases']} case(s)")
+    table = Table(title=f"{result.summary['n_cases']} case(s): mean ± std over cases")
     table.add_column("metric")
     table.add_column("mean ± std", justify="right")
+    table.add_column("pooled", justify="right")
     for name in ("dice", "sensitivity", "specificity", "iou", "hd95_mm"):
-        stats = agg.get(name) or {}
-        if stats.get("mean") is None:
-            table.add_row(name, "n/a")
-        else:
-            table.add_row(name, f"{stats['mean']:.3f} ± {stats['std']:.3f}")
-    if agg.get("pooled_dice") is not None:
-        table.add_row("pooled dice", f"{agg['pooled_dice']:.3f}")
+        stats = agg["metrics"].get(name) or {}
+        pooled = agg["pooled"].get(name)
+        table.add_row(
+            name,
+            "n/a" if stats.get("mean") is None else f"{stats['mean']:.3f} ± {stats['std']:.3f}",
+            "" if pooled is None else f"{pooled:.3f}",
+        )
+    slices = agg.get("per_slice_dice")
+    if slices and slices.get("mean") is not None:
+        table.add_row(
+            f"dice per lesion slice (n={slices['n_slices']})",
+            f"{slices['mean']:.3f} ± {slices['std']:.3f}",
+            "",
+        )
     out.print(table)
     for failure in result.failed_cases:
         console.print(f"[red]failed:[/] {failure['error']}", highlight=False, soft_wrap=True)
     for failed in result.failed_thresholds:
         console.print(f"[red]threshold not met:[/] {failed}", highlight=False)
-    out.print(f"report: {result.summary_path}")
+    out.print(f"report: {result.summary_json} and {result.metrics_csv}")
 
 
 def main() -> None:
