@@ -185,29 +185,38 @@ def _nifti_expected_bytes(header: bytes) -> int | None:
     return int(offset) + voxels * max(int(bitpix), 0) // 8
 
 
+def _gzip_isize(path: Path) -> int:
+    """The gzip trailer's uncompressed size (mod 2**32) of the last member."""
+    with open(path, "rb") as fh:
+        fh.seek(-4, os.SEEK_END)
+        return struct.unpack("<I", fh.read(4))[0]
+
+
 def _check_complete(path: Path) -> None:
     """Refuse truncated files that ITK would read without complaint (NIfTI, gzip streams).
 
-    A .gz file is decompressed to its end (the gzip CRC catches corruption); a NIfTI file must
-    hold as many bytes as its header announces.
+    A NIfTI file must hold as many bytes as its header announces. For .nii.gz the gzip trailer's
+    size is compared first (cheap); only when it disagrees, or for other .gz files, the stream is
+    decompressed to its end, where the gzip CRC catches truncation and corruption.
     """
     is_gzip = path.name.lower().endswith(".gz")
-    total, header = 0, b""
+    is_nifti = path.name.lower().endswith((".nii", ".nii.gz"))
     try:
         with (gzip.open(path, "rb") if is_gzip else open(path, "rb")) as fh:
             header = fh.read(540)
-            total = len(header)
-            if is_gzip:
+            expected = _nifti_expected_bytes(header) if is_nifti else None
+            if not is_gzip:
+                total = path.stat().st_size
+            elif expected is not None and _gzip_isize(path) == expected % 2**32:
+                return
+            else:
+                total = len(header)
                 while chunk := fh.read(1 << 24):
                     total += len(chunk)
-            else:
-                total = path.stat().st_size
     except (OSError, EOFError, zlib.error):
         raise InputError(path, "truncated or corrupt gzip data") from None
-    if path.name.lower().endswith((".nii", ".nii.gz")):
-        expected = _nifti_expected_bytes(header)
-        if expected is not None and total < expected:
-            raise InputError(path, f"truncated NIfTI: {total} bytes of data, header announces {expected}")
+    if expected is not None and total < expected:
+        raise InputError(path, f"truncated NIfTI: {total} bytes of data, header announces {expected}")
 
 
 def _read_file(path: Path) -> sitk.Image:

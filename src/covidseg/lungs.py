@@ -119,16 +119,25 @@ def _fill_holes(mask: np.ndarray, max_hole_px: int) -> np.ndarray:
 
 
 def _close_2d(mask: np.ndarray, radius_px: tuple[int, int]) -> np.ndarray:
-    """In-plane binary closing with a (2ry+1) x (2rx+1) box, slice by slice (torch max-pool)."""
+    """In-plane binary closing with a (2ry+1) x (2rx+1) box, slice by slice.
+
+    Works inside the mask's bounding box (plus the radius) with separable max/min filters, so the
+    cost does not grow with the radius. The erosion treats the outside as foreground, so nothing
+    is eaten away at the volume border.
+    """
     ry, rx = radius_px
-    if ry == 0 and rx == 0:
+    if (ry == 0 and rx == 0) or not mask.any():
         return mask
-    t = torch.from_numpy(mask.astype(np.float32))[:, None]  # [Z, 1, Y, X]: slices as batch
-    pad = (rx, rx, ry, ry)
-    kernel = (2 * ry + 1, 2 * rx + 1)
-    dilated = F.max_pool2d(F.pad(t, pad, value=0.0), kernel, stride=1)
-    eroded = -F.max_pool2d(F.pad(-dilated, pad, value=-1.0), kernel, stride=1)
-    return eroded[:, 0].numpy() > 0.5
+    _, ys, xs = np.nonzero(mask.any(axis=0, keepdims=True))
+    y0, y1 = max(0, ys.min() - 2 * ry), min(mask.shape[1], ys.max() + 2 * ry + 1)
+    x0, x1 = max(0, xs.min() - 2 * rx), min(mask.shape[2], xs.max() + 2 * rx + 1)
+    size = (1, 2 * ry + 1, 2 * rx + 1)
+    box = mask[:, y0:y1, x0:x1].view(np.uint8)
+    dilated = ndimage.maximum_filter(box, size=size, mode="constant", cval=0)
+    closed = ndimage.minimum_filter(dilated, size=size, mode="constant", cval=1)
+    out = mask.copy()
+    out[:, y0:y1, x0:x1] = closed.astype(bool)
+    return out
 
 
 def _keep_lung_components(
@@ -202,7 +211,9 @@ def segment_lungs(
         ``params.work_mm`` mm; empty when no lung is found.
     """
     params = params or LungParams()
-    factors = tuple(min(f, n) for f, n in zip(working_factors(spacing_zyx, params.work_mm), hu.shape, strict=True))
+    factors = tuple(
+        min(f, n) for f, n in zip(working_factors(spacing_zyx, params.work_mm), hu.shape, strict=True)
+    )
     work = _downsample_mean(hu, factors)
     work_spacing = tuple(s * f for s, f in zip(spacing_zyx, factors, strict=True))
     voxel_ml = float(np.prod(work_spacing)) / 1000.0
