@@ -7,8 +7,8 @@ import gzip
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from conftest import LAS, LPS, ct_like, oblique_direction, write_dicom_series
 
+from conftest import LAS, LPS, ct_like, oblique_direction, write_dicom_series
 from covidseg.errors import InputError
 from covidseg.geometry import Geometry, Orientation
 from covidseg.intensity import parse_intensity
@@ -174,7 +174,9 @@ def test_intensity_mapping_makes_8bit_images_usable(tmp_path):
     _refused(png, "likely not in HU")
     volume, _ = read_ct(png, intensity=parse_intensity("window:-1350,150"))
     assert volume.hu.shape == (1, 16, 16)
-    assert volume.hu.min() == pytest.approx(-1350) and volume.hu.max() == pytest.approx(-1350 + 1500 * 240 / 255)
+    assert volume.hu.min() == pytest.approx(-1350) and volume.hu.max() == pytest.approx(
+        -1350 + 1500 * 240 / 255
+    )
 
 
 @pytest.mark.parametrize(

@@ -52,6 +52,8 @@ def test_help_does_not_import_torch():
     import subprocess
     import sys
 
-    code = "import sys; from covidseg.cli import app; print('torch' in sys.modules, 'SimpleITK' in sys.modules)"
+    code = (
+        "import sys; from covidseg.cli import app; print('torch' in sys.modules, 'SimpleITK' in sys.modules)"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.split() == ["False", "False"]

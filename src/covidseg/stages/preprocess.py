@@ -209,7 +209,9 @@ def run_preprocess(
     for case in inputs:
         record, error = results[case.case_id]
         if error is not None:
-            failures.append({"id": case.case_id, "group": case.group, "source": str(case.path), "error": error})
+            failures.append(
+                {"id": case.case_id, "group": case.group, "source": str(case.path), "error": error}
+            )
             continue
         records.append(record)
         if record["note"]:
