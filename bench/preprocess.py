@@ -94,12 +94,18 @@ def main(shape=(300, 512, 512), repeats: int = 3) -> list[dict]:
 
 def _print(rows: list[dict]) -> None:
     for row in rows:
-        target = "" if row["target"] is None else f"(target <= {row['target']} {row['unit']}, ratio {row['ratio']})"
+        target = (
+            ""
+            if row["target"] is None
+            else f"(target <= {row['target']} {row['unit']}, ratio {row['ratio']})"
+        )
         print(f"{row['name']:<48} {row['value']:>8} {row['unit']:<3} {target}")
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--child", nargs=2, metavar=("IMAGE", "OUT"), help=argparse.SUPPRESS)
     parser.add_argument("--shape", default="300,512,512", help="Z,Y,X voxels (1 mm)")
     parser.add_argument("--repeats", type=int, default=3)

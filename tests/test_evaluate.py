@@ -126,7 +126,7 @@ def test_threshold_message_never_rounds_up_to_the_threshold(tmp_path):
 
 def test_invalid_threshold_and_missing_inputs(tmp_path, refs):
     with pytest.raises(UsageError, match="min-dice"):
-        run_evaluate(refs, refs, tmp_path / "out", min_dice=1.5)
+        run_evaluate(refs, refs, tmp_path / "out", min_dice=-0.1)
     with pytest.raises(UsageError, match="no such"):
         run_evaluate(tmp_path / "nope", refs, tmp_path / "out")
     assert not (tmp_path / "out").exists()

@@ -202,7 +202,7 @@ def _check_complete(path: Path) -> None:
     is_gzip = path.name.lower().endswith(".gz")
     is_nifti = path.name.lower().endswith((".nii", ".nii.gz"))
     try:
-        with (gzip.open(path, "rb") if is_gzip else open(path, "rb")) as fh:
+        with gzip.open(path, "rb") if is_gzip else open(path, "rb") as fh:
             header = fh.read(540)
             expected = _nifti_expected_bytes(header) if is_nifti else None
             if not is_gzip:

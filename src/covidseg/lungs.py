@@ -39,6 +39,8 @@ class LungParams:
     outside_hu: float = -950.0  # border-touching air darker than this on average is outside the body
     work_mm: float = 2.0  # target voxel size of the working copy (mm); never upsampled
     closing_mm: float = 12.0  # in-plane closing radius per lung (mm): pulls dense lesions inside
+    z_gap_mm: float = 60.0  # per (y, x) column, gaps up to this long between lung above and below
+    # are lung too (a dense lesion with aerated lung above and below it)
     min_lung_ml: float = 5.0  # components smaller than this are not lung (mL; area-based for 1 slice)
     min_fraction: float = 0.05  # ... nor smaller than this fraction of the largest component
     max_hole_cm2: float = 10.0  # in-slice holes up to this area are filled (cm²); larger ones only
@@ -140,6 +142,18 @@ def _close_2d(mask: np.ndarray, radius_px: tuple[int, int]) -> np.ndarray:
     return out
 
 
+def _fill_z_gaps(mask: np.ndarray, max_gap: int) -> np.ndarray:
+    """Along z, fill runs of background of at most `max_gap` voxels lying between mask voxels."""
+    if max_gap < 1 or mask.shape[0] < 3:
+        return mask
+    z = np.arange(mask.shape[0], dtype=np.int32)[:, None, None]
+    big = np.int32(1 << 30)
+    # index of the last mask voxel at or below each z, and of the next one at or above it
+    below = np.maximum.accumulate(np.where(mask, z, -big), axis=0)
+    above = np.minimum.accumulate(np.where(mask, z, big)[::-1], axis=0)[::-1]
+    return mask | ((above - below - 1) <= max_gap)
+
+
 def _keep_lung_components(
     candidates: np.ndarray, voxel_ml: float, params: LungParams, z_extent_mm: float
 ) -> np.ndarray:
@@ -226,11 +240,13 @@ def segment_lungs(
 
     body = ~outside
     radius_px = tuple(int(round(params.closing_mm / s)) for s in work_spacing[1:])
+    gap_px = int(params.z_gap_mm / work_spacing[0])
     max_hole_px = int(params.max_hole_cm2 * 100.0 / (work_spacing[1] * work_spacing[2]))
     labels = np.zeros_like(sides)
     for value in (1, 2):  # close each lung on its own so the two never merge across the mediastinum
         lung = sides == value
         if lung.any():
-            closed = _fill_holes(_close_2d(lung, radius_px), max_hole_px) & body
+            closed = _close_2d(lung, radius_px) | _fill_z_gaps(lung, gap_px)
+            closed = _fill_holes(closed, max_hole_px) & body
             labels[closed & (labels == 0)] = value
     return LungMask(labels=labels, factors=factors, shape=tuple(hu.shape))

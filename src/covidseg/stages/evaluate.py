@@ -115,8 +115,9 @@ def _references(ref: Path) -> list[tuple[str, Path]]:
 
 
 def _check_threshold(name: str, value: float | None) -> None:
-    if value is not None and not (0.0 <= value <= 1.0):
-        raise UsageError(None, f"--min-{name} must be between 0 and 1, got {value}")
+    """A threshold must be a finite number >= 0; above 1 is allowed and simply never met."""
+    if value is not None and not (math.isfinite(value) and value >= 0.0):
+        raise UsageError(None, f"--min-{name} must be a number >= 0, got {value}")
 
 
 def _format_below(value: float, threshold: float) -> str:

@@ -59,12 +59,16 @@ def collect_inputs(
     """Discover cases in the healthy/covid inputs and match reference masks by case id."""
     if healthy is None and covid is None:
         raise UsageError(None, "give at least one of --healthy and --covid")
+    if masks is not None and not masks.exists():
+        raise UsageError(masks, "--masks input does not exist")
     mask_paths = dict(find_cases(masks, allow_2d=allow_2d)) if masks is not None else {}
     cases: list[CaseInput] = []
     seen: dict[str, Path] = {}
     for group, root in (("healthy", healthy), ("covid", covid)):
         if root is None:
             continue
+        if not root.exists():
+            raise UsageError(root, f"--{group} input does not exist")
         found = find_cases(root, allow_2d=allow_2d)
         if not found:
             raise UsageError(root, "no CT found (NIfTI, MHA/MHD, NRRD or DICOM series folders)")
