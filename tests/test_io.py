@@ -214,3 +214,13 @@ def test_read_mask_and_gzip_integrity(tmp_path):
     assert geometry.matches(_geometry(LAS, size=(8, 8, 4)), atol=1e-4)
     gzip.decompress(path.read_bytes())  # a valid gzip stream: written whole, atomically
     assert not list(tmp_path.glob(".*tmp*"))
+
+
+def test_written_files_get_normal_permissions(tmp_path):
+    import os
+
+    path = tmp_path / "m.nii.gz"
+    write_array(path, np.zeros((2, 4, 4), np.uint8), _geometry(LPS, size=(4, 4, 2)))
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask

@@ -1,0 +1,169 @@
+"""3D pseudo-healthy GAN: a generator ``Î_H = De(En(I_C) + U_N)`` and a patch discriminator.
+
+Generator
+---------
+``En`` is a 3D conv encoder down to a coarse latent grid (default 32x128x128 -> 4x8x8). ``U_N``
+adds noise there: fractal **Perlin** noise (default), uniform noise, or none (ablation). ``De``
+upsamples back. Skip connections are a deliberate choice: the default passes encoder features only
+from the coarse levels (``skip_levels``: 1/4 and 1/8 in-plane), never from full or half resolution.
+Because the output is *input minus removal*, letting a lesion through means predicting no removal,
+which the restoration loss on Perlin-corrupted healthy volumes penalises; the coarse skips tell
+the decoder where the dense regions are. The decoder ends in a *removal map* ``R >= 0`` (softplus) and
+
+    Î_H = clamp(I_C - gate ⊙ R, 0, 1)
+
+where ``gate`` is the (slightly dilated) lung mask. Lesions are denser than lung, so making a scan
+healthy removes density; outside the lung the input is returned unchanged. The last layer also sees
+the input image at full resolution, which keeps the removal map sharp at lesion borders and lets
+vessels survive, while the decision *what* to remove comes through the noisy bottleneck.
+
+Shapes: images and masks are ``[B, 1, D, H, W]`` with values in [0, 1]; ``D, H, W`` must be
+divisible by the product of the strides (default 8, 16, 16).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from covidseg.models.blocks import ConvNormAct, Down, ResBlock, Up
+from covidseg.noise import fractal_perlin_3d
+
+LATENT_NOISE = ("perlin", "uniform", "none")
+
+
+@dataclass(frozen=True)
+class GeneratorConfig:
+    channels: tuple[int, ...] = (16, 32, 64, 96, 128)  # feature channels at each level (0 = full res)
+    strides: tuple[tuple[int, int, int], ...] = ((1, 2, 2), (2, 2, 2), (2, 2, 2), (2, 2, 2))
+    skip_levels: tuple[int, ...] = (2, 3)  # levels whose encoder features reach the decoder
+    latent_noise: str = "perlin"  # perlin | uniform | none
+    noise_std: float = 1.0  # std of U_N (latent features are GroupNorm-ed, so ~unit scale)
+    noise_frequency: tuple[float, float, float] = (1.0, 2.0, 2.0)  # Perlin lattice cells on the latent
+    noise_octaves: int = 2
+    gate_dilation: int = 1  # in-plane voxels the lung gate is widened by
+
+    def __post_init__(self) -> None:
+        if len(self.strides) != len(self.channels) - 1:
+            raise ValueError("need one stride per level transition (len(channels) - 1)")
+        if self.latent_noise not in LATENT_NOISE:
+            raise ValueError(f"latent_noise must be one of {LATENT_NOISE}")
+        if any(not 0 <= level < len(self.channels) for level in self.skip_levels):
+            raise ValueError("skip_levels must index existing levels")
+
+    @property
+    def divisor(self) -> tuple[int, int, int]:
+        """Input sizes (z, y, x) must be multiples of this."""
+        return tuple(math.prod(s[i] for s in self.strides) for i in range(3))
+
+
+@dataclass(frozen=True)
+class DiscriminatorConfig:
+    channels: tuple[int, ...] = (16, 32, 64, 128)
+    strides: tuple[tuple[int, int, int], ...] = ((1, 2, 2), (2, 2, 2), (2, 2, 2), (1, 2, 2))
+
+
+@dataclass(frozen=True)
+class GanModelConfig:
+    generator: GeneratorConfig = field(default_factory=GeneratorConfig)
+    discriminator: DiscriminatorConfig = field(default_factory=DiscriminatorConfig)
+
+
+def latent_noise(
+    shape: tuple[int, ...],
+    kind: str,
+    std: float,
+    frequency: tuple[float, float, float],
+    octaves: int,
+    generator: torch.Generator | None,
+    device: torch.device,
+) -> torch.Tensor:
+    """U_N for a latent tensor of `shape` ``[B, C, d, h, w]``, with standard deviation ~`std`."""
+    if kind == "none" or std == 0:
+        return torch.zeros(shape, device=device)
+    if kind == "uniform":  # U(-a, a) has std a / sqrt(3)
+        u = torch.rand(shape, generator=generator, device=generator.device if generator else device)
+        return ((u * 2 - 1) * (std * math.sqrt(3.0))).to(device)
+    field_ = fractal_perlin_3d(shape, frequency, octaves=octaves, generator=generator, device=device)
+    return field_ * (std / field_.std().clamp_min(1e-6))
+
+
+class Generator3D(nn.Module):
+    """COVID volume (+ lung mask) -> pseudo-healthy volume and the removal map."""
+
+    def __init__(self, config: GeneratorConfig | None = None) -> None:
+        super().__init__()
+        self.config = config = config or GeneratorConfig()
+        ch = config.channels
+        self.stem = nn.Sequential(ConvNormAct(3, 1, ch[0]), ResBlock(3, ch[0], ch[0]))
+        self.downs = nn.ModuleList(Down(3, ch[i], ch[i + 1], config.strides[i]) for i in range(len(ch) - 1))
+        self.bottleneck = ResBlock(3, ch[-1], ch[-1])
+        self.ups = nn.ModuleList(
+            Up(3, ch[i + 1], ch[i] if i in config.skip_levels else 0, ch[i]) for i in range(len(ch) - 1)
+        )
+        self.head = nn.Sequential(ConvNormAct(3, ch[0] + 1, ch[0]), nn.Conv3d(ch[0], 1, 3, padding=1))
+
+    def gate(self, lung: torch.Tensor) -> torch.Tensor:
+        """Lung mask widened in-plane by `gate_dilation` voxels: where removal may happen."""
+        r = self.config.gate_dilation
+        if r <= 0:
+            return lung
+        return F.max_pool3d(lung, kernel_size=(1, 2 * r + 1, 2 * r + 1), stride=1, padding=(0, r, r))
+
+    def forward(
+        self, image: torch.Tensor, lung: torch.Tensor, noise_generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """image, lung: [B, 1, D, H, W] -> (pseudo-healthy [B, 1, D, H, W], removal [B, 1, D, H, W])."""
+        features = [self.stem(image)]  # level 0: [B, c0, D, H, W]
+        for down in self.downs:
+            features.append(down(features[-1]))  # level i+1: [B, c_{i+1}, D/s, H/s, W/s]
+        z = self.bottleneck(features[-1])  # latent En(I_C): [B, c_L, d, h, w]
+        cfg = self.config
+        z = z + latent_noise(
+            tuple(z.shape), cfg.latent_noise, cfg.noise_std, cfg.noise_frequency, cfg.noise_octaves,
+            noise_generator, z.device,
+        ).to(z.dtype)  # fmt: skip
+        y = z
+        for level in reversed(range(len(self.ups))):
+            skip = features[level] if level in cfg.skip_levels else None
+            y = self.ups[level](y, features[level].shape[2:], skip)  # [B, c_level, ...]
+        removal = F.softplus(self.head(torch.cat([y, image], dim=1)))  # [B, 1, D, H, W], >= 0
+        healthy = (image - self.gate(lung) * removal).clamp(0.0, 1.0)
+        return healthy, removal
+
+
+class Discriminator3D(nn.Module):
+    """Patch discriminator: (image, lung mask) [B, 2, D, H, W] -> logits [B, 1, d, h, w]."""
+
+    def __init__(self, config: DiscriminatorConfig | None = None) -> None:
+        super().__init__()
+        self.config = config = config or DiscriminatorConfig()
+        ch = config.channels
+        layers: list[nn.Module] = [nn.Conv3d(2, ch[0], 3, padding=1), nn.LeakyReLU(0.2, inplace=True)]
+        for i, stride in enumerate(config.strides):
+            c_out = ch[min(i + 1, len(ch) - 1)]
+            layers += [ConvNormAct(3, ch[min(i, len(ch) - 1)], c_out, stride=stride)]
+        layers.append(nn.Conv3d(ch[-1], 1, 3, padding=1))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, image: torch.Tensor, lung: torch.Tensor) -> torch.Tensor:
+        return self.net(torch.cat([image, lung], dim=1))
+
+
+GAN_PRESETS: dict[str, GanModelConfig] = {
+    # trains meaningfully on 2 CPU cores in minutes (with training crops)
+    "tiny": GanModelConfig(
+        GeneratorConfig(channels=(8, 16, 32, 48, 64)),
+        DiscriminatorConfig(channels=(8, 16, 32, 64)),
+    ),
+    "small": GanModelConfig(),
+    # for a GPU
+    "base": GanModelConfig(
+        GeneratorConfig(channels=(32, 64, 128, 192, 256)),
+        DiscriminatorConfig(channels=(32, 64, 128, 256)),
+    ),
+}
