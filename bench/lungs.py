@@ -91,6 +91,8 @@ def main(n_phantoms: int = 16) -> None:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--phantoms", type=int, default=16)
     main(parser.parse_args().phantoms)

@@ -120,3 +120,16 @@ def test_usage_errors_exit_2(args, tmp_path, monkeypatch):
 def test_version():
     result = runner.invoke(app, ["--version"])
     assert result.exit_code == 0 and result.output.startswith("covidseg ")
+
+
+def test_evaluate_against_a_preprocess_manifest(synth_dir, tmp_path):
+    pre = tmp_path / "pre"
+    assert runner.invoke(
+        app, ["preprocess", "--covid", str(synth_dir / "covid"), "--masks", str(synth_dir / "masks"),
+              "-o", str(pre), "--grid", "8,32,32", "--no-progress"],
+    ).exit_code == 0  # fmt: skip
+    result = runner.invoke(
+        app, ["evaluate", "--pred", str(synth_dir / "masks"), "--ref", str(pre), "-o", str(tmp_path / "ev")]
+    )
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "ev" / "summary.json").read_text())["n_cases"] == 2

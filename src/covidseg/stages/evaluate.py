@@ -84,7 +84,11 @@ class EvaluationResult:
 
 
 def _manifest_references(manifest_path: Path) -> list[tuple[str, Path]]:
-    """(case id, mask path) for every case of a synth manifest that has a reference mask."""
+    """(case id, mask path) for every case of a synth or preprocess manifest with a reference mask.
+
+    A synth manifest names the mask relative to its folder (``"mask"``); a preprocess manifest
+    names the reference mask it was given as an absolute path (``"mask_source"``).
+    """
     try:
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -96,7 +100,9 @@ def _manifest_references(manifest_path: Path) -> list[tuple[str, Path]]:
     for entry in cases:
         if not isinstance(entry, dict) or "id" not in entry:
             raise UsageError(manifest_path, f"manifest case without an 'id': {entry!r}")
-        mask = entry.get("mask")
+        mask = (
+            entry.get("mask_source") if manifest.get("format") == "covidseg.preprocess" else entry.get("mask")
+        )
         if mask is None:
             continue
         case_id = str(entry["id"])

@@ -116,10 +116,10 @@ def preprocess_case(
     record = {
         "id": case.case_id,
         "group": case.group,
-        "source": str(case.path),
+        "source": str(case.path.resolve()),
         "series_uid": volume.series_uid,
         "note": note,
-        "mask_source": None if case.mask_path is None else str(case.mask_path),
+        "mask_source": None if case.mask_path is None else str(case.mask_path.resolve()),
         "intensity": None if intensity is None else intensity.spec,
         "native_geometry": volume.geometry.to_json(),
         "orientation": volume.orientation.to_json(),
