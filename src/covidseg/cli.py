@@ -205,6 +205,74 @@ def evaluate(
         raise typer.Exit(1)
 
 
+@app.command("train-gan")
+def train_gan(
+    pre: Annotated[Path, typer.Argument(help="A preprocess output folder (healthy + COVID cases).")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Output folder (e.g. WORK/gan).")],
+    preset: Annotated[str, typer.Option(help="Model size: tiny (CPU), small, base (GPU).")] = "tiny",
+    steps: Annotated[int, typer.Option(help="Total training steps (with --resume: the new total).")] = 600,
+    batch_size: Annotated[int, typer.Option(help="Volumes per step.")] = 2,
+    crop: Annotated[str, typer.Option(help="Training crop 'Z,Y,X', or 'none' for whole grids.")] = "16,64,64",
+    latent_noise: Annotated[str, typer.Option(help="U_N in the latent: perlin, uniform or none.")] = "perlin",
+    adversarial: Annotated[str, typer.Option(help="Adversarial loss: bce or lsgan.")] = "bce",
+    w_adv: Annotated[float, typer.Option(help="Weight of the adversarial term (0 = off).")] = 0.05,
+    w_rec: Annotated[float, typer.Option(help="Weight of the restoration MSE.")] = 100.0,
+    w_identity: Annotated[float, typer.Option(help="Weight of the identity MSE.")] = 0.0,
+    lr: Annotated[float, typer.Option(help="Adam learning rate (G and D).")] = 2e-4,
+    checkpoint_every: Annotated[int, typer.Option(help="Checkpoint and sample PNG every N steps.")] = 100,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in OUTPUT.")] = False,
+    no_progress: NoProgress = False,
+) -> None:
+    """Train the 3D pseudo-healthy GAN: Î_H = De(En(I_C) + U_N)."""
+    try:
+        from covidseg.config import GanTrainConfig
+
+        try:
+            config = GanTrainConfig(
+                preset=preset, steps=steps, batch_size=batch_size,
+                crop=None if crop.lower() == "none" else _triple(crop, int, "--crop"),
+                latent_noise=latent_noise, adversarial=adversarial, w_adv=w_adv, w_rec=w_rec,
+                w_identity=w_identity, lr_g=lr, lr_d=lr, seed=seed,
+                checkpoint_every=checkpoint_every, sample_every=checkpoint_every,
+            )  # fmt: skip
+        except ValueError as exc:
+            raise UsageError(None, str(exc)) from None
+        from covidseg.stages.train_gan import run_train_gan
+
+        with _step_progress(steps, "train-gan", not no_progress) as advance:
+            manifest = run_train_gan(pre, output, config, device=device, resume=resume, progress=advance)
+    except CovidsegError as exc:
+        _fail(exc)
+    cal = manifest["calibration"]
+    out.print(
+        f"trained {manifest['steps']} steps on {manifest['device']}; generator: {output / 'generator.pt'}; "
+        f"pseudo-mask threshold {cal['threshold']:.4f} (healthy lung percentile {cal['healthy_percentile']})"
+    )
+
+
+@contextlib.contextmanager
+def _step_progress(total: int, description: str, enabled: bool):
+    """A progress bar for training: callback(step, total, losses)."""
+    if not enabled:
+        yield lambda step, total, losses: None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    with Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+        TextColumn("{task.fields[losses]}"), console=console,
+    ) as bar:  # fmt: skip
+        task = bar.add_task(description, total=total, losses="")
+
+        def advance(step: int, total: int, losses: dict) -> None:
+            text = " ".join(f"{k.removeprefix('loss_')}={v:.4f}" for k, v in losses.items() if v)
+            bar.update(task, completed=step, losses=text)
+
+        yield advance
+
+
 def _print_evaluation(result) -> None:
     from rich.table import Table
 

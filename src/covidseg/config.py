@@ -36,3 +36,45 @@ class PreprocessConfig:
             margin_mm=float(data["margin_mm"]),
             lungs=LungParams(**data["lungs"]),
         )
+
+
+@dataclass(frozen=True)
+class GanTrainConfig:
+    """How `train-gan` trains (steps, batch, losses and their weights)."""
+
+    preset: str = "tiny"  # tiny | small | base (covidseg.models.gan3d.GAN_PRESETS)
+    steps: int = 600
+    batch_size: int = 2
+    crop: tuple[int, int, int] | None = (16, 64, 64)  # training crops (z, y, x); None = whole grid
+    lr_g: float = 2e-4
+    lr_d: float = 2e-4
+    betas: tuple[float, float] = (0.5, 0.999)
+    adversarial: str = "bce"  # bce (as in the method) | lsgan
+    w_adv: float = 0.05  # adversarial term for G (0 = no adversarial training, D is not trained)
+    w_rec: float = 100.0  # MSE restoring Perlin-corrupted healthy lungs
+    w_identity: float = 0.0  # MSE of G(healthy) vs healthy
+    latent_noise: str = "perlin"  # perlin | uniform | none (U_N in the generator's latent)
+    seed: int = 0
+    checkpoint_every: int = 100
+    sample_every: int = 100
+    log_every: int = 10
+
+    def __post_init__(self) -> None:
+        if self.adversarial not in ("bce", "lsgan"):
+            raise ValueError("adversarial must be 'bce' or 'lsgan'")
+        if self.latent_noise not in ("perlin", "uniform", "none"):
+            raise ValueError("latent_noise must be perlin, uniform or none")
+        if self.steps < 1 or self.batch_size < 1:
+            raise ValueError("steps and batch size must be >= 1")
+        if min(self.w_adv, self.w_rec, self.w_identity) < 0:
+            raise ValueError("loss weights must be >= 0")
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict) -> GanTrainConfig:
+        data = dict(data)
+        data["crop"] = None if data.get("crop") is None else tuple(int(v) for v in data["crop"])
+        data["betas"] = tuple(float(v) for v in data["betas"])
+        return cls(**data)

@@ -112,3 +112,62 @@ def overlay_montage(
         fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)
     return slices
+
+
+def loss_curves(rows: list[dict], columns: list[str], path: str | Path, title: str | None = None) -> None:
+    """Plot loss columns of a metrics log against ``step`` (log-scaled y when all positive)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = np.array([float(r["step"]) for r in rows])
+    fig, ax = plt.subplots(figsize=(7, 4))
+    positive = True
+    for name in columns:
+        values = np.array([float(r[name]) if r.get(name) not in (None, "") else np.nan for r in rows])
+        if np.isfinite(values).any():
+            ax.plot(steps, values, label=name, linewidth=1.0)
+            positive &= bool(np.nanmin(values) > 0)
+    if positive:
+        ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.legend(fontsize=8)
+    if title:
+        ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=90, format="png")
+    plt.close(fig)
+
+
+def panels(
+    images: list[np.ndarray],
+    titles: list[str],
+    path: str | Path,
+    ranges: list[tuple[float, float]] | None = None,
+    cmaps: list[str] | None = None,
+    contours: list[np.ndarray | None] | None = None,
+    suptitle: str | None = None,
+) -> None:
+    """A row of 2D panels (e.g. COVID input | pseudo-healthy | difference), written atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(images)
+    fig, axes = plt.subplots(1, n, figsize=(3.2 * n, 3.4), squeeze=False)
+    for i, (ax, image) in enumerate(zip(axes[0], images, strict=True)):
+        lo, hi = ranges[i] if ranges else (float(image.min()), float(image.max()))
+        ax.imshow(image, cmap=cmaps[i] if cmaps else "gray", vmin=lo, vmax=hi, interpolation="nearest")
+        if contours and contours[i] is not None and np.any(contours[i]):
+            ax.contour(contours[i], levels=[0.5], colors="red", linewidths=0.7)
+        ax.set_title(titles[i], fontsize=9)
+        ax.axis("off")
+    if suptitle:
+        fig.suptitle(suptitle, fontsize=10)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=90, format="png")
+    plt.close(fig)

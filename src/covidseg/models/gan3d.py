@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -167,3 +168,26 @@ GAN_PRESETS: dict[str, GanModelConfig] = {
         DiscriminatorConfig(channels=(32, 64, 128, 256)),
     ),
 }
+
+
+@torch.no_grad()
+def run_generator(
+    model: Generator3D, image: np.ndarray, lung: np.ndarray, device: torch.device | str = "cpu", seed: int = 0
+) -> np.ndarray:
+    """Pseudo-healthy volume for one grid volume.
+
+    Args:
+        image: [z, y, x] float32, preprocess scale [0, 1].
+        lung: [z, y, x] lung mask (nonzero = lung).
+        seed: seed of the latent noise, so the result is reproducible.
+
+    Returns:
+        [z, y, x] float32 pseudo-healthy volume on the same scale.
+    """
+    model.eval()
+    device = torch.device(device)
+    x = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None, None].to(device)
+    m = torch.from_numpy(np.ascontiguousarray(lung > 0, dtype=np.float32))[None, None].to(device)
+    noise = torch.Generator().manual_seed(int(seed))
+    healthy, _ = model(x, m, noise_generator=noise)
+    return healthy[0, 0].float().cpu().numpy()

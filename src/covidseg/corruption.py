@@ -1,0 +1,111 @@
+"""Synthetic training lesions made of Perlin noise, painted into healthy lungs (image space).
+
+The generator learns to *remove* lesions by restoring healthy volumes corrupted with these. What
+decides how much it removes on real scans is how much they resemble real COVID-19 lesions, so:
+
+* large and small: each volume gets a target lesion load drawn log-uniformly from
+  ``load_range`` (fraction of the lung, default 0.5 %..30 %), cut from a fractal Perlin field;
+* mostly subpleural and posterior: the field is biased toward the lung border and the back;
+* ground glass with vessels kept: ``max(I, I + w (L_ggo - I))`` raises the parenchyma toward a
+  ground-glass level but never darkens a vessel;
+* consolidated cores: the densest part of some lesions goes to a consolidation level.
+
+Values are in the preprocess scale ([0, 1] for the HU window -1000..400): HU = 1400 v - 1000.
+Shapes: ``[B, 1, D, H, W]``. Deterministic given the torch.Generator.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from covidseg.noise import fractal_perlin_3d
+
+
+def hu_to_unit(hu: float, window: tuple[float, float] = (-1000.0, 400.0)) -> float:
+    """A HU value on the preprocess [0, 1] scale."""
+    return (hu - window[0]) / (window[1] - window[0])
+
+
+@dataclass(frozen=True)
+class CorruptionConfig:
+    load_range: tuple[float, float] = (0.005, 0.3)  # lesion volume / lung volume, log-uniform
+    ggo_hu: tuple[float, float] = (-700.0, -300.0)
+    consolidation_hu: tuple[float, float] = (-100.0, 50.0)
+    core_probability: float = 0.6  # share of volumes whose densest lesion parts consolidate
+    core_fraction: tuple[float, float] = (0.1, 0.5)  # share of the lesion volume that is core
+    frequency: tuple[float, float, float] = (2.0, 4.0, 4.0)  # Perlin cells over the grid (z, y, x)
+    octaves: int = 3
+    border_bias: float = 0.8  # preference for subpleural positions (field units)
+    posterior_bias: float = 0.5  # preference for posterior positions (field units)
+    edge: float = 0.04  # softness of lesion borders (field units)
+    texture: float = 0.03  # lesion intensity texture (unit scale, ~40 HU)
+
+
+def _border_proximity(lung: torch.Tensor, radius: int = 4) -> torch.Tensor:
+    """~1 at the lung border, falling to 0 deep inside (in-plane box blur of the mask)."""
+    k = 2 * radius + 1
+    blurred = F.avg_pool3d(lung, kernel_size=(1, k, k), stride=1, padding=(0, radius, radius))
+    return (1.0 - blurred).clamp(0, 1) * 2.0  # border voxels of a straight edge: ~0.5 -> 1
+
+
+def _quantile_per_sample(values: torch.Tensor, mask: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """Per batch element, the `q` quantile of `values` where `mask` (returns [B])."""
+    out = []
+    for v, m, qi in zip(values, mask, q, strict=True):
+        inside = v[m > 0.5]
+        out.append(torch.quantile(inside.float(), qi) if inside.numel() else v.new_tensor(float("inf")))
+    return torch.stack(out)
+
+
+def perlin_lesions(
+    image: torch.Tensor,
+    lung: torch.Tensor,
+    generator: torch.Generator,
+    config: CorruptionConfig | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Paint Perlin-noise lesions into healthy `image` inside `lung`.
+
+    Args:
+        image: [B, 1, D, H, W] healthy volumes, preprocess scale [0, 1].
+        lung: [B, 1, D, H, W] lung masks (0/1).
+        generator: torch.Generator on the CPU (fields are moved to the image's device).
+
+    Returns:
+        (corrupted [B, 1, D, H, W], lesion mask [B, 1, D, H, W] in {0, 1}).
+    """
+    cfg = config or CorruptionConfig()
+    b, _, d, h, w = image.shape
+    device = image.device
+    field = fractal_perlin_3d((b, 1, d, h, w), cfg.frequency, octaves=cfg.octaves, generator=generator)
+    field = field.to(device)
+    field = field / field.flatten(1).std(dim=1).clamp_min(1e-6).view(b, 1, 1, 1, 1)  # unit std
+    y = torch.linspace(-1.0, 1.0, h, device=device).view(1, 1, 1, h, 1)  # -1 anterior .. 1 posterior
+    score = field + cfg.border_bias * _border_proximity(lung) + cfg.posterior_bias * y
+
+    def uniform(lo: float, hi: float, n: int = b) -> torch.Tensor:
+        return (lo + (hi - lo) * torch.rand(n, generator=generator)).to(device)
+
+    lo, hi = cfg.load_range
+    load = torch.exp(uniform(math.log(lo), math.log(hi)))  # [B] lesion fraction of the lung
+    threshold = _quantile_per_sample(score, lung, 1.0 - load).view(b, 1, 1, 1, 1)
+    weight = torch.sigmoid((score - threshold) / cfg.edge) * lung  # soft lesion [B, 1, D, H, W]
+
+    texture = cfg.texture * fractal_perlin_3d(
+        (b, 1, d, h, w), tuple(4 * f for f in cfg.frequency), octaves=2, generator=generator
+    ).to(device)
+    ggo = torch.tensor([hu_to_unit(v) for v in cfg.ggo_hu], device=device)
+    ggo_level = (ggo[0] + (ggo[1] - ggo[0]) * uniform(0.0, 1.0)).view(b, 1, 1, 1, 1) + texture
+    corrupted = torch.maximum(image, image + weight * (ggo_level - image))  # vessels stay brighter
+
+    has_core = uniform(0.0, 1.0) < cfg.core_probability
+    core_share = uniform(*cfg.core_fraction)
+    core_threshold = _quantile_per_sample(score, lung, 1.0 - load * core_share).view(b, 1, 1, 1, 1)
+    core = torch.sigmoid((score - core_threshold) / cfg.edge) * lung * has_core.view(b, 1, 1, 1, 1)
+    cons = torch.tensor([hu_to_unit(v) for v in cfg.consolidation_hu], device=device)
+    cons_level = (cons[0] + (cons[1] - cons[0]) * uniform(0.0, 1.0)).view(b, 1, 1, 1, 1) + texture
+    corrupted = corrupted + core * (cons_level - corrupted)
+    return corrupted.clamp(0.0, 1.0), (weight >= 0.5).to(image.dtype)

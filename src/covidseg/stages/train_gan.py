@@ -1,0 +1,354 @@
+"""`covidseg train-gan`: train the 3D pseudo-healthy GAN on a preprocess output.
+
+Per step (the method's algorithm):
+
+(a) update D on real healthy volumes vs G(COVID) (skipped when ``w_adv == 0``);
+(b) update G adversarially on COVID volumes (COVID -> looks healthy);
+(c) paint Perlin-noise lesions into healthy volumes and update G with the lung-masked MSE that
+    restores the clean volume; optionally an identity term (healthy in -> same out).
+
+Output folder::
+
+    checkpoint.pt     latest full state (models, optimizers, step), atomic; --resume reads it
+    generator.pt      the trained generator + its calibration, for make-masks/export
+    calibration.json  the label-free pseudo-mask threshold and how it was chosen
+    metrics.csv       step, losses, seconds
+    plots/loss.png, plots/sample_<step>.png   (COVID input | pseudo-healthy | difference)
+    config.json, manifest.json (written last)
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from covidseg import __version__
+from covidseg.atomic import write_json
+from covidseg.config import GanTrainConfig
+from covidseg.corruption import perlin_lesions
+from covidseg.errors import UsageError
+from covidseg.masks import PseudoMaskConfig, calibrate_threshold, difference_map
+from covidseg.models.gan3d import (
+    GAN_PRESETS,
+    Discriminator3D,
+    Generator3D,
+    GeneratorConfig,
+    run_generator,
+)
+from covidseg.plots import loss_curves, panels
+from covidseg.stages.work import GridCase, load_grid_cases
+from covidseg.training import (
+    CsvLog,
+    autocast,
+    load_checkpoint,
+    resolve_device,
+    save_checkpoint,
+    seed_everything,
+    step_generator,
+)
+
+CHECKPOINT_FORMAT = "covidseg.gan.checkpoint"
+GENERATOR_FORMAT = "covidseg.gan.generator"
+LOSS_COLUMNS = ["loss_d", "loss_adv", "loss_rec", "loss_identity", "loss_g"]
+
+ProgressFn = Callable[[int, int, dict], None]
+
+
+def _stack(cases: list[GridCase]) -> tuple[torch.Tensor, torch.Tensor]:
+    images = torch.from_numpy(np.stack([c.image for c in cases]))[:, None]  # [N, 1, D, H, W]
+    lungs = torch.from_numpy(np.stack([(c.lungs > 0).astype(np.float32) for c in cases]))[:, None]
+    return images, lungs
+
+
+def _sample(
+    images: torch.Tensor, lungs: torch.Tensor, batch: int, crop, gen: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch of volumes (or crops centred on a random lung voxel): ([B,1,d,h,w], [B,1,d,h,w])."""
+    index = torch.randint(len(images), (batch,), generator=gen)
+    if crop is None:
+        return images[index], lungs[index]
+    size = images.shape[2:]
+    out_i, out_l = [], []
+    for i in index.tolist():
+        lung_voxels = torch.nonzero(lungs[i, 0])
+        centre = (
+            lung_voxels[torch.randint(len(lung_voxels), (1,), generator=gen)][0] if len(lung_voxels) else None
+        )
+        start = []
+        for axis in range(3):
+            c = int(centre[axis]) if centre is not None else size[axis] // 2
+            start.append(min(max(0, c - crop[axis] // 2), size[axis] - crop[axis]))
+        sl = (i, slice(None)) + tuple(slice(s, s + n) for s, n in zip(start, crop, strict=True))
+        out_i.append(images[sl])
+        out_l.append(lungs[sl])
+    return torch.stack(out_i), torch.stack(out_l)
+
+
+def _adversarial(logits: torch.Tensor, real: bool, kind: str) -> torch.Tensor:
+    target = torch.ones_like(logits) if real else torch.zeros_like(logits)
+    if kind == "bce":
+        return F.binary_cross_entropy_with_logits(logits, target)
+    return F.mse_loss(logits, target)  # least squares GAN
+
+
+def _masked_mse(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return (((a - b) ** 2) * mask).sum() / mask.sum().clamp_min(1.0)
+
+
+def build_models(config: GanTrainConfig) -> tuple[Generator3D, Discriminator3D]:
+    if config.preset not in GAN_PRESETS:
+        raise UsageError(None, f"--preset must be one of {', '.join(GAN_PRESETS)}")
+    preset = GAN_PRESETS[config.preset]
+    gen_cfg = replace(preset.generator, latent_noise=config.latent_noise)
+    return Generator3D(gen_cfg), Discriminator3D(preset.discriminator)
+
+
+def _check_grid(grid: tuple[int, ...], config: GanTrainConfig, divisor: tuple[int, ...]) -> None:
+    for name, size in (("grid", grid), ("crop", config.crop)):
+        if size is None:
+            continue
+        if any(s % d for s, d in zip(size, divisor, strict=True)):
+            raise UsageError(None, f"{name} {tuple(size)} must be a multiple of {divisor} for this generator")
+    if config.crop is not None and any(c > g for c, g in zip(config.crop, grid, strict=True)):
+        raise UsageError(None, f"crop {config.crop} is larger than the grid {tuple(grid)}")
+
+
+def generator_from_payload(payload: dict) -> Generator3D:
+    """Rebuild a generator from a generator.pt or checkpoint.pt payload."""
+    cfg = payload["model"]["generator"]
+    gen_cfg = GeneratorConfig(
+        **{
+            **cfg,
+            "channels": tuple(cfg["channels"]),
+            "strides": tuple(tuple(s) for s in cfg["strides"]),
+            "skip_levels": tuple(cfg["skip_levels"]),
+            "noise_frequency": tuple(cfg["noise_frequency"]),
+        }
+    )
+    model = Generator3D(gen_cfg)
+    model.load_state_dict(payload["generator"])
+    return model.eval()
+
+
+def _write_plots(out_dir: Path, log: CsvLog, model: Generator3D, sample: GridCase, step: int, device) -> None:
+    rows = log.read()
+    if rows:
+        loss_curves(rows, LOSS_COLUMNS, out_dir / "plots" / "loss.png", title="train-gan losses")
+    healthy = run_generator(model, sample.image, sample.lungs > 0, device, seed=0)
+    z = int(np.argmax((sample.lungs > 0).sum(axis=(1, 2))))
+    diff = np.clip(sample.image[z] - healthy[z], 0, None)
+    panels(
+        [sample.image[z], healthy[z], diff],
+        ["COVID input", "pseudo-healthy", "difference (positive)"],
+        out_dir / "plots" / f"sample_{step:06d}.png",
+        ranges=[(0.0, 0.8), (0.0, 0.8), (0.0, 0.3)],
+        cmaps=["gray", "gray", "magma"],
+        suptitle=f"{sample.case_id}, slice {z}, step {step}",
+    )
+
+
+def _calibrate(model, healthy: list[GridCase], device, mask_config: PseudoMaskConfig) -> dict:
+    """Label-free threshold from the difference maps on the healthy training volumes."""
+    diffs, lungs = [], []
+    for case in healthy:
+        pseudo = run_generator(model, case.image, case.lungs > 0, device, seed=0)
+        diffs.append(difference_map(case.image, pseudo, case.lungs, mask_config.smooth_sigma))
+        lungs.append(case.lungs)
+    threshold = calibrate_threshold(diffs, lungs, mask_config)
+    flagged = [
+        float(((d > threshold) & (lung > 0)).sum() / max((lung > 0).sum(), 1))
+        for d, lung in zip(diffs, lungs, strict=True)
+    ]
+    return {
+        "threshold": threshold,
+        "healthy_percentile": mask_config.healthy_percentile,
+        "smooth_sigma": mask_config.smooth_sigma,
+        "min_component": mask_config.min_component,
+        "n_healthy": len(healthy),
+        "healthy_lung_flagged_before_component_filter": float(np.mean(flagged)) if flagged else None,
+    }
+
+
+def run_train_gan(
+    pre_dir: Path,
+    out_dir: Path,
+    config: GanTrainConfig | None = None,
+    device: str = "auto",
+    resume: bool = False,
+    mask_config: PseudoMaskConfig | None = None,
+    progress: ProgressFn | None = None,
+) -> dict:
+    """Train (or resume) the GAN; return the output manifest."""
+    config = config or GanTrainConfig()
+    mask_config = mask_config or PseudoMaskConfig()
+    pre_dir, out_dir = Path(pre_dir), Path(out_dir)
+    torch_device = resolve_device(device)
+    checkpoint_path = out_dir / "checkpoint.pt"
+    if resume and not checkpoint_path.exists():
+        raise UsageError(out_dir, "--resume: no checkpoint.pt in this folder")
+    if not resume and checkpoint_path.exists():
+        raise UsageError(
+            out_dir, "holds a training run; pass --resume to continue it or choose another folder"
+        )
+
+    cases = load_grid_cases(pre_dir)
+    healthy = [c for c in cases if c.group == "healthy"]
+    covid = [c for c in cases if c.group == "covid"]
+    if not healthy:
+        raise UsageError(pre_dir, "no healthy cases: the restoration loss and D need healthy volumes")
+    if not covid and config.w_adv > 0:
+        raise UsageError(pre_dir, "no COVID cases for the adversarial term (or set w_adv to 0)")
+
+    start_step = 0
+    state = None
+    if resume:
+        state = load_checkpoint(checkpoint_path)
+        config = GanTrainConfig.from_json({**state["train_config"], "steps": config.steps})
+        start_step = int(state["step"])
+    seed_everything(config.seed)
+    generator, discriminator = build_models(config)
+    _check_grid(healthy[0].image.shape, config, generator.config.divisor)
+    generator.to(torch_device)
+    discriminator.to(torch_device)
+    opt_g = torch.optim.Adam(generator.parameters(), lr=config.lr_g, betas=config.betas)
+    opt_d = torch.optim.Adam(discriminator.parameters(), lr=config.lr_d, betas=config.betas)
+    if state is not None:
+        generator.load_state_dict(state["generator"])
+        discriminator.load_state_dict(state["discriminator"])
+        opt_g.load_state_dict(state["opt_g"])
+        opt_d.load_state_dict(state["opt_d"])
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "manifest.json").unlink(missing_ok=True)
+    write_json(out_dir / "config.json", {"train": config.to_json(), "pseudo_mask": asdict(mask_config)})
+    log = CsvLog(
+        out_dir / "metrics.csv",
+        ["step", *LOSS_COLUMNS, "seconds"],
+        keep_until_step=start_step if resume else None,
+    )
+
+    h_images, h_lungs = _stack(healthy)
+    c_images, c_lungs = _stack(covid) if covid else (None, None)
+    model_config = {"generator": asdict(generator.config), "discriminator": asdict(discriminator.config)}
+    use_adv = config.w_adv > 0
+
+    def save(step: int) -> None:
+        save_checkpoint(
+            checkpoint_path,
+            {
+                "format": CHECKPOINT_FORMAT,
+                "covidseg_version": __version__,
+                "step": step,
+                "train_config": config.to_json(),
+                "model": model_config,
+                "generator": generator.state_dict(),
+                "discriminator": discriminator.state_dict(),
+                "opt_g": opt_g.state_dict(),
+                "opt_d": opt_d.state_dict(),
+            },
+        )
+
+    started = time.perf_counter()
+    sums: dict[str, float] = {}
+    for step in range(start_step + 1, config.steps + 1):
+        generator.train()
+        discriminator.train()
+        gen = step_generator(config.seed, step)
+        h_img, h_lung = (
+            t.to(torch_device) for t in _sample(h_images, h_lungs, config.batch_size, config.crop, gen)
+        )
+        losses = {"loss_d": 0.0, "loss_adv": 0.0, "loss_identity": 0.0}
+        with autocast(torch_device):
+            if use_adv:
+                c_img, c_lung = (
+                    t.to(torch_device)
+                    for t in _sample(c_images, c_lungs, config.batch_size, config.crop, gen)
+                )
+                # (a) discriminator: real healthy vs synthesised healthy
+                with torch.no_grad():
+                    fake, _ = generator(c_img, c_lung, noise_generator=gen)
+                loss_d = 0.5 * (
+                    _adversarial(discriminator(h_img, h_lung), True, config.adversarial)
+                    + _adversarial(discriminator(fake, c_lung), False, config.adversarial)
+                )
+                opt_d.zero_grad(set_to_none=True)
+                loss_d.backward()
+                opt_d.step()
+                losses["loss_d"] = loss_d.item()
+            # (b) generator, adversarial on COVID volumes; (c) restoration of corrupted healthy ones
+            corrupted, _ = perlin_lesions(h_img, h_lung, gen)
+            restored, _ = generator(corrupted, h_lung, noise_generator=gen)
+            gate = generator.gate(h_lung)
+            loss_rec = _masked_mse(restored.float(), h_img, gate)
+            loss_g = config.w_rec * loss_rec
+            if use_adv:
+                fake, _ = generator(c_img, c_lung, noise_generator=gen)
+                loss_adv = _adversarial(discriminator(fake, c_lung), True, config.adversarial)
+                loss_g = loss_g + config.w_adv * loss_adv
+                losses["loss_adv"] = loss_adv.item()
+            if config.w_identity > 0:
+                same, _ = generator(h_img, h_lung, noise_generator=gen)
+                loss_id = _masked_mse(same.float(), h_img, gate)
+                loss_g = loss_g + config.w_identity * loss_id
+                losses["loss_identity"] = loss_id.item()
+        opt_g.zero_grad(set_to_none=True)
+        loss_g.backward()
+        opt_g.step()
+        losses.update(loss_rec=loss_rec.item(), loss_g=loss_g.item())
+        for key, value in losses.items():
+            sums[key] = sums.get(key, 0.0) + value
+        if step % config.log_every == 0 or step == config.steps:
+            n = config.log_every if step % config.log_every == 0 else step % config.log_every
+            row = {"step": step, **{k: round(v / n, 6) for k, v in sums.items()}}
+            row["seconds"] = round(time.perf_counter() - started, 2)
+            log.write(row)
+            sums = {}
+        if step % config.checkpoint_every == 0 or step == config.steps:
+            save(step)
+        if step % config.sample_every == 0 or step == config.steps:
+            _write_plots(out_dir, log, generator, covid[0] if covid else healthy[0], step, torch_device)
+        if progress:
+            progress(step, config.steps, losses)
+
+    calibration = _calibrate(generator, healthy, torch_device, mask_config)
+    write_json(out_dir / "calibration.json", calibration)
+    pre_config = load_grid_manifest_config(pre_dir)
+    save_checkpoint(
+        out_dir / "generator.pt",
+        {
+            "format": GENERATOR_FORMAT,
+            "covidseg_version": __version__,
+            "step": config.steps,
+            "model": model_config,
+            "generator": generator.state_dict(),
+            "calibration": calibration,
+            "preprocess": pre_config,
+            "train_config": config.to_json(),
+        },
+    )
+    manifest = {
+        "format": "covidseg.gan",
+        "version": 1,
+        "covidseg_version": __version__,
+        "preprocess": str(pre_dir.resolve()),
+        "device": str(torch_device),
+        "steps": config.steps,
+        "n_healthy": len(healthy),
+        "n_covid": len(covid),
+        "calibration": calibration,
+        "files": {"generator": "generator.pt", "checkpoint": "checkpoint.pt", "metrics": "metrics.csv"},
+    }
+    write_json(out_dir / "manifest.json", manifest)
+    return manifest
+
+
+def load_grid_manifest_config(pre_dir: Path) -> dict:
+    from covidseg.stages.work import read_manifest
+
+    return read_manifest(pre_dir, "covidseg.preprocess")["config"]

@@ -1,0 +1,100 @@
+"""Training plumbing shared by the GAN and the 2D segmenter: devices, seeds, checkpoints, logs."""
+
+from __future__ import annotations
+
+import csv
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from covidseg.atomic import atomic_path
+from covidseg.errors import InputError, UsageError
+
+
+def resolve_device(spec: str = "auto") -> torch.device:
+    """``auto`` -> CUDA if available else CPU; ``cpu``; ``cuda`` / ``cuda:N`` (checked)."""
+    spec = spec.strip().lower()
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if spec == "cpu":
+        return torch.device("cpu")
+    if spec.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UsageError(None, f"--device {spec}: CUDA is not available on this machine")
+        device = torch.device(spec)
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UsageError(None, f"--device {spec}: only {torch.cuda.device_count()} CUDA device(s)")
+        return device
+    raise UsageError(None, f"--device must be auto, cpu, cuda or cuda:N, got {spec!r}")
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's and torch's (CPU and CUDA) global generators (covidseg draws NumPy randomness
+    only from explicit generators)."""
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def step_generator(seed: int, step: int, stream: int = 0) -> torch.Generator:
+    """A CPU generator for one training step: the same (seed, step, stream) gives the same draws,
+    so a resumed run samples exactly what an uninterrupted one would have."""
+    state = np.random.SeedSequence([int(seed), int(step), int(stream)]).generate_state(1, dtype=np.uint64)
+    return torch.Generator().manual_seed(int(state[0]) & (2**63 - 1))
+
+
+def autocast(device: torch.device):
+    """bfloat16 autocast on CUDA (no loss scaling needed); a no-op context on the CPU."""
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def save_checkpoint(path: str | Path, payload: dict) -> None:
+    """Save a checkpoint atomically. `payload` holds only tensors, numbers, strings, lists, dicts."""
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
+    """Load a checkpoint with ``weights_only=True`` (no code runs from the file)."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(path, "checkpoint not found")
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # corrupt zip, truncated file, unpickling refused
+        reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        raise InputError(path, f"not a readable covidseg checkpoint ({reason})") from None
+    if not isinstance(payload, dict) or "format" not in payload:
+        raise InputError(path, "not a covidseg checkpoint (no 'format' key)")
+    return payload
+
+
+class CsvLog:
+    """Append rows to a CSV file (header written once); flushed after each row.
+
+    On resume, rows after `keep_until_step` (written after the last checkpoint) are dropped so the
+    log matches the model state.
+    """
+
+    def __init__(self, path: str | Path, columns: list[str], keep_until_step: int | None = None) -> None:
+        self.path = Path(path)
+        self.columns = columns
+        if keep_until_step is not None and self.path.exists():
+            with open(self.path, newline="", encoding="utf-8") as fh:
+                rows = [r for r in csv.DictReader(fh) if int(r["step"]) <= keep_until_step]
+            with atomic_path(self.path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
+                writer = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore")
+                writer.writeheader()
+                writer.writerows(rows)
+        elif not self.path.exists() or keep_until_step is None:
+            with atomic_path(self.path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
+                csv.DictWriter(fh, fieldnames=columns).writeheader()
+
+    def write(self, row: dict) -> None:
+        with open(self.path, "a", newline="", encoding="utf-8") as fh:
+            csv.DictWriter(fh, fieldnames=self.columns, extrasaction="ignore").writerow(row)
+
+    def read(self) -> list[dict]:
+        with open(self.path, newline="", encoding="utf-8") as fh:
+            return list(csv.DictReader(fh))
