@@ -252,6 +252,71 @@ def train_gan(
     )
 
 
+@app.command("make-masks")
+def make_masks(
+    pre: Annotated[Path, typer.Argument(help="A preprocess output folder.")],
+    gan: Annotated[Path, typer.Option(help="A train-gan output folder (or its generator.pt).")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Output folder (e.g. WORK/masks).")],
+    threshold: Annotated[
+        float | None,
+        typer.Option(help="Binary threshold on the difference (unit scale; default: calibrated)."),
+    ] = None,
+    high_infected: Annotated[float, typer.Option(help="Slice lesion share of lung for the high set.")] = 0.05,
+    low_infected: Annotated[float, typer.Option(help="Slice lesion share of lung for the low set.")] = 0.005,
+    min_component: Annotated[
+        int | None, typer.Option(help="Remove components smaller than N voxels.")
+    ] = None,
+    native: Annotated[bool, typer.Option(help="Also write NIfTI in the source CT's geometry.")] = True,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a previous output.")] = False,
+    no_progress: NoProgress = False,
+) -> None:
+    """Pseudo-healthy volumes and pseudo-masks M = I_C - Î_H; high/low-infected slice sets."""
+    try:
+        from dataclasses import replace
+
+        from covidseg.masks import PseudoMaskConfig
+        from covidseg.stages.make_masks import run_make_masks
+        from covidseg.stages.work import read_manifest
+        from covidseg.training import load_checkpoint
+
+        n_cases = len(read_manifest(pre, "covidseg.preprocess")["cases"])
+        generator_path = gan / "generator.pt" if gan.is_dir() else gan
+        calibration = load_checkpoint(generator_path).get("calibration") or {}
+        config = PseudoMaskConfig(
+            smooth_sigma=calibration.get("smooth_sigma", PseudoMaskConfig.smooth_sigma),
+            healthy_percentile=calibration.get("healthy_percentile", PseudoMaskConfig.healthy_percentile),
+            min_component=calibration.get("min_component", PseudoMaskConfig.min_component),
+        )
+        config = replace(config, high_infected=high_infected, low_infected=low_infected)
+        if min_component is not None:
+            config = replace(config, min_component=min_component)
+        with _progress(n_cases, "make-masks", not no_progress) as advance:
+            manifest = run_make_masks(
+                pre,
+                gan,
+                output,
+                device,
+                config,
+                threshold,
+                native=native,
+                overwrite=overwrite,
+                progress=advance,
+            )
+    except CovidsegError as exc:
+        _fail(exc)
+    for failure in manifest["failed"]:
+        console.print(f"[red]failed:[/] {failure['error']}", highlight=False, soft_wrap=True)
+    s = manifest["slices"]
+    out.print(
+        f"pseudo-masks for {len(manifest['cases'])} case(s) in {output} "
+        f"(threshold {manifest['threshold']:.4f}); "
+        f"2D set: {s['n']} slices, {s['high']} high-infected, {s['low']} low-infected"
+    )
+    if manifest["failed"]:
+        raise typer.Exit(1)
+
+
 @contextlib.contextmanager
 def _step_progress(total: int, description: str, enabled: bool):
     """A progress bar for training: callback(step, total, losses)."""

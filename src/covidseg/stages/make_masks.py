@@ -1,0 +1,188 @@
+"""`covidseg make-masks`: pseudo-healthy volumes and pseudo-masks from a trained generator.
+
+For every case of a preprocess output: ``Î_H = G(I_C)``, ``M = max(I_C - Î_H, 0)`` inside the lung
+(smoothed), a continuous pseudo-mask (for the MSE term of the 2D stage) and a binary one (label-free
+threshold from train-gan's calibration, small components removed), and the high-/low-infected
+slice sets for the contrastive loss.
+
+Output folder::
+
+    pseudo_healthy/<id>.nii.gz   pseudo-healthy CT in HU, native geometry of the source CT
+    pseudo_masks/<id>.nii.gz     binary pseudo-mask (uint8), native geometry
+    grid/pseudo_healthy/<id>.npy, grid/soft/<id>.npy, grid/binary/<id>.npy   [z, y, x] on the grid
+    slices/images.npy, lungs.npy, soft.npy, binary.npy (+ refs.npy)   [N, H, W] 2D training set
+    slices/index.csv             n, case_id, group, z, set (high/low/mid), lesion_fraction
+    manifest.json                written last
+"""
+
+from __future__ import annotations
+
+import csv
+import io as _io
+import time
+from collections.abc import Callable
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import numpy as np
+
+from covidseg import __version__
+from covidseg.atomic import save_npy, write_json, write_text
+from covidseg.errors import CovidsegError, InputError, UsageError
+from covidseg.geometry import Geometry, Orientation
+from covidseg.intensity import parse_intensity
+from covidseg.io import read_ct, write_array
+from covidseg.masks import PseudoMaskConfig, binarise, difference_map, split_slices
+from covidseg.models.gan3d import run_generator
+from covidseg.preprocess import CropBox, grid_to_canonical
+from covidseg.stages.train_gan import GENERATOR_FORMAT, generator_from_payload
+from covidseg.stages.work import GridCase, load_grid_cases
+from covidseg.training import load_checkpoint, resolve_device
+
+SOFT_SCALE = 0.25  # difference (unit scale) that counts as a full lesion: 350 HU above healthy lung
+
+
+def _native_outputs(case: GridCase, pseudo: np.ndarray, binary: np.ndarray, window) -> tuple:
+    """(pseudo-healthy HU, binary mask) as native-geometry arrays, via the case's crop box."""
+    record = case.record
+    intensity = parse_intensity(record["intensity"]) if record.get("intensity") else None
+    volume, _ = read_ct(record["source"], series=record.get("series_uid"), intensity=intensity)
+    box = CropBox.from_json(record["crop_box"])
+    shape = tuple(record["canonical_shape"])
+    if tuple(volume.hu.shape) != shape:
+        raise InputError(record["source"], "source CT changed since preprocessing (shape differs)")
+    removal_hu = grid_to_canonical((case.image - pseudo) * (window[1] - window[0]), box, shape)
+    healthy_hu = volume.hu - np.clip(removal_hu, 0.0, None)
+    mask = grid_to_canonical(binary.astype(np.float32), box, shape) >= 0.5
+    orientation = Orientation.from_json(record["orientation"])
+    native_geometry = Geometry.from_json(record["native_geometry"])
+    return (
+        orientation.to_native(np.round(healthy_hu).astype(np.int16)),
+        orientation.to_native(mask.astype(np.uint8)),
+        native_geometry,
+    )
+
+
+def run_make_masks(
+    pre_dir: Path,
+    gan: Path,
+    out_dir: Path,
+    device: str = "auto",
+    config: PseudoMaskConfig | None = None,
+    threshold: float | None = None,
+    native: bool = True,
+    overwrite: bool = False,
+    progress: Callable[[str], None] | None = None,
+) -> dict:
+    """Run the generator over every case and write pseudo-masks; return the manifest.
+
+    `gan` is a train-gan output folder or its generator.pt. `threshold` overrides the calibrated
+    one (unit scale). With `native`, NIfTI outputs in the source geometry are written too (this
+    re-reads each source CT).
+    """
+    pre_dir, out_dir, gan = Path(pre_dir), Path(out_dir), Path(gan)
+    generator_path = gan / "generator.pt" if gan.is_dir() else gan
+    payload = load_checkpoint(generator_path)
+    if payload.get("format") != GENERATOR_FORMAT:
+        raise UsageError(generator_path, "not a trained generator (expected train-gan's generator.pt)")
+    calibration = payload["calibration"]
+    config = config or PseudoMaskConfig(
+        smooth_sigma=calibration["smooth_sigma"],
+        healthy_percentile=calibration["healthy_percentile"],
+        min_component=calibration["min_component"],
+    )
+    threshold = float(calibration["threshold"] if threshold is None else threshold)
+    if (out_dir / "manifest.json").exists() and not overwrite:
+        raise UsageError(out_dir, "holds a previous make-masks output; pass --overwrite to replace it")
+    torch_device = resolve_device(device)
+    model = generator_from_payload(payload).to(torch_device)
+    cases = load_grid_cases(pre_dir)
+    if not cases:
+        raise UsageError(pre_dir, "no cases")
+    window = tuple(payload["preprocess"]["hu_window"])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "manifest.json").unlink(missing_ok=True)
+
+    stacks: dict[str, list[np.ndarray]] = {"images": [], "lungs": [], "soft": [], "binary": [], "refs": []}
+    index_rows, records, failures = [], [], []
+    # phantom runs: every COVID case has a reference; healthy cases' reference is empty by definition
+    has_refs = all(c.ref is not None for c in cases if c.group == "covid")
+    for case in cases:
+        start = time.perf_counter()
+        try:
+            pseudo = run_generator(model, case.image, case.lungs > 0, torch_device, seed=0)
+            diff = difference_map(case.image, pseudo, case.lungs, config.smooth_sigma)
+            binary = binarise(diff, threshold, config.min_component)
+            soft = np.clip(diff / SOFT_SCALE, 0.0, 1.0).astype(np.float32)
+            files = {
+                "pseudo_healthy_grid": f"grid/pseudo_healthy/{case.case_id}.npy",
+                "soft_grid": f"grid/soft/{case.case_id}.npy",
+                "binary_grid": f"grid/binary/{case.case_id}.npy",
+            }
+            if native:
+                healthy_native, mask_native, geometry = _native_outputs(case, pseudo, binary, window)
+                files["pseudo_healthy"] = f"pseudo_healthy/{case.case_id}.nii.gz"
+                files["pseudo_mask"] = f"pseudo_masks/{case.case_id}.nii.gz"
+                write_array(out_dir / files["pseudo_healthy"], healthy_native, geometry)
+                write_array(out_dir / files["pseudo_mask"], mask_native, geometry)
+            save_npy(out_dir / files["pseudo_healthy_grid"], pseudo.astype(np.float32))
+            save_npy(out_dir / files["soft_grid"], soft)
+            save_npy(out_dir / files["binary_grid"], binary.astype(np.uint8))
+        except CovidsegError as exc:
+            failures.append({"id": case.case_id, "error": str(exc)})
+            if progress:
+                progress(f"{case.case_id}: failed")
+            continue
+        lung_voxels = int((case.lungs > 0).sum())
+        for z, kind, fraction in split_slices(binary, case.lungs, config):
+            index_rows.append([len(index_rows), case.case_id, case.group, z, kind, round(fraction, 5)])
+            stacks["images"].append(case.image[z])
+            stacks["lungs"].append(case.lungs[z])
+            stacks["soft"].append(soft[z])
+            stacks["binary"].append(binary[z].astype(np.uint8))
+            if has_refs:
+                stacks["refs"].append(case.ref[z] if case.ref is not None else np.zeros_like(case.lungs[z]))
+        records.append(
+            {
+                "id": case.case_id,
+                "group": case.group,
+                "pseudo_lesion_percent_of_lung": round(100.0 * float(binary.sum()) / max(lung_voxels, 1), 3),
+                "files": files,
+                "seconds": round(time.perf_counter() - start, 3),
+            }
+        )
+        if progress:
+            progress(f"{case.case_id}: {records[-1]['pseudo_lesion_percent_of_lung']:.1f} % of lung")
+
+    for name, arrays in stacks.items():
+        if arrays:
+            save_npy(out_dir / "slices" / f"{name}.npy", np.stack(arrays))
+    buffer = _io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["n", "case_id", "group", "z", "set", "lesion_fraction"])
+    writer.writerows(index_rows)
+    write_text(out_dir / "slices" / "index.csv", buffer.getvalue())
+    sets = [row[4] for row in index_rows]
+    manifest = {
+        "format": "covidseg.masks",
+        "version": 1,
+        "covidseg_version": __version__,
+        "preprocess": str(pre_dir.resolve()),
+        "generator": str(generator_path.resolve()),
+        "threshold": threshold,
+        "soft_scale": SOFT_SCALE,
+        "config": asdict(replace(config)),
+        "grid": list(cases[0].image.shape),
+        "hu_window": list(window),
+        "slices": {
+            "n": len(index_rows),
+            "high": sets.count("high"),
+            "low": sets.count("low"),
+            "mid": sets.count("mid"),
+            "has_refs": has_refs and bool(index_rows),
+        },
+        "cases": records,
+        "failed": failures,
+    }
+    write_json(out_dir / "manifest.json", manifest)
+    return manifest
