@@ -1,0 +1,136 @@
+"""3D GAN models, Perlin training lesions and pseudo-mask maths."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from covidseg.corruption import CorruptionConfig, hu_to_unit, perlin_lesions
+from covidseg.masks import (
+    PseudoMaskConfig,
+    binarise,
+    calibrate_threshold,
+    difference_map,
+    remove_small_components,
+    split_slices,
+    threshold_baseline,
+)
+from covidseg.models.gan3d import GAN_PRESETS, Discriminator3D, Generator3D, latent_noise
+
+
+def _lung(shape=(1, 1, 16, 64, 64)) -> torch.Tensor:
+    lung = torch.zeros(shape)
+    lung[..., 2:14, 10:54, 6:30] = 1.0
+    lung[..., 2:14, 10:54, 34:58] = 1.0
+    return lung
+
+
+@pytest.mark.parametrize("preset", list(GAN_PRESETS))
+def test_generator_and_discriminator_shapes(preset):
+    cfg = GAN_PRESETS[preset]
+    g, d = Generator3D(cfg.generator), Discriminator3D(cfg.discriminator)
+    x = torch.rand(2, 1, 16, 64, 64)
+    lung = _lung((2, 1, 16, 64, 64))
+    healthy, removal = g(x, lung, noise_generator=torch.Generator().manual_seed(0))
+    assert healthy.shape == x.shape and removal.shape == x.shape
+    assert (removal >= 0).all()
+    logits = d(healthy, lung)
+    assert logits.shape[:2] == (2, 1) and logits.dim() == 5
+    assert g.config.divisor == (8, 16, 16)
+
+
+def test_generator_only_removes_density_and_only_in_the_lung():
+    g = Generator3D(GAN_PRESETS["tiny"].generator)
+    x = torch.rand(1, 1, 16, 64, 64)
+    lung = _lung()
+    healthy, _ = g(x, lung, noise_generator=torch.Generator().manual_seed(0))
+    outside = g.gate(lung) == 0
+    assert torch.equal(healthy[outside], x[outside])  # composited: the body is untouched
+    assert (healthy <= x + 1e-6).all()  # lesions are dense: making healthy only removes density
+
+
+@pytest.mark.parametrize("kind", ["perlin", "uniform", "none"])
+def test_latent_noise_kinds(kind):
+    gen = torch.Generator().manual_seed(1)
+    noise = latent_noise((2, 8, 4, 8, 8), kind, 1.0, (1.0, 2.0, 2.0), 2, gen, torch.device("cpu"))
+    if kind == "none":
+        assert torch.count_nonzero(noise) == 0
+    else:
+        assert noise.std().item() == pytest.approx(1.0, rel=0.2)
+        again = latent_noise(
+            (2, 8, 4, 8, 8), kind, 1.0, (1.0, 2.0, 2.0), 2, torch.Generator().manual_seed(1), "cpu"
+        )
+        assert torch.equal(noise, again)
+
+
+def test_perlin_noise_makes_the_generator_stochastic_and_none_makes_it_deterministic():
+    x, lung = torch.rand(1, 1, 16, 64, 64), _lung()
+    torch.manual_seed(0)
+    g = Generator3D(GAN_PRESETS["tiny"].generator).eval()
+    a, _ = g(x, lung, noise_generator=torch.Generator().manual_seed(1))
+    b, _ = g(x, lung, noise_generator=torch.Generator().manual_seed(2))
+    assert not torch.equal(a, b)
+    g_none = Generator3D(replace(GAN_PRESETS["tiny"].generator, latent_noise="none")).eval()
+    c, _ = g_none(x, lung, noise_generator=torch.Generator().manual_seed(1))
+    d, _ = g_none(x, lung, noise_generator=torch.Generator().manual_seed(2))
+    assert torch.equal(c, d)
+
+
+def test_perlin_lesions_are_dense_inside_the_lung_and_keep_vessels():
+    image = torch.full((2, 1, 16, 64, 64), hu_to_unit(-850.0))
+    image[..., 8, 30:34, 16:20] = hu_to_unit(40.0)  # a vessel
+    lung = _lung((2, 1, 16, 64, 64))
+    corrupted, lesion = perlin_lesions(image, lung, torch.Generator().manual_seed(3))
+    assert (corrupted >= image - 1e-6).all()  # only denser: vessels never darkened
+    assert (lesion <= lung).all() and lesion.sum() > 0
+    load = (lesion.sum(dim=(1, 2, 3, 4)) / lung.sum(dim=(1, 2, 3, 4))).tolist()
+    lo, hi = CorruptionConfig().load_range
+    assert all(lo * 0.5 <= v <= hi * 1.5 for v in load)
+    ggo_lo = hu_to_unit(-720.0)
+    assert (corrupted[lesion > 0] >= ggo_lo).float().mean() > 0.9  # ground glass or denser
+    again, _ = perlin_lesions(image, lung, torch.Generator().manual_seed(3))
+    assert torch.equal(corrupted, again)
+
+
+def test_perlin_lesions_prefer_the_lung_border():
+    image = torch.full((4, 1, 16, 64, 64), hu_to_unit(-850.0))
+    lung = _lung((4, 1, 16, 64, 64))
+    _, lesion = perlin_lesions(image, lung, torch.Generator().manual_seed(4))
+    border = (lung - (-torch.nn.functional.max_pool3d(-lung, (1, 9, 9), 1, (0, 4, 4)))).clamp(0, 1)
+    share_on_border = (lesion * border).sum() / lesion.sum()
+    assert share_on_border > border.sum() / lung.sum()
+
+
+def test_difference_threshold_and_components():
+    image = np.zeros((4, 32, 32), np.float32)
+    image[1:3, 10:20, 10:20] = 0.3  # a lesion
+    image[2, 2, 2] = 0.5  # a single bright voxel: removed as a small component
+    lung = np.ones_like(image, dtype=np.uint8)
+    diff = difference_map(image, np.zeros_like(image), lung, sigma=0.0)
+    binary = binarise(diff, 0.1, min_component=20)
+    assert binary[1:3, 10:20, 10:20].all() and not binary[2, 2, 2] and binary.sum() == 200
+    assert remove_small_components(np.ones((2, 2, 2), bool), 9).sum() == 0
+
+    healthy_diff = [np.linspace(0, 1, 1000, dtype=np.float32).reshape(10, 10, 10)]
+    cfg = PseudoMaskConfig(healthy_percentile=99.0, min_threshold=0.0)
+    assert calibrate_threshold(healthy_diff, [np.ones((10, 10, 10))], cfg) == pytest.approx(0.99, abs=1e-3)
+
+
+def test_threshold_baseline_flags_vessels_too():
+    image = np.full((2, 16, 16), hu_to_unit(-850.0), np.float32)
+    image[:, 4:8, 4:8] = hu_to_unit(40.0)  # a vessel: the baseline cannot tell it from a lesion
+    lung = np.ones_like(image, dtype=np.uint8)
+    assert threshold_baseline(image, lung, min_component=1)[:, 4:8, 4:8].all()
+    assert threshold_baseline(image, lung, min_component=1).sum() == 32
+
+
+def test_slice_sets():
+    lung = np.ones((3, 10, 10), np.uint8)
+    binary = np.zeros((3, 10, 10), bool)
+    binary[0, :5] = True  # 50 %
+    binary[2, 0, 0] = True  # 1 %
+    sets = {z: kind for z, kind, _ in split_slices(binary, lung, PseudoMaskConfig())}
+    assert sets == {0: "high", 1: "low", 2: "mid"}
