@@ -170,9 +170,31 @@ GAN_PRESETS: dict[str, GanModelConfig] = {
 }
 
 
+def _window_starts(size: int, window: int) -> list[int]:
+    """Start indices of windows of `window` covering `size` with ~50 % overlap."""
+    if window >= size:
+        return [0]
+    step = max(1, window // 2)
+    starts = list(range(0, size - window + 1, step))
+    if starts[-1] != size - window:
+        starts.append(size - window)
+    return starts
+
+
+def _blend_weight(window: tuple[int, int, int]) -> torch.Tensor:
+    """Separable tent weights [1, 1, d, h, w], highest in the window centre, never zero."""
+    axes = [torch.hann_window(n + 2, periodic=False)[1:-1] for n in window]
+    return (axes[0][:, None, None] * axes[1][None, :, None] * axes[2][None, None, :])[None, None] + 1e-3
+
+
 @torch.no_grad()
 def run_generator(
-    model: Generator3D, image: np.ndarray, lung: np.ndarray, device: torch.device | str = "cpu", seed: int = 0
+    model: Generator3D,
+    image: np.ndarray,
+    lung: np.ndarray,
+    device: torch.device | str = "cpu",
+    seed: int = 0,
+    window: tuple[int, int, int] | None = None,
 ) -> np.ndarray:
     """Pseudo-healthy volume for one grid volume.
 
@@ -180,6 +202,9 @@ def run_generator(
         image: [z, y, x] float32, preprocess scale [0, 1].
         lung: [z, y, x] lung mask (nonzero = lung).
         seed: seed of the latent noise, so the result is reproducible.
+        window: if given (the training crop), the removal map is computed on overlapping windows
+            of this size and blended, so the network sees what it saw in training (GroupNorm
+            statistics and context size); None runs the whole grid at once.
 
     Returns:
         [z, y, x] float32 pseudo-healthy volume on the same scale.
@@ -189,5 +214,20 @@ def run_generator(
     x = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None, None].to(device)
     m = torch.from_numpy(np.ascontiguousarray(lung > 0, dtype=np.float32))[None, None].to(device)
     noise = torch.Generator().manual_seed(int(seed))
-    healthy, _ = model(x, m, noise_generator=noise)
-    return healthy[0, 0].float().cpu().numpy()
+    shape = tuple(x.shape[2:])
+    if window is None or all(w >= s for w, s in zip(window, shape, strict=True)):
+        healthy, _ = model(x, m, noise_generator=noise)
+        return healthy[0, 0].float().cpu().numpy()
+    window = tuple(min(w, s) for w, s in zip(window, shape, strict=True))
+    weight = _blend_weight(window).to(device)
+    removal = torch.zeros_like(x)
+    total = torch.zeros_like(x)
+    for z0 in _window_starts(shape[0], window[0]):
+        for y0 in _window_starts(shape[1], window[1]):
+            for x0 in _window_starts(shape[2], window[2]):
+                sl = (..., slice(z0, z0 + window[0]), slice(y0, y0 + window[1]), slice(x0, x0 + window[2]))
+                _, r = model(x[sl], m[sl], noise_generator=noise)
+                removal[sl] += r.float() * weight
+                total[sl] += weight
+    healthy = (x - model.gate(m) * removal / total).clamp(0.0, 1.0)
+    return healthy[0, 0].cpu().numpy()
