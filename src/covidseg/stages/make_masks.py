@@ -99,7 +99,9 @@ def run_make_masks(
     cases = load_grid_cases(pre_dir)
     if not cases:
         raise UsageError(pre_dir, "no cases")
-    window = tuple(payload["preprocess"]["hu_window"])
+    window = tuple(payload["preprocess"]["hu_window"])  # HU window of the [0, 1] scale
+    crop = payload["train_config"].get("crop")
+    inference_window = None if crop is None else tuple(int(v) for v in crop)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "manifest.json").unlink(missing_ok=True)
 
@@ -110,7 +112,9 @@ def run_make_masks(
     for case in cases:
         start = time.perf_counter()
         try:
-            pseudo = run_generator(model, case.image, case.lungs > 0, torch_device, seed=0)
+            pseudo = run_generator(
+                model, case.image, case.lungs > 0, torch_device, seed=0, window=inference_window
+            )
             diff = difference_map(case.image, pseudo, case.lungs, config.smooth_sigma)
             binary = binarise(diff, threshold, config.min_component)
             soft = np.clip(diff / SOFT_SCALE, 0.0, 1.0).astype(np.float32)

@@ -136,11 +136,13 @@ def generator_from_payload(payload: dict) -> Generator3D:
     return model.eval()
 
 
-def _write_plots(out_dir: Path, log: CsvLog, model: Generator3D, sample: GridCase, step: int, device) -> None:
+def _write_plots(
+    out_dir: Path, log: CsvLog, model: Generator3D, sample: GridCase, step: int, device, window
+) -> None:
     rows = log.read()
     if rows:
         loss_curves(rows, LOSS_COLUMNS, out_dir / "plots" / "loss.png", title="train-gan losses")
-    healthy = run_generator(model, sample.image, sample.lungs > 0, device, seed=0)
+    healthy = run_generator(model, sample.image, sample.lungs > 0, device, seed=0, window=window)
     z = int(np.argmax((sample.lungs > 0).sum(axis=(1, 2))))
     diff = np.clip(sample.image[z] - healthy[z], 0, None)
     panels(
@@ -153,11 +155,11 @@ def _write_plots(out_dir: Path, log: CsvLog, model: Generator3D, sample: GridCas
     )
 
 
-def _calibrate(model, healthy: list[GridCase], device, mask_config: PseudoMaskConfig) -> dict:
+def _calibrate(model, healthy: list[GridCase], device, mask_config: PseudoMaskConfig, window) -> dict:
     """Label-free threshold from the difference maps on the healthy training volumes."""
     diffs, lungs = [], []
     for case in healthy:
-        pseudo = run_generator(model, case.image, case.lungs > 0, device, seed=0)
+        pseudo = run_generator(model, case.image, case.lungs > 0, device, seed=0, window=window)
         diffs.append(difference_map(case.image, pseudo, case.lungs, mask_config.smooth_sigma))
         lungs.append(case.lungs)
     threshold = calibrate_threshold(diffs, lungs, mask_config)
@@ -312,11 +314,12 @@ def run_train_gan(
         if step % config.checkpoint_every == 0 or step == config.steps:
             save(step)
         if step % config.sample_every == 0 or step == config.steps:
-            _write_plots(out_dir, log, generator, covid[0] if covid else healthy[0], step, torch_device)
+            sample = covid[0] if covid else healthy[0]
+            _write_plots(out_dir, log, generator, sample, step, torch_device, config.crop)
         if progress:
             progress(step, config.steps, losses)
 
-    calibration = _calibrate(generator, healthy, torch_device, mask_config)
+    calibration = _calibrate(generator, healthy, torch_device, mask_config, config.crop)
     write_json(out_dir / "calibration.json", calibration)
     pre_config = load_grid_manifest_config(pre_dir)
     save_checkpoint(
