@@ -98,24 +98,28 @@ def main(args: argparse.Namespace) -> list[str]:
     results = {"baseline": _score(baseline, test_cases)}
     for variant in args.variants.split(","):
         overrides = VARIANTS[variant]
-        config = GanTrainConfig(steps=args.steps, preset=args.preset, seed=args.seed, **overrides)
-        gan_dir = work / f"gan_{variant}_{args.preset}_{args.steps}"
+        crop = None if args.crop == "none" else tuple(int(v) for v in args.crop.split(","))
+        config = GanTrainConfig(steps=args.steps, preset=args.preset, seed=args.seed, crop=crop, **overrides)
+        tag = f"{variant}_{args.preset}_{args.steps}" + ("_full" if crop is None else "")
+        gan_dir = work / f"gan_{tag}"
         start = time.perf_counter()
         if not (gan_dir / "manifest.json").exists():
             run_train_gan(
                 pre_train, gan_dir, config, device=args.device, resume=(gan_dir / "checkpoint.pt").exists()
             )
         minutes = (time.perf_counter() - start) / 60
-        masks_dir = work / f"masks_{variant}_{args.preset}_{args.steps}"
+        masks_dir = work / f"masks_{tag}"
         manifest = run_make_masks(
             pre_test, gan_dir, masks_dir, device=args.device, native=False, overwrite=True
         )
         binaries = {r["id"]: np.load(masks_dir / r["files"]["binary_grid"]) for r in manifest["cases"]}
         results[variant] = _score(binaries, test_cases)
         results[variant]["threshold"] = manifest["threshold"]
-        rows.append(_row(f"pseudo-masks: {variant}", results[variant], minutes))
+        rows.append(_row(f"pseudo-masks: {tag}", results[variant], minutes))
         print(rows[-1], flush=True)
-    (work / "results.json").write_text(json.dumps(results, indent=2))
+        with open(work / "results.md", "a", encoding="utf-8") as fh:
+            fh.write(rows[-1] + "\n")
+    (work / f"results_{args.preset}_{args.steps}.json").write_text(json.dumps(results, indent=2))
     return rows
 
 
@@ -126,6 +130,7 @@ if __name__ == "__main__":
     parser.add_argument("--work", default="bench-work/pseudo_masks", help="folder for data and runs")
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--preset", default="tiny")
+    parser.add_argument("--crop", default="16,64,64", help="training crop 'Z,Y,X' or 'none'")
     parser.add_argument("--variants", default="perlin")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--seed", type=int, default=0)
