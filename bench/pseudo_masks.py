@@ -11,8 +11,8 @@ healthy lungs, and scores on the 32x128x128 grid against the phantom ground trut
 Variants (ablation): ``perlin`` (default), ``uniform``, ``none`` latent noise, and ``noadv``
 (Perlin, adversarial term off).
 
-    python bench/pseudo_masks.py --steps 600 --variants perlin          # ~12 min on 2 CPU cores
-    python bench/pseudo_masks.py --steps 600 --variants perlin,uniform,none,noadv --device cuda
+    python bench/pseudo_masks.py --steps 900 --variants perlin          # ~13 min on 2 CPU cores
+    python bench/pseudo_masks.py --steps 900 --variants perlin,uniform,none,noadv --device cuda
 """
 
 from __future__ import annotations
@@ -128,7 +128,7 @@ if __name__ == "__main__":
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--work", default="bench-work/pseudo_masks", help="folder for data and runs")
-    parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--steps", type=int, default=900)
     parser.add_argument("--preset", default="tiny")
     parser.add_argument("--crop", default="16,64,64", help="training crop 'Z,Y,X' or 'none'")
     parser.add_argument("--variants", default="perlin")

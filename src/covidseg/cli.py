@@ -209,10 +209,14 @@ def evaluate(
 def train_gan(
     pre: Annotated[Path, typer.Argument(help="A preprocess output folder (healthy + COVID cases).")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Output folder (e.g. WORK/gan).")],
-    preset: Annotated[str, typer.Option(help="Model size: tiny (CPU), small, base (GPU).")] = "tiny",
-    steps: Annotated[int, typer.Option(help="Total training steps (with --resume: the new total).")] = 600,
+    preset: Annotated[
+        str, typer.Option(help="Model size: tiny (2 CPU cores), small (GPU), base (GPU).")
+    ] = "small",
+    steps: Annotated[int, typer.Option(help="Total training steps (with --resume: the new total).")] = 900,
     batch_size: Annotated[int, typer.Option(help="Volumes per step.")] = 2,
-    crop: Annotated[str, typer.Option(help="Training crop 'Z,Y,X', or 'none' for whole grids.")] = "16,64,64",
+    crop: Annotated[
+        str, typer.Option(help="Training crop 'Z,Y,X', 'none' (whole grids) or 'auto' (tiny: 16,64,64).")
+    ] = "auto",
     latent_noise: Annotated[str, typer.Option(help="U_N in the latent: perlin, uniform or none.")] = "perlin",
     adversarial: Annotated[str, typer.Option(help="Adversarial loss: bce or lsgan.")] = "bce",
     w_adv: Annotated[float, typer.Option(help="Weight of the adversarial term (0 = off).")] = 0.05,
@@ -232,7 +236,7 @@ def train_gan(
         try:
             config = GanTrainConfig(
                 preset=preset, steps=steps, batch_size=batch_size,
-                crop=None if crop.lower() == "none" else _triple(crop, int, "--crop"),
+                crop=_gan_crop(crop, preset),
                 latent_noise=latent_noise, adversarial=adversarial, w_adv=w_adv, w_rec=w_rec,
                 w_identity=w_identity, lr_g=lr, lr_d=lr, seed=seed,
                 checkpoint_every=checkpoint_every, sample_every=checkpoint_every,
@@ -250,6 +254,14 @@ def train_gan(
         f"trained {manifest['steps']} steps on {manifest['device']}; generator: {output / 'generator.pt'}; "
         f"pseudo-mask threshold {cal['threshold']:.4f} (healthy lung percentile {cal['healthy_percentile']})"
     )
+
+
+def _gan_crop(text: str, preset: str) -> tuple[int, int, int] | None:
+    if text.lower() == "auto":
+        from covidseg.models.gan3d import PRESET_CROPS
+
+        return PRESET_CROPS.get(preset)
+    return None if text.lower() == "none" else _triple(text, int, "--crop")
 
 
 @app.command("make-masks")

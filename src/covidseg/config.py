@@ -42,10 +42,10 @@ class PreprocessConfig:
 class GanTrainConfig:
     """How `train-gan` trains (steps, batch, losses and their weights)."""
 
-    preset: str = "tiny"  # tiny | small | base (covidseg.models.gan3d.GAN_PRESETS)
-    steps: int = 600
+    preset: str = "small"  # tiny (2 CPU cores) | small (default, GPU) | base (GPU); see GAN_PRESETS
+    steps: int = 900
     batch_size: int = 2
-    crop: tuple[int, int, int] | None = (16, 64, 64)  # training crops (z, y, x); None = whole grid
+    crop: tuple[int, int, int] | None = None  # training crops (z, y, x); None = whole grid
     lr_g: float = 2e-4
     lr_d: float = 2e-4
     betas: tuple[float, float] = (0.5, 0.999)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from einops import rearrange
 
 
 def _conv(dims: int) -> type[nn.Module]:
@@ -73,3 +74,47 @@ class Up(nn.Module):
         if skip is not None:
             x = torch.cat([x, skip], dim=1)
         return self.block(x)
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention over tokens ``[B, N, dim]`` -> ``[B, N, dim]``.
+
+    Uses ``F.scaled_dot_product_attention``: ``softmax(q k^T / sqrt(d_head)) v`` (divided by the
+    square root of the head width; the popular TransUNet re-implementation multiplied by it).
+    """
+
+    def __init__(self, dim: int, heads: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"dim {dim} is not divisible by heads {heads}")
+        self.heads = heads
+        self.dropout = dropout
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        qkv = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.heads)  # 3x[B,h,N,d]
+        p = self.dropout if self.training else 0.0
+        out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], dropout_p=p)  # [B, h, N, d]
+        return self.proj(rearrange(out, "b h n d -> b n (h d)"))  # [B, N, dim]
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm ViT block on ``[B, N, dim]``: x + MSA(LN(x)), then x + MLP(LN(x)) with GELU."""
+
+    def __init__(self, dim: int, heads: int, mlp_dim: int, dropout: float = 0.0, attn_dropout: float = 0.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = SelfAttention(dim, heads, attn_dropout)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(
+            nn.Linear(dim, mlp_dim),
+            nn.GELU(),
+            nn.Dropout(dropout),
+            nn.Linear(mlp_dim, dim),
+            nn.Dropout(dropout),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))

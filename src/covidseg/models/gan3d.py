@@ -155,6 +155,9 @@ class Discriminator3D(nn.Module):
         return self.net(torch.cat([image, lung], dim=1))
 
 
+#: Training crop (z, y, x) each preset uses unless told otherwise (None = whole 32x128x128 grids).
+PRESET_CROPS: dict[str, tuple[int, int, int] | None] = {"tiny": (16, 64, 64), "small": None, "base": None}
+
 GAN_PRESETS: dict[str, GanModelConfig] = {
     # trains meaningfully on 2 CPU cores in minutes (with training crops)
     "tiny": GanModelConfig(
