@@ -329,6 +329,59 @@ def make_masks(
         raise typer.Exit(1)
 
 
+@app.command("train-seg")
+def train_seg(
+    masks: Annotated[Path, typer.Argument(help="A make-masks output folder.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Output folder (e.g. WORK/seg).")],
+    arch: Annotated[str, typer.Option(help="transunet or unet (baseline).")] = "transunet",
+    preset: Annotated[str, typer.Option(help="tiny, small (CPU) or base (GPU, R50-ViT-B/16-like).")] = "tiny",
+    steps: Annotated[int, typer.Option(help="Total training steps (with --resume: the new total).")] = 400,
+    batch_size: Annotated[int, typer.Option(help="Slices per step (half high-infected).")] = 16,
+    lr: Annotated[float, typer.Option(help="AdamW learning rate.")] = 5e-4,
+    w_contrastive: Annotated[float, typer.Option(help="Weight of the contrastive loss.")] = 0.1,
+    w_mse: Annotated[float, typer.Option(help="Weight of the MSE to the continuous pseudo-mask.")] = 1.0,
+    w_sensitivity: Annotated[float, typer.Option(help="Weight of the sensitivity-enhanced BCE.")] = 1.0,
+    beta: Annotated[float, typer.Option(help="β of the sensitivity-enhanced BCE.")] = 1.0,
+    w_dice: Annotated[float, typer.Option(help="Weight of the Dice loss.")] = 0.0,
+    no_augment: Annotated[bool, typer.Option("--no-augment", help="Train without augmentation.")] = False,
+    eval_every: Annotated[int, typer.Option(help="Validate, checkpoint and plot every N steps.")] = 50,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in OUTPUT.")] = False,
+    no_progress: NoProgress = False,
+) -> None:
+    """Train the 2D TransUNet (or UNet) on pseudo-masks: contrastive + MSE + sensitivity-enhanced loss."""
+    try:
+        from covidseg.config import SegTrainConfig
+        from covidseg.losses import SegLossConfig
+
+        try:
+            config = SegTrainConfig(
+                arch=arch, preset=preset, steps=steps, batch_size=batch_size, lr=lr, augment=not no_augment,
+                eval_every=eval_every, seed=seed,
+            )  # fmt: skip
+            loss_config = SegLossConfig(
+                w_sensitivity=w_sensitivity,
+                beta=beta,
+                w_mse=w_mse,
+                w_contrastive=w_contrastive,
+                w_dice=w_dice,
+            )
+        except ValueError as exc:
+            raise UsageError(None, str(exc)) from None
+        from covidseg.stages.train_seg import run_train_seg
+
+        with _step_progress(steps, "train-seg", not no_progress) as advance:
+            manifest = run_train_seg(masks, output, config, loss_config, device, resume, advance)
+    except CovidsegError as exc:
+        _fail(exc)
+    best = manifest["best"]
+    text = f"best step {best['step']}: validation Dice vs held-out pseudo-masks {best['val_dice_pseudo']:.3f}"
+    if "ref_dice" in best:
+        text += f"; vs reference masks (not used for training) {best['ref_dice']:.3f}"
+    out.print(f"{text}\nmodel: {output / 'best.pt'}")
+
+
 @contextlib.contextmanager
 def _step_progress(total: int, description: str, enabled: bool):
     """A progress bar for training: callback(step, total, losses)."""
@@ -344,7 +397,7 @@ def _step_progress(total: int, description: str, enabled: bool):
         task = bar.add_task(description, total=total, losses="")
 
         def advance(step: int, total: int, losses: dict) -> None:
-            text = " ".join(f"{k.removeprefix('loss_')}={v:.4f}" for k, v in losses.items() if v)
+            text = " ".join(f"{k.removeprefix('loss_')}={v:.3g}" for k, v in losses.items() if v)
             bar.update(task, completed=step, losses=text)
 
         yield advance

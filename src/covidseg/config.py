@@ -78,3 +78,42 @@ class GanTrainConfig:
         data["crop"] = None if data.get("crop") is None else tuple(int(v) for v in data["crop"])
         data["betas"] = tuple(float(v) for v in data["betas"])
         return cls(**data)
+
+
+@dataclass(frozen=True)
+class SegTrainConfig:
+    """How `train-seg` trains the 2D segmenter on pseudo-masks."""
+
+    arch: str = "transunet"  # transunet | unet
+    preset: str = "tiny"  # tiny | small (CPU) | base (GPU, close to R50-ViT-B/16)
+    steps: int = 400
+    batch_size: int = 16  # half high-infected slices, half from the other slices
+    lr: float = 5e-4
+    weight_decay: float = 1e-4
+    val_fraction: float = 0.2  # share of cases held out (their pseudo-labels) for validation
+    augment: bool = True
+    max_rotation_deg: float = 10.0
+    scale_range: tuple[float, float] = (0.9, 1.1)
+    intensity_jitter: float = 0.05  # scale and offset jitter (unit scale; 0.05 = 70 HU)
+    noise_std: float = 0.01
+    threshold: float = 0.5  # probability -> mask
+    seed: int = 0
+    eval_every: int = 50  # validation, best-checkpoint selection, overlay PNG, checkpoint
+    log_every: int = 10
+
+    def __post_init__(self) -> None:
+        if self.arch not in ("transunet", "unet"):
+            raise ValueError("arch must be transunet or unet")
+        if self.steps < 1 or self.batch_size < 2:
+            raise ValueError("steps must be >= 1 and batch size >= 2")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ValueError("val_fraction must be in [0, 1)")
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict) -> SegTrainConfig:
+        data = dict(data)
+        data["scale_range"] = tuple(float(v) for v in data["scale_range"])
+        return cls(**data)

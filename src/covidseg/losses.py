@@ -309,6 +309,7 @@ class SegmentationLoss(nn.Module):
         binary: torch.Tensor,
         is_high: torch.Tensor,
         lung: torch.Tensor | None = None,
+        contrast: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, float]]:
         """Total loss and its parts.
 
@@ -319,6 +320,8 @@ class SegmentationLoss(nn.Module):
             binary: ``[B, 1, H, W]`` binary pseudo-mask.
             is_high: ``[B]`` bool, True for slices of the high-infected set.
             lung: optional ``[B, 1, H, W]`` bool lung mask; voxel terms count lung voxels only.
+            contrast: optional ``[B]`` bool: which samples take part in the contrastive term
+                (high- and low-infected slices; slices in between are left out). Default: all.
 
         Returns:
             ``(total, parts)``: the scalar total to back-propagate and a dict of floats with keys
@@ -333,7 +336,14 @@ class SegmentationLoss(nn.Module):
                 sensitivity_enhanced_bce(logits, binary, cfg.beta, mask=lung) if cfg.w_sensitivity else zero
             ),
             "loss_mse": mse_to_soft(torch.sigmoid(logits), soft, mask=lung) if cfg.w_mse else zero,
-            "loss_contrastive": self.contrastive(features, is_high) if cfg.w_contrastive else zero,
+            "loss_contrastive": (
+                self.contrastive(
+                    features if contrast is None else features[contrast],
+                    is_high if contrast is None else is_high[contrast],
+                )
+                if cfg.w_contrastive
+                else zero
+            ),  # fmt: skip
             "loss_dice": dice_loss(logits, binary, mask=lung) if cfg.w_dice else zero,
         }
         weights = {

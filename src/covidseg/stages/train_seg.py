@@ -1,0 +1,291 @@
+"""`covidseg train-seg`: train the 2D segmenter (TransUNet or UNet) on make-masks' pseudo-masks.
+
+No ground truth is used for training or for choosing the best checkpoint: validation is on the
+pseudo-labels of held-out cases. When the make-masks folder carries reference masks (phantoms),
+Dice against them is logged too, in columns named ``ref_*``, for information only.
+
+Output folder::
+
+    checkpoint.pt   latest state (model, loss module incl. the temperature, optimizer, step)
+    best.pt         the model with the best validation Dice against held-out pseudo-masks
+    metrics.csv     step, losses, temperature, val_dice_pseudo, ref_dice (if references)
+    plots/loss.png, plots/overlay_<step>.png   (slice | pseudo-mask | prediction)
+    config.json, manifest.json (written last)
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from covidseg import __version__
+from covidseg.atomic import write_json
+from covidseg.augment import augment_batch
+from covidseg.config import SegTrainConfig
+from covidseg.errors import InputError, UsageError
+from covidseg.infer import predict_probabilities
+from covidseg.losses import SegLossConfig, SegmentationLoss
+from covidseg.metrics import dice
+from covidseg.models.segmenters import make_segmenter, segmenter_config_dict
+from covidseg.plots import loss_curves, panels
+from covidseg.stages.work import inside, read_manifest
+from covidseg.training import (
+    CsvLog,
+    autocast,
+    load_checkpoint,
+    resolve_device,
+    save_checkpoint,
+    seed_everything,
+    step_generator,
+)
+
+CHECKPOINT_FORMAT = "covidseg.seg.checkpoint"
+MODEL_FORMAT = "covidseg.seg.model"
+LOSS_COLUMNS = ["loss_sensitivity", "loss_mse", "loss_contrastive", "loss_dice", "loss_total"]
+
+
+class SliceSet:
+    """make-masks' 2D training set: arrays [N, H, W] and the per-slice index."""
+
+    def __init__(self, masks_dir: Path) -> None:
+        self.manifest = read_manifest(masks_dir, "covidseg.masks")
+        folder = inside(masks_dir, "slices")
+        with open(folder / "index.csv", newline="", encoding="utf-8") as fh:
+            self.index = list(csv.DictReader(fh))
+        if not self.index:
+            raise InputError(folder / "index.csv", "the 2D training set is empty")
+
+        def load(name: str) -> np.ndarray:
+            return np.load(folder / f"{name}.npy", allow_pickle=False)
+
+        self.images, self.lungs = load("images"), load("lungs")
+        self.soft, self.binary = load("soft"), load("binary")
+        self.refs = load("refs") if (folder / "refs.npy").exists() else None
+        n = len(self.index)
+        if any(len(a) != n for a in (self.images, self.lungs, self.soft, self.binary)):
+            raise InputError(folder, "slice arrays and index.csv disagree in length")
+        self.case_ids = np.array([row["case_id"] for row in self.index])
+        self.sets = np.array([row["set"] for row in self.index])
+
+    def split(self, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+        """Slice indices (train, val), split by case so no case is in both."""
+        cases = sorted(set(self.case_ids))
+        rng = np.random.default_rng(seed)
+        order = [cases[i] for i in rng.permutation(len(cases))]
+        n_val = min(len(cases) - 1, math.ceil(val_fraction * len(cases))) if val_fraction > 0 else 0
+        val_cases = set(order[:n_val])
+        is_val = np.array([c in val_cases for c in self.case_ids])
+        return np.nonzero(~is_val)[0], np.nonzero(is_val)[0]
+
+
+def _batch(data: SliceSet, train_idx: np.ndarray, size: int, gen: torch.Generator) -> np.ndarray:
+    """Half from the high-infected set (when there is one), the rest from all training slices."""
+    high = train_idx[data.sets[train_idx] == "high"]
+    n_high = min(size // 2, len(high)) if len(high) else 0
+    pick_high = high[torch.randint(len(high), (n_high,), generator=gen).numpy()] if n_high else high[:0]
+    pick_rest = train_idx[torch.randint(len(train_idx), (size - n_high,), generator=gen).numpy()]
+    return np.concatenate([pick_high, pick_rest])
+
+
+def _volume_dice(pred: np.ndarray, target: np.ndarray, case_ids: np.ndarray) -> list[float]:
+    """Dice per case over its slices (volume-level, not per slice)."""
+    out = []
+    for case in sorted(set(case_ids)):
+        sel = case_ids == case
+        p, t = pred[sel], target[sel] > 0
+        tp = int((p & t).sum())
+        out.append(dice(tp, int((p & ~t).sum()), int((~p & t).sum())))
+    return out
+
+
+def evaluate_slices(model, data: SliceSet, idx: np.ndarray, threshold: float, device) -> dict:
+    """Validation: per-case Dice against pseudo-masks (and references when present)."""
+    if len(idx) == 0:
+        return {}
+    probs = predict_probabilities(model, data.images[idx], device)
+    pred = (probs >= threshold) & (data.lungs[idx] > 0)
+    result = {"val_dice_pseudo": float(np.mean(_volume_dice(pred, data.binary[idx], data.case_ids[idx])))}
+    if data.refs is not None:
+        covid = np.array([row["group"] == "covid" for row in data.index])[idx]
+        if covid.any():
+            ref = _volume_dice(pred[covid], data.refs[idx][covid], data.case_ids[idx][covid])
+            result["ref_dice"] = float(np.mean(ref))
+    return result
+
+
+def _overlay(
+    out_dir: Path, model, data: SliceSet, idx: np.ndarray, step: int, cfg: SegTrainConfig, device
+) -> None:
+    if len(idx) == 0:
+        return
+    pool = idx[data.sets[idx] == "high"]
+    k = int((pool if len(pool) else idx)[0])
+    prob = predict_probabilities(model, data.images[k : k + 1], device)[0]
+    pred = (prob >= cfg.threshold) & (data.lungs[k] > 0)
+    ref = data.refs[k] if data.refs is not None else None
+    panels(
+        [data.images[k], data.binary[k].astype(np.float32), pred.astype(np.float32)],
+        ["CT slice", "pseudo-mask", "prediction" + (" (red: reference)" if ref is not None else "")],
+        out_dir / "plots" / f"overlay_{step:06d}.png",
+        ranges=[(0.0, 0.8), (0.0, 1.0), (0.0, 1.0)],
+        contours=[None, None, ref],
+        suptitle=f"{data.index[k]['case_id']} z={data.index[k]['z']}, step {step}",
+    )
+
+
+def run_train_seg(
+    masks_dir: Path,
+    out_dir: Path,
+    config: SegTrainConfig | None = None,
+    loss_config: SegLossConfig | None = None,
+    device: str = "auto",
+    resume: bool = False,
+    progress: Callable[[int, int, dict], None] | None = None,
+) -> dict:
+    """Train (or resume) the 2D segmenter; return the output manifest."""
+    config = config or SegTrainConfig()
+    loss_config = loss_config or SegLossConfig()
+    masks_dir, out_dir = Path(masks_dir), Path(out_dir)
+    torch_device = resolve_device(device)
+    checkpoint_path = out_dir / "checkpoint.pt"
+    if resume and not checkpoint_path.exists():
+        raise UsageError(out_dir, "--resume: no checkpoint.pt in this folder")
+    if not resume and checkpoint_path.exists():
+        raise UsageError(
+            out_dir, "holds a training run; pass --resume to continue it or choose another folder"
+        )
+    data = SliceSet(masks_dir)
+    state, start_step, best = None, 0, {"val_dice_pseudo": -1.0, "step": 0}
+    if resume:
+        state = load_checkpoint(checkpoint_path)
+        config = SegTrainConfig.from_json({**state["train_config"], "steps": config.steps})
+        loss_config = SegLossConfig.from_json(state["loss_config"])
+        start_step, best = int(state["step"]), dict(state["best"])
+    train_idx, val_idx = data.split(config.val_fraction, config.seed)
+    if len(train_idx) == 0:
+        raise UsageError(masks_dir, "no training slices left after the validation split")
+    seed_everything(config.seed)
+    try:
+        model = make_segmenter(config.arch, config.preset)
+    except ValueError as exc:
+        raise UsageError(None, str(exc)) from None
+    h, w = data.images.shape[1:]
+    if h % 16 or w % 16:
+        raise UsageError(masks_dir, f"slice size {h}x{w} must be a multiple of 16 for the 2D networks")
+    criterion = SegmentationLoss(model.feature_dim, loss_config)
+    model.to(torch_device)
+    criterion.to(torch_device)
+    params = [*model.parameters(), *criterion.parameters()]
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    if state is not None:
+        model.load_state_dict(state["model"])
+        criterion.load_state_dict(state["loss"])
+        optimizer.load_state_dict(state["optimizer"])
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "manifest.json").unlink(missing_ok=True)
+    write_json(out_dir / "config.json", {"train": config.to_json(), "loss": loss_config.to_json()})
+    columns = ["step", *LOSS_COLUMNS, "temperature", "val_dice_pseudo", "ref_dice", "seconds"]
+    log = CsvLog(out_dir / "metrics.csv", columns, keep_until_step=start_step if resume else None)
+    model_config = {"arch": config.arch, "config": segmenter_config_dict(model)}
+
+    def model_payload(step: int, val: dict) -> dict:
+        return {
+            "format": MODEL_FORMAT,
+            "covidseg_version": __version__,
+            "step": step,
+            "model": model_config,
+            "weights": model.state_dict(),
+            "threshold": config.threshold,
+            "validation": val,
+            "grid": list(data.manifest["grid"]),
+            "hu_window": list(data.manifest["hu_window"]),
+        }
+
+    started = time.perf_counter()
+    sums: dict[str, float] = {}
+    count = 0
+    for step in range(start_step + 1, config.steps + 1):
+        model.train()
+        gen = step_generator(config.seed, step)
+        idx = _batch(data, train_idx, config.batch_size, gen)
+
+        image, lung, soft, binary = (
+            torch.from_numpy(np.ascontiguousarray(a[idx], dtype=np.float32))[:, None].to(torch_device)
+            for a in (data.images, data.lungs > 0, data.soft, data.binary)
+        )  # each [B, 1, H, W]
+        if config.augment:
+            image, (lung, soft, binary) = augment_batch(
+                image, [lung, soft, binary], gen, config.max_rotation_deg, config.scale_range,
+                config.intensity_jitter, config.noise_std,
+            )  # fmt: skip
+            lung, binary = (lung >= 0.5).float(), (binary >= 0.5).float()
+        sets = data.sets[idx]
+        is_high = torch.from_numpy(sets == "high").to(torch_device)
+        contrast = torch.from_numpy(sets != "mid").to(torch_device)
+        with autocast(torch_device):
+            logits, features = model.forward_with_features(image)
+        loss, parts = criterion(logits, features.float(), soft, binary, is_high, contrast=contrast)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        for key, value in parts.items():
+            sums[key] = sums.get(key, 0.0) + value
+        count += 1
+        row = None
+        if step % config.log_every == 0 or step % config.eval_every == 0 or step == config.steps:
+            row = {"step": step, **{k: round(v / count, 6) for k, v in sums.items()}}
+            sums, count = {}, 0
+        if step % config.eval_every == 0 or step == config.steps:
+            val = evaluate_slices(model, data, val_idx, config.threshold, torch_device)
+            row.update({k: round(v, 4) for k, v in val.items()})
+            score = val.get("val_dice_pseudo", -step)  # no validation cases: keep the latest
+            if score >= best["val_dice_pseudo"]:
+                best = {"val_dice_pseudo": score, "step": step, **val}
+                save_checkpoint(out_dir / "best.pt", model_payload(step, val))
+            save_checkpoint(
+                checkpoint_path,
+                {
+                    "format": CHECKPOINT_FORMAT,
+                    "covidseg_version": __version__,
+                    "step": step,
+                    "train_config": config.to_json(),
+                    "loss_config": loss_config.to_json(),
+                    "model_config": model_config,
+                    "model": model.state_dict(),
+                    "loss": criterion.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "best": best,
+                },
+            )
+            _overlay(out_dir, model, data, val_idx, step, config, torch_device)
+        if row is not None:
+            row["seconds"] = round(time.perf_counter() - started, 2)
+            log.write(row)
+            loss_curves(log.read(), LOSS_COLUMNS, out_dir / "plots" / "loss.png", title="train-seg losses")
+        if progress:
+            progress(step, config.steps, parts)
+
+    manifest = {
+        "format": "covidseg.seg",
+        "version": 1,
+        "covidseg_version": __version__,
+        "masks": str(masks_dir.resolve()),
+        "device": str(torch_device),
+        "arch": config.arch,
+        "preset": config.preset,
+        "steps": config.steps,
+        "n_train_slices": int(len(train_idx)),
+        "n_val_slices": int(len(val_idx)),
+        "val_cases": sorted(set(data.case_ids[val_idx])),
+        "best": best,
+        "files": {"best": "best.pt", "checkpoint": "checkpoint.pt", "metrics": "metrics.csv"},
+    }
+    write_json(out_dir / "manifest.json", manifest)
+    return manifest
