@@ -117,3 +117,44 @@ def test_make_masks_outputs_lie_on_the_source_scan(pre, tmp_path):
     assert len(rows) == n and {r["set"] for r in rows} <= {"high", "low", "mid"}
     with pytest.raises(UsageError, match="--overwrite"):
         run_make_masks(pre, gan, out, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def masks(pre, tmp_path_factory):
+    root = tmp_path_factory.mktemp("seg")
+    run_train_gan(pre, root / "gan", _config(steps=2), device="cpu")
+    run_make_masks(pre, root / "gan", root / "masks", device="cpu", native=False)
+    return root / "masks"
+
+
+def test_train_seg_two_step_cli_run_and_resume(masks, tmp_path):
+    from covidseg.config import SegTrainConfig
+    from covidseg.stages.train_seg import run_train_seg
+
+    out = tmp_path / "seg"
+    result = runner.invoke(
+        app, ["train-seg", str(masks), "-o", str(out), "--steps", "2", "--batch-size", "4",
+              "--eval-every", "1", "--no-progress", "--device", "cpu"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    for name in ("checkpoint.pt", "best.pt", "metrics.csv", "manifest.json", "plots/loss.png"):
+        assert (out / name).exists(), name
+    best = torch.load(out / "best.pt", weights_only=True)
+    assert best["format"] == "covidseg.seg.model" and best["model"]["arch"] == "transunet"
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["val_cases"] and manifest["n_train_slices"] > 0
+
+    # resume: 2 + 2 steps equal 4 straight steps (same batches, augmentations and noise)
+    cfg = dict(arch="unet", batch_size=4, eval_every=2, log_every=1)
+    run_train_seg(masks, tmp_path / "a", SegTrainConfig(steps=4, **cfg), device="cpu")
+    run_train_seg(masks, tmp_path / "b", SegTrainConfig(steps=2, **cfg), device="cpu")
+    run_train_seg(masks, tmp_path / "b", SegTrainConfig(steps=4, **cfg), device="cpu", resume=True)
+    a, b = (
+        load_checkpoint(tmp_path / "a" / "checkpoint.pt"),
+        load_checkpoint(tmp_path / "b" / "checkpoint.pt"),
+    )
+    assert a["step"] == b["step"] == 4
+    for key in a["model"]:
+        torch.testing.assert_close(a["model"][key], b["model"][key], rtol=1e-4, atol=1e-5)
+    steps = [int(r["step"]) for r in csv.DictReader(open(tmp_path / "b" / "metrics.csv"))]
+    assert steps == [1, 2, 3, 4]
