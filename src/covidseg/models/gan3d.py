@@ -173,6 +173,23 @@ GAN_PRESETS: dict[str, GanModelConfig] = {
 }
 
 
+def generator_from_payload(payload: dict) -> Generator3D:
+    """Rebuild a generator from a train-gan generator.pt or checkpoint.pt payload (plain dicts)."""
+    cfg = payload["model"]["generator"]
+    gen_cfg = GeneratorConfig(
+        **{
+            **cfg,
+            "channels": tuple(cfg["channels"]),
+            "strides": tuple(tuple(s) for s in cfg["strides"]),
+            "skip_levels": tuple(cfg["skip_levels"]),
+            "noise_frequency": tuple(cfg["noise_frequency"]),
+        }
+    )
+    model = Generator3D(gen_cfg)
+    model.load_state_dict(payload["generator"])
+    return model.eval()
+
+
 def _window_starts(size: int, window: int) -> list[int]:
     """Start indices of windows of `window` covering `size` with ~50 % overlap."""
     if window >= size:

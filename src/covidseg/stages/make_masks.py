@@ -33,9 +33,9 @@ from covidseg.geometry import Geometry, Orientation
 from covidseg.intensity import parse_intensity
 from covidseg.io import read_ct, write_array
 from covidseg.masks import PseudoMaskConfig, binarise, difference_map, split_slices
-from covidseg.models.gan3d import run_generator
+from covidseg.models.gan3d import generator_from_payload, run_generator
 from covidseg.preprocess import CropBox, grid_to_canonical
-from covidseg.stages.train_gan import GENERATOR_FORMAT, generator_from_payload
+from covidseg.stages.train_gan import GENERATOR_FORMAT
 from covidseg.stages.work import GridCase, load_grid_cases
 from covidseg.training import load_checkpoint, resolve_device
 

@@ -38,7 +38,6 @@ from covidseg.models.gan3d import (
     GAN_PRESETS,
     Discriminator3D,
     Generator3D,
-    GeneratorConfig,
     run_generator,
 )
 from covidseg.plots import loss_curves, panels
@@ -117,23 +116,6 @@ def _check_grid(grid: tuple[int, ...], config: GanTrainConfig, divisor: tuple[in
             raise UsageError(None, f"{name} {tuple(size)} must be a multiple of {divisor} for this generator")
     if config.crop is not None and any(c > g for c, g in zip(config.crop, grid, strict=True)):
         raise UsageError(None, f"crop {config.crop} is larger than the grid {tuple(grid)}")
-
-
-def generator_from_payload(payload: dict) -> Generator3D:
-    """Rebuild a generator from a generator.pt or checkpoint.pt payload."""
-    cfg = payload["model"]["generator"]
-    gen_cfg = GeneratorConfig(
-        **{
-            **cfg,
-            "channels": tuple(cfg["channels"]),
-            "strides": tuple(tuple(s) for s in cfg["strides"]),
-            "skip_levels": tuple(cfg["skip_levels"]),
-            "noise_frequency": tuple(cfg["noise_frequency"]),
-        }
-    )
-    model = Generator3D(gen_cfg)
-    model.load_state_dict(payload["generator"])
-    return model.eval()
 
 
 def _write_plots(
