@@ -25,6 +25,8 @@ import torch.nn.functional as F
 
 from covidseg.config import SegTrainConfig
 from covidseg.infer import predict_probabilities
+from covidseg.intensity import parse_intensity
+from covidseg.io import read_ct
 from covidseg.masks import remove_small_components, threshold_baseline
 from covidseg.metrics import aggregate, case_metrics, per_slice_dice
 from covidseg.models.segmenters import segmenter_from_config
@@ -34,6 +36,7 @@ from covidseg.stages.work import load_grid_cases
 from covidseg.training import load_checkpoint
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+MAPPING = parse_intensity("window:-1350,150")
 
 
 def load_model(path: Path):
@@ -106,9 +109,8 @@ def real_baseline() -> dict:
     folder = SHARED / "covid_semiseg_infnet" / "train"
     dices, inter, total = [], 0, 0
     for image_path in sorted((folder / "Imgs").glob("*.jpg")):
-        stored = sitk.GetArrayFromImage(sitk.ReadImage(str(image_path))).astype(np.float32)
+        hu = read_ct(image_path, intensity=MAPPING)[0].hu[0]
         gt = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / "GT" / f"{image_path.stem}.png"))) > 127
-        hu = stored * (1500.0 / 255.0) - 1350.0
         pred = (hu > -600) & (hu < -100)  # denser than lung, lighter than soft tissue
         tp = int((pred & gt).sum())
         dices.append(2 * tp / max(int(pred.sum() + gt.sum()), 1))
