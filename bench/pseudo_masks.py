@@ -26,7 +26,7 @@ import numpy as np
 
 from covidseg.config import GanTrainConfig, PreprocessConfig
 from covidseg.masks import threshold_baseline
-from covidseg.metrics import aggregate, case_metrics
+from covidseg.metrics import aggregate, case_metrics, per_slice_dice
 from covidseg.stages.make_masks import run_make_masks
 from covidseg.stages.preprocess import run_preprocess
 from covidseg.stages.synth import run_synth
@@ -57,11 +57,14 @@ def _data(
     return work / "pre_train", work / "pre_test"
 
 
-def _score(binaries: dict[str, np.ndarray], cases, spacing=(1.0, 1.0, 1.0)) -> dict:
+def score(binaries: dict[str, np.ndarray], cases) -> dict:
+    """Grid-level scores of binary masks against the phantom ground truth (COVID cases) and the
+    share of lung flagged on healthy cases."""
     covid = [c for c in cases if c.group == "covid"]
     healthy = [c for c in cases if c.group == "healthy"]
-    per_case = [case_metrics(binaries[c.case_id] > 0, c.ref > 0, spacing) for c in covid]
-    agg = aggregate(per_case)
+    per_case = [case_metrics(binaries[c.case_id] > 0, c.ref > 0, (1.0, 1.0, 1.0)) for c in covid]
+    slices = np.concatenate([per_slice_dice(binaries[c.case_id] > 0, c.ref > 0) for c in covid])
+    agg = aggregate(per_case, slice_dice=slices)
     flagged = [
         100.0 * float((binaries[c.case_id] > 0).sum()) / max(int((c.lungs > 0).sum()), 1) for c in healthy
     ]
@@ -71,7 +74,10 @@ def _score(binaries: dict[str, np.ndarray], cases, spacing=(1.0, 1.0, 1.0)) -> d
         "pooled_dice": agg["pooled"]["dice"],
         "sensitivity": (m["sensitivity"]["mean"], m["sensitivity"]["std"]),
         "specificity": (m["specificity"]["mean"], m["specificity"]["std"]),
-        "healthy_flagged_percent": (float(np.mean(flagged)), float(np.std(flagged))) if flagged else None,
+        "slice_dice": (agg["per_slice_dice"]["mean"], agg["per_slice_dice"]["std"]),
+        "healthy_flagged_percent": (float(np.mean(flagged)), float(np.std(flagged)))
+        if flagged
+        else (0.0, 0.0),
     }
 
 
@@ -93,9 +99,9 @@ def main(args: argparse.Namespace) -> list[str]:
         "| method | Dice (per volume) | pooled Dice | sensitivity | specificity "
         "| healthy lung flagged % | train min |",
         "|---|---|---|---|---|---|---|",
-        _row("baseline: HU > -600 in lung", _score(baseline, test_cases), None),
+        _row("baseline: HU > -600 in lung", score(baseline, test_cases), None),
     ]
-    results = {"baseline": _score(baseline, test_cases)}
+    results = {"baseline": score(baseline, test_cases)}
     for variant in args.variants.split(","):
         overrides = VARIANTS[variant]
         crop = None if args.crop == "none" else tuple(int(v) for v in args.crop.split(","))
@@ -113,7 +119,7 @@ def main(args: argparse.Namespace) -> list[str]:
             pre_test, gan_dir, masks_dir, device=args.device, native=False, overwrite=True
         )
         binaries = {r["id"]: np.load(masks_dir / r["files"]["binary_grid"]) for r in manifest["cases"]}
-        results[variant] = _score(binaries, test_cases)
+        results[variant] = score(binaries, test_cases)
         results[variant]["threshold"] = manifest["threshold"]
         rows.append(_row(f"pseudo-masks: {tag}", results[variant], minutes))
         print(rows[-1], flush=True)

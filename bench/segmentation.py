@@ -28,12 +28,12 @@ from covidseg.infer import predict_probabilities
 from covidseg.intensity import parse_intensity
 from covidseg.io import read_ct
 from covidseg.masks import remove_small_components, threshold_baseline
-from covidseg.metrics import aggregate, case_metrics, per_slice_dice
 from covidseg.models.segmenters import segmenter_from_config
 from covidseg.stages.make_masks import run_make_masks
 from covidseg.stages.train_seg import run_train_seg
 from covidseg.stages.work import load_grid_cases
 from covidseg.training import load_checkpoint
+from pseudo_masks import score
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 MAPPING = parse_intensity("window:-1350,150")
@@ -44,28 +44,6 @@ def load_model(path: Path):
     model = segmenter_from_config(payload["model"]["arch"], payload["model"]["config"])
     model.load_state_dict(payload["weights"])
     return model.eval(), float(payload["threshold"])
-
-
-def score(binaries: dict[str, np.ndarray], cases) -> dict:
-    covid = [c for c in cases if c.group == "covid"]
-    healthy = [c for c in cases if c.group == "healthy"]
-    per_case = [case_metrics(binaries[c.case_id] > 0, c.ref > 0, (1.0, 1.0, 1.0)) for c in covid]
-    slices = np.concatenate([per_slice_dice(binaries[c.case_id] > 0, c.ref > 0) for c in covid])
-    agg = aggregate(per_case, slice_dice=slices)
-    flagged = [
-        100.0 * float((binaries[c.case_id] > 0).sum()) / max(int((c.lungs > 0).sum()), 1) for c in healthy
-    ]
-    m = agg["metrics"]
-    return {
-        "dice": (m["dice"]["mean"], m["dice"]["std"]),
-        "pooled_dice": agg["pooled"]["dice"],
-        "sensitivity": (m["sensitivity"]["mean"], m["sensitivity"]["std"]),
-        "specificity": (m["specificity"]["mean"], m["specificity"]["std"]),
-        "slice_dice": (agg["per_slice_dice"]["mean"], agg["per_slice_dice"]["std"]),
-        "healthy_flagged_percent": (float(np.mean(flagged)), float(np.std(flagged)))
-        if flagged
-        else (0.0, 0.0),
-    }
 
 
 def row(name: str, s: dict) -> str:

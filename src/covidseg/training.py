@@ -49,6 +49,19 @@ def autocast(device: torch.device):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
+def resume_checkpoint_path(out_dir: Path, resume: bool) -> Path:
+    """`out_dir/checkpoint.pt`, checked: it must exist with `resume` and must not without it
+    (a finished or interrupted run is never overwritten by accident)."""
+    path = Path(out_dir) / "checkpoint.pt"
+    if resume and not path.exists():
+        raise UsageError(out_dir, "--resume: no checkpoint.pt in this folder")
+    if not resume and path.exists():
+        raise UsageError(
+            out_dir, "holds a training run; pass --resume to continue it or choose another folder"
+        )
+    return path
+
+
 def save_checkpoint(path: str | Path, payload: dict) -> None:
     """Save a checkpoint atomically. `payload` holds only tensors, numbers, strings, lists, dicts."""
     with atomic_path(path) as tmp:

@@ -47,6 +47,7 @@ from covidseg.training import (
     autocast,
     load_checkpoint,
     resolve_device,
+    resume_checkpoint_path,
     save_checkpoint,
     seed_everything,
     step_generator,
@@ -173,13 +174,7 @@ def run_train_gan(
     mask_config = mask_config or PseudoMaskConfig()
     pre_dir, out_dir = Path(pre_dir), Path(out_dir)
     torch_device = resolve_device(device)
-    checkpoint_path = out_dir / "checkpoint.pt"
-    if resume and not checkpoint_path.exists():
-        raise UsageError(out_dir, "--resume: no checkpoint.pt in this folder")
-    if not resume and checkpoint_path.exists():
-        raise UsageError(
-            out_dir, "holds a training run; pass --resume to continue it or choose another folder"
-        )
+    checkpoint_path = resume_checkpoint_path(out_dir, resume)
 
     cases = load_grid_cases(pre_dir)
     healthy = [c for c in cases if c.group == "healthy"]

@@ -40,6 +40,7 @@ from covidseg.training import (
     autocast,
     load_checkpoint,
     resolve_device,
+    resume_checkpoint_path,
     save_checkpoint,
     seed_everything,
     step_generator,
@@ -153,13 +154,7 @@ def run_train_seg(
     loss_config = loss_config or SegLossConfig()
     masks_dir, out_dir = Path(masks_dir), Path(out_dir)
     torch_device = resolve_device(device)
-    checkpoint_path = out_dir / "checkpoint.pt"
-    if resume and not checkpoint_path.exists():
-        raise UsageError(out_dir, "--resume: no checkpoint.pt in this folder")
-    if not resume and checkpoint_path.exists():
-        raise UsageError(
-            out_dir, "holds a training run; pass --resume to continue it or choose another folder"
-        )
+    checkpoint_path = resume_checkpoint_path(out_dir, resume)
     data = SliceSet(masks_dir)
     state, start_step, best = None, 0, {"val_dice_pseudo": -1.0, "step": 0}
     if resume:
