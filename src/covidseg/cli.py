@@ -377,6 +377,8 @@ def train_seg(
         _fail(exc)
     best = manifest["best"]
     text = f"best step {best['step']}: validation Dice vs held-out pseudo-masks {best['val_dice_pseudo']:.3f}"
+    if best["val_dice_pseudo"] < 0:
+        text = f"no validation cases: kept the last step ({best['step']})"
     if "ref_dice" in best:
         text += f"; vs reference masks (not used for training) {best['ref_dice']:.3f}"
     out.print(f"{text}\nmodel: {output / 'best.pt'}")

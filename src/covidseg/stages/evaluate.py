@@ -195,7 +195,7 @@ def run_evaluate(
 ) -> EvaluationResult:
     """Evaluate the masks in `pred` against `ref`; write metrics.csv and summary.json to `out_dir`.
 
-    Raises :class:`UsageError` for a missing input, a threshold outside [0, 1] or when no case id
+    Raises :class:`UsageError` for a missing input, a negative threshold or when no case id
     is shared by `pred` and `ref`. Per-case problems (unreadable file, geometry mismatch) are
     recorded in ``failed_cases`` instead of raised.
     """

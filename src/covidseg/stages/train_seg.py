@@ -240,9 +240,10 @@ def run_train_seg(
         if step % config.eval_every == 0 or step == config.steps:
             val = evaluate_slices(model, data, val_idx, config.threshold, torch_device)
             row.update({k: round(v, 4) for k, v in val.items()})
-            score = val.get("val_dice_pseudo", -step)  # no validation cases: keep the latest
-            if score >= best["val_dice_pseudo"]:
-                best = {"val_dice_pseudo": score, "step": step, **val}
+            # without validation cases (val_fraction 0 or a single case) the latest model is kept
+            score = val.get("val_dice_pseudo")
+            if score is None or score >= best["val_dice_pseudo"]:
+                best = {"step": step, **val, "val_dice_pseudo": -1.0 if score is None else score}
                 save_checkpoint(out_dir / "best.pt", model_payload(step, val))
             save_checkpoint(
                 checkpoint_path,
