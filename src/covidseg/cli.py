@@ -335,7 +335,7 @@ def train_seg(
     output: Annotated[Path, typer.Option("-o", "--output", help="Output folder (e.g. WORK/seg).")],
     arch: Annotated[str, typer.Option(help="transunet or unet (baseline).")] = "transunet",
     preset: Annotated[str, typer.Option(help="tiny, small (CPU) or base (GPU, R50-ViT-B/16-like).")] = "tiny",
-    steps: Annotated[int, typer.Option(help="Total training steps (with --resume: the new total).")] = 400,
+    steps: Annotated[int, typer.Option(help="Total training steps (with --resume: the new total).")] = 1000,
     batch_size: Annotated[int, typer.Option(help="Slices per step (half high-infected).")] = 16,
     lr: Annotated[float, typer.Option(help="AdamW learning rate.")] = 5e-4,
     w_contrastive: Annotated[float, typer.Option(help="Weight of the contrastive loss.")] = 0.1,

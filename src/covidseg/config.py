@@ -86,7 +86,7 @@ class SegTrainConfig:
 
     arch: str = "transunet"  # transunet | unet
     preset: str = "tiny"  # tiny | small (CPU) | base (GPU, close to R50-ViT-B/16)
-    steps: int = 400
+    steps: int = 1000
     batch_size: int = 16  # half high-infected slices, half from the other slices
     lr: float = 5e-4
     weight_decay: float = 1e-4
