@@ -91,6 +91,9 @@ def _progress(total: int, description: str, enabled: bool) -> Iterator[Callable[
 
 
 NoProgress = Annotated[bool, typer.Option("--no-progress", help="No progress bar (batch jobs, logs).")]
+DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")]
+SeedOpt = Annotated[int, typer.Option(help="Random seed.")]
+ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue the run in OUTPUT.")]
 
 
 @app.command()
@@ -224,9 +227,9 @@ def train_gan(
     w_identity: Annotated[float, typer.Option(help="Weight of the identity MSE.")] = 0.0,
     lr: Annotated[float, typer.Option(help="Adam learning rate (G and D).")] = 2e-4,
     checkpoint_every: Annotated[int, typer.Option(help="Checkpoint and sample PNG every N steps.")] = 100,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
-    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in OUTPUT.")] = False,
+    device: DeviceOpt = "auto",
+    seed: SeedOpt = 0,
+    resume: ResumeOpt = False,
     no_progress: NoProgress = False,
 ) -> None:
     """Train the 3D pseudo-healthy GAN: Î_H = De(En(I_C) + U_N)."""
@@ -279,7 +282,7 @@ def make_masks(
         int | None, typer.Option(help="Remove components smaller than N voxels.")
     ] = None,
     native: Annotated[bool, typer.Option(help="Also write NIfTI in the source CT's geometry.")] = True,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    device: DeviceOpt = "auto",
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a previous output.")] = False,
     no_progress: NoProgress = False,
 ) -> None:
@@ -345,9 +348,9 @@ def train_seg(
     w_dice: Annotated[float, typer.Option(help="Weight of the Dice loss.")] = 0.0,
     no_augment: Annotated[bool, typer.Option("--no-augment", help="Train without augmentation.")] = False,
     eval_every: Annotated[int, typer.Option(help="Validate, checkpoint and plot every N steps.")] = 50,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
-    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in OUTPUT.")] = False,
+    device: DeviceOpt = "auto",
+    seed: SeedOpt = 0,
+    resume: ResumeOpt = False,
     no_progress: NoProgress = False,
 ) -> None:
     """Train the 2D TransUNet (or UNet) on pseudo-masks: contrastive + MSE + sensitivity-enhanced loss."""
