@@ -13,6 +13,24 @@ import numpy as np
 
 from covidseg.atomic import atomic_path
 
+
+def _pyplot():
+    """matplotlib.pyplot on the Agg backend (no display needed), imported on first use."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: str | Path, dpi: int) -> None:
+    """Write `fig` as PNG to `path` atomically and free it."""
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=dpi, format="png")
+    _pyplot().close(fig)
+
+
 LUNG_WINDOW_HU = (-1350.0, 150.0)  # width 1500, level -600
 
 
@@ -62,10 +80,7 @@ def overlay_montage(
     """
     if path is None:
         raise ValueError("overlay_montage needs the path of the PNG to write")
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     hu = np.asarray(hu_zyx)
     if hu.ndim != 3:
@@ -108,18 +123,13 @@ def overlay_montage(
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
+    _save(fig, path, dpi=100)
     return slices
 
 
 def loss_curves(rows: list[dict], columns: list[str], path: str | Path, title: str | None = None) -> None:
     """Plot loss columns of a metrics log against ``step`` (log-scaled y when all positive)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     steps = np.array([float(r["step"]) for r in rows])
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -136,9 +146,7 @@ def loss_curves(rows: list[dict], columns: list[str], path: str | Path, title: s
     if title:
         ax.set_title(title, fontsize=10)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=90, format="png")
-    plt.close(fig)
+    _save(fig, path, dpi=90)
 
 
 def panels(
@@ -151,10 +159,7 @@ def panels(
     suptitle: str | None = None,
 ) -> None:
     """A row of 2D panels (e.g. COVID input | pseudo-healthy | difference), written atomically."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     n = len(images)
     fig, axes = plt.subplots(1, n, figsize=(3.2 * n, 3.4), squeeze=False)
@@ -168,6 +173,4 @@ def panels(
     if suptitle:
         fig.suptitle(suptitle, fontsize=10)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=90, format="png")
-    plt.close(fig)
+    _save(fig, path, dpi=90)

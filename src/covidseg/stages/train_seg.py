@@ -264,6 +264,7 @@ def run_train_seg(
         if row is not None:
             row["seconds"] = round(time.perf_counter() - started, 2)
             log.write(row)
+        if step % config.eval_every == 0 or step == config.steps:  # plots only with validation
             loss_curves(log.read(), LOSS_COLUMNS, out_dir / "plots" / "loss.png", title="train-seg losses")
         if progress:
             progress(step, config.steps, parts)
