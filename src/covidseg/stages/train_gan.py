@@ -41,7 +41,7 @@ from covidseg.models.gan3d import (
     run_generator,
 )
 from covidseg.plots import loss_curves, panels
-from covidseg.stages.work import GridCase, load_grid_cases
+from covidseg.stages.work import GridCase, load_grid_cases, read_manifest
 from covidseg.training import (
     CsvLog,
     autocast,
@@ -298,7 +298,7 @@ def run_train_gan(
 
     calibration = _calibrate(generator, healthy, torch_device, mask_config, config.crop)
     write_json(out_dir / "calibration.json", calibration)
-    pre_config = load_grid_manifest_config(pre_dir)
+    pre_config = read_manifest(pre_dir, "covidseg.preprocess")["config"]
     save_checkpoint(
         out_dir / "generator.pt",
         {
@@ -326,9 +326,3 @@ def run_train_gan(
     }
     write_json(out_dir / "manifest.json", manifest)
     return manifest
-
-
-def load_grid_manifest_config(pre_dir: Path) -> dict:
-    from covidseg.stages.work import read_manifest
-
-    return read_manifest(pre_dir, "covidseg.preprocess")["config"]
