@@ -1,0 +1,128 @@
+"""Exporting torch models to ONNX, and checking that ONNX Runtime computes what torch computes.
+
+One self-contained ``.onnx`` file (no external-data files), opset >= 18, the batch dimension
+dynamic, every other dimension fixed. The dynamo exporter (``torch.onnx.export(dynamo=True)``)
+traces with a batch of 2 or more so that the batch dimension is not specialised to 1.
+
+``--fp16`` models keep float32 inputs and outputs (casts are inserted at the borders) so callers
+never deal with half precision; they are meant for GPUs and are checked at mask level only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import logging
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from covidseg.atomic import atomic_path
+from covidseg.errors import InputError
+
+OPSET = 18
+MAX_BATCH = 4096
+
+
+def sha256_of(path: str | Path, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@contextlib.contextmanager
+def _quiet_exporter():
+    """The dynamo exporter prints progress lines and warns about optional packages; keep the
+    user's terminal for our own messages (errors still raise)."""
+    logger = logging.getLogger("torch.onnx")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(level)
+
+
+def export_onnx(
+    module: torch.nn.Module,
+    example_inputs: Sequence[torch.Tensor],
+    path: str | Path,
+    input_names: Sequence[str],
+    output_names: Sequence[str],
+    fp16: bool = False,
+) -> None:
+    """Export `module` (eval mode, on the CPU) to one ONNX file at `path`, atomically.
+
+    Args:
+        example_inputs: one tensor per input, batch (dim 0) >= 2; dim 0 becomes dynamic.
+        fp16: convert weights and compute to float16, keeping float32 inputs/outputs.
+    """
+    if any(t.shape[0] < 2 for t in example_inputs):
+        raise ValueError("export with a batch of at least 2 so the batch dimension stays dynamic")
+    import onnx  # only needed here: `export` and the tests
+
+    module = module.eval().cpu()
+    batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
+    dynamic = tuple({0: batch} for _ in example_inputs)
+    with _quiet_exporter():
+        program = torch.onnx.export(
+            module,
+            tuple(example_inputs),
+            dynamo=True,
+            dynamic_shapes=dynamic,
+            opset_version=OPSET,
+            input_names=list(input_names),
+            output_names=list(output_names),
+            external_data=False,
+            optimize=True,
+        )
+    model = program.model_proto
+    if fp16:
+        from onnxruntime.transformers.float16 import convert_float_to_float16
+
+        model = convert_float_to_float16(model, keep_io_types=True)
+        _sort_nodes(model.graph)  # the converter appends its input casts at the end of the graph
+    onnx.checker.check_model(model)
+    with atomic_path(path) as tmp:
+        onnx.save_model(model, str(tmp))
+
+
+def _sort_nodes(graph) -> None:
+    """Put a graph's nodes in topological order (the ONNX checker requires it)."""
+    known = {t.name for t in graph.input} | {t.name for t in graph.initializer} | {""}
+    pending, ordered = list(graph.node), []
+    while pending:
+        ready = [n for n in pending if all(name in known for name in n.input)]
+        if not ready:
+            raise ValueError("ONNX graph has a cycle or an undefined input")
+        for node in ready:
+            known.update(node.output)
+        ordered += ready
+        pending = [n for n in pending if not any(n is r for r in ready)]
+    del graph.node[:]
+    graph.node.extend(ordered)
+
+
+def onnx_session(path: str | Path, providers: Sequence[str] = ("CPUExecutionProvider",), threads: int = 0):
+    """An ONNX Runtime session on `providers` (`threads` 0 = ORT's default intra-op threads)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.log_severity_level = 3  # our own messages say which provider runs
+    ort.set_default_logger_severity(4)  # a provider that fails to load logs an error, then falls back
+    try:
+        # ORT prints (not logs) "EP Error ... Falling back" when a provider's libraries are missing
+        with contextlib.redirect_stdout(io.StringIO()):
+            return ort.InferenceSession(str(path), sess_options=options, providers=list(providers))
+    except Exception as exc:  # ORT raises its own exception types for unreadable/invalid models
+        reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        raise InputError(path, f"ONNX Runtime cannot load this model ({reason})") from None

@@ -1,0 +1,126 @@
+"""Trained 2D segmenter files: torch checkpoints from train-seg and ONNX exports with a sidecar.
+
+A model is one of
+
+* a train-seg output folder (its ``best.pt``),
+* a ``.pt`` model checkpoint (format ``covidseg.seg.model``; loaded with ``weights_only=True``),
+* an ``.onnx`` file with its sidecar ``<stem>.json`` (format ``covidseg.onnx-segmenter``), whose
+  sha256 must match the one the sidecar records: an edited or swapped model is refused.
+
+Each carries the :class:`~covidseg.slices.SlicePreprocessing` that turns a CT into its inputs.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from covidseg.errors import InputError
+from covidseg.models.segmenters import segmenter_from_config
+from covidseg.onnx_export import sha256_of
+from covidseg.slices import SlicePreprocessing
+from covidseg.training import load_checkpoint
+
+MODEL_FORMAT = "covidseg.seg.model"
+SIDECAR_FORMAT = "covidseg.onnx-segmenter"
+SIDECAR_VERSION = 1
+
+
+def sidecar_path(onnx_path: str | Path) -> Path:
+    """``model.onnx`` -> ``model.json``."""
+    onnx_path = Path(onnx_path)
+    return onnx_path.with_name(onnx_path.name.removesuffix(".onnx") + ".json")
+
+
+@dataclass
+class SegModelFile:
+    """A segmenter on disk, checked, with what is needed to run it."""
+
+    kind: str  # "torch" | "onnx"
+    path: Path  # the .pt or .onnx file
+    spec: SlicePreprocessing
+    info: dict  # arch, model config, step, validation, sha256, precision ...
+    payload: dict | None = None  # the torch checkpoint (kind "torch")
+
+    def torch_model(self) -> torch.nn.Module:
+        """The segmenter as a torch module (eval mode, CPU)."""
+        if self.payload is None:
+            raise InputError(self.path, "an ONNX model has no torch weights; use --backend onnx")
+        model = segmenter_from_config(self.payload["model"]["arch"], self.payload["model"]["config"])
+        model.load_state_dict(self.payload["weights"])
+        return model.eval()
+
+
+def _torch_model_file(path: Path) -> SegModelFile:
+    payload = load_checkpoint(path)
+    if payload.get("format") != MODEL_FORMAT:
+        raise InputError(
+            path, f"not a segmenter model (format {payload.get('format')!r}, want {MODEL_FORMAT})"
+        )
+    if "preprocessing" not in payload:
+        raise InputError(path, "segmenter checkpoint without preprocessing settings (retrain with train-seg)")
+    try:
+        spec = SlicePreprocessing.from_json(payload["preprocessing"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise InputError(path, f"invalid preprocessing settings in checkpoint ({exc})") from None
+    info = {
+        "arch": payload["model"]["arch"],
+        "config": payload["model"]["config"],
+        "step": payload.get("step"),
+        "validation": payload.get("validation"),
+        "precision": "fp32",
+        "sha256": sha256_of(path),
+    }
+    return SegModelFile("torch", path, spec, info, payload)
+
+
+def read_sidecar(onnx_path: Path) -> dict:
+    """The sidecar of an exported model, checked against the .onnx file's sha256."""
+    side = sidecar_path(onnx_path)
+    if not side.is_file():
+        raise InputError(
+            onnx_path, f"no sidecar {side.name} beside the model (export it with covidseg export)"
+        )
+    try:
+        sidecar = json.loads(side.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InputError(side, f"unreadable sidecar ({exc})") from None
+    if not isinstance(sidecar, dict) or sidecar.get("format") != SIDECAR_FORMAT:
+        raise InputError(side, f"not a {SIDECAR_FORMAT} sidecar")
+    if not isinstance(sidecar.get("version"), int) or sidecar["version"] > SIDECAR_VERSION:
+        raise InputError(side, f"sidecar version {sidecar.get('version')} is newer than this covidseg")
+    actual = sha256_of(onnx_path)
+    if actual != sidecar.get("sha256"):
+        raise InputError(
+            onnx_path,
+            f"sha256 {actual[:12]}… does not match its sidecar ({str(sidecar.get('sha256'))[:12]}…)",
+        )
+    return sidecar
+
+
+def _onnx_model_file(path: Path) -> SegModelFile:
+    sidecar = read_sidecar(path)
+    try:
+        spec = SlicePreprocessing.from_json(sidecar["preprocessing"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise InputError(sidecar_path(path), f"invalid preprocessing settings ({exc})") from None
+    info = {**sidecar.get("model", {}), "precision": sidecar.get("precision"), "sha256": sidecar["sha256"]}
+    return SegModelFile("onnx", path, spec, info)
+
+
+def open_seg_model(path: str | Path) -> SegModelFile:
+    """Open a segmenter: a train-seg folder, a ``.pt`` model checkpoint or an ``.onnx`` file."""
+    path = Path(path)
+    if path.is_dir():
+        best = path / "best.pt"
+        if not best.is_file():
+            raise InputError(path, "no best.pt: not a finished train-seg output")
+        path = best
+    if not path.is_file():
+        raise InputError(path, "no such model file")
+    if path.name.lower().endswith(".onnx"):
+        return _onnx_model_file(path)
+    return _torch_model_file(path)

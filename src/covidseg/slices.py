@@ -1,0 +1,132 @@
+"""From a whole CT to the 2D segmenter's input slices, and from its outputs to a native-size mask.
+
+The 2D networks are trained on slices of the preprocess grid: the lung box resampled to
+``slice_size`` in-plane, each slice a slab about ``slab_mm`` thick (the lung box's height divided by
+the grid's z size). Prediction reproduces that for any scan: the lung box is cut into
+``round(height_mm / slab_mm)`` slabs (at least one), every slab is resized to ``slice_size``, and the
+network's probabilities are interpolated back onto the box's native voxels (trilinear), so a
+thin-slice scan gets a smooth full-resolution mask and the network sees what it was trained on.
+
+Everything here works on canonical ``[z, y, x]`` arrays (see :mod:`covidseg.geometry`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+
+from covidseg.lungs import LungMask, LungParams, segment_lungs
+from covidseg.preprocess import CropBox, lung_crop_box, normalise_hu, resize
+
+#: logits for a batch of slices: [N, 1, H, W] float32 in -> [N, 1, H, W] float32 out
+LogitsFn = Callable[[np.ndarray], np.ndarray]
+
+
+@dataclass(frozen=True)
+class SlicePreprocessing:
+    """What a trained 2D segmenter expects: stored in checkpoints and ONNX sidecars."""
+
+    hu_window: tuple[float, float]  # HU clipped to this and scaled to [0, 1]
+    slice_size: tuple[int, int]  # (H, W) pixels of one network slice
+    slab_mm: float  # thickness (mm) of one network slice along z
+    margin_mm: float = 5.0  # added around the lung box
+    threshold: float = 0.5  # probability -> lesion
+    lungs: LungParams = field(default_factory=LungParams)
+
+    def __post_init__(self) -> None:
+        if not self.hu_window[1] > self.hu_window[0]:
+            raise ValueError(f"HU window must have hi > lo, got {self.hu_window}")
+        if any(s < 16 or s % 16 for s in self.slice_size):
+            raise ValueError(f"slice size must be multiples of 16, got {self.slice_size}")
+        if not self.slab_mm > 0 or not 0 < self.threshold < 1:
+            raise ValueError("slab_mm must be > 0 and threshold in (0, 1)")
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict) -> SlicePreprocessing:
+        return cls(
+            hu_window=tuple(float(v) for v in data["hu_window"]),
+            slice_size=tuple(int(v) for v in data["slice_size"]),
+            slab_mm=float(data["slab_mm"]),
+            margin_mm=float(data["margin_mm"]),
+            threshold=float(data["threshold"]),
+            lungs=LungParams(**data["lungs"]),
+        )
+
+
+def slab_count(box: CropBox, spacing_zyx: tuple[float, float, float], slab_mm: float) -> int:
+    """Number of network slices for the box: its height (mm) / slab thickness, at least 1."""
+    return max(1, int(round(box.shape[0] * spacing_zyx[0] / slab_mm)))
+
+
+def ct_to_slices(
+    hu: np.ndarray, box: CropBox, spacing_zyx: tuple[float, float, float], spec: SlicePreprocessing
+) -> np.ndarray:
+    """Canonical CT (HU) -> network slices [n, H, W] float32 in [0, 1] covering `box`.
+
+    HU are clipped before resizing so that bone and metal do not bleed into the lung, exactly as
+    the preprocess stage does for training data.
+    """
+    shape = (slab_count(box, spacing_zyx, spec.slab_mm), *spec.slice_size)
+    cropped = torch.from_numpy(np.ascontiguousarray(hu[box.slices], dtype=np.float32))
+    return normalise_hu(resize(cropped.clamp_(*spec.hu_window), shape), spec.hu_window).numpy()
+
+
+@dataclass
+class CTSegmentation:
+    """A CT's lesion segmentation in canonical orientation; arrays cover `box` only."""
+
+    box: CropBox  # lung box in canonical voxels; everything outside it is background
+    canonical_shape: tuple[int, int, int]
+    lesion: np.ndarray  # [bz, by, bx] bool, inside the lungs
+    lungs: np.ndarray  # [bz, by, bx] uint8: 0 background, 1 right lung, 2 left lung
+    probability: np.ndarray | None  # [bz, by, bx] float32 in [0, 1] (only when asked for)
+    n_slices: int  # network slices the box was cut into
+
+    def full(self, array: np.ndarray, dtype=np.uint8) -> np.ndarray:
+        """A box array pasted into a zero canonical volume."""
+        out = np.zeros(self.canonical_shape, dtype=dtype)
+        out[self.box.slices] = array
+        return out
+
+
+def segment_ct(
+    hu: np.ndarray,
+    spacing_zyx: tuple[float, float, float],
+    logits_fn: LogitsFn,
+    spec: SlicePreprocessing,
+    batch_size: int = 16,
+    keep_probability: bool = False,
+    lungs: LungMask | None = None,
+) -> CTSegmentation | None:
+    """Lesion mask of a canonical CT in HU; None when no lungs are found.
+
+    Lesions are only kept inside the lung mask (the classical lung segmentation of
+    :mod:`covidseg.lungs`, the same the training data was cropped and gated with).
+    """
+    lungs = lungs if lungs is not None else segment_lungs(hu, spacing_zyx, spec.lungs)
+    box = lung_crop_box(lungs, spacing_zyx, spec.margin_mm)
+    if box is None:
+        return None
+    slices = ct_to_slices(hu, box, spacing_zyx, spec)  # [n, H, W]
+    logits = np.empty(slices.shape, dtype=np.float32)
+    for start in range(0, len(slices), batch_size):
+        batch = np.ascontiguousarray(slices[start : start + batch_size, None])  # [b, 1, H, W]
+        logits[start : start + batch_size] = logits_fn(batch)[:, 0]
+    probability_grid = torch.sigmoid(torch.from_numpy(logits))
+    probability = resize(probability_grid, box.shape).numpy()  # [bz, by, bx]
+    lung_box = lungs.full()[box.slices]
+    lesion = (probability >= spec.threshold) & (lung_box > 0)
+    return CTSegmentation(
+        box=box,
+        canonical_shape=tuple(hu.shape),
+        lesion=lesion,
+        lungs=lung_box,
+        probability=probability if keep_probability else None,
+        n_slices=len(slices),
+    )

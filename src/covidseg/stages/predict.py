@@ -1,0 +1,353 @@
+"""`covidseg predict`: lesion masks and a clinical read-out for every CT in files and folders.
+
+Per case, in the output folder::
+
+    <id>.nii.gz               lesion mask (uint8 0/1), the input's exact size, spacing, origin, direction
+    <id>_probability.nii.gz   lesion probability (float32), with --probabilities
+    <id>.png                  overlay montage, with --snapshots
+    <id>.json                 read-out: lesion/lung mL, % of lung involved (per lung too), CT-0..CT-4;
+                              written last: a case whose JSON exists is complete
+
+and for the batch ``summary.csv`` (one row per case) and ``report.json`` (versions, model,
+backend and the provider that really ran, per-case timings and outputs, failures).
+
+The model is loaded once; the next case is read in a background thread while the current one is
+computed (SimpleITK releases the GIL while reading). A failing case is reported and the batch goes
+on; the exit code is 1 when any case failed.
+"""
+
+from __future__ import annotations
+
+import csv
+import io as _io
+import json
+import platform
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from covidseg import __version__
+from covidseg.atomic import write_json, write_text
+from covidseg.errors import CovidsegError, InputError, UsageError
+from covidseg.home import resolve_model
+from covidseg.intensity import IntensityMapping
+from covidseg.io import CTVolume, find_cases, read_ct, write_array
+from covidseg.readout import read_out
+from covidseg.runners import OnnxRunner, TorchRunner
+from covidseg.seg_model import SegModelFile, open_seg_model
+from covidseg.slices import segment_ct
+
+SUMMARY_COLUMNS = [
+    "case_id", "status", "lesion_ml", "lung_ml", "involvement_pct", "right_involvement_pct",
+    "left_involvement_pct", "severity", "seconds", "source", "error",
+]  # fmt: skip
+
+
+@dataclass(frozen=True)
+class PredictOptions:
+    probabilities: bool = False  # also write <id>_probability.nii.gz
+    snapshots: bool = False  # also write <id>.png
+    resume: bool = False  # --continue: skip complete cases
+    overwrite: bool = False  # replace existing outputs
+    series: str | None = None  # DICOM series UID to read from series folders
+    intensity: IntensityMapping | None = None  # for inputs not in HU
+    batch_size: int = 16  # slices per network call
+
+
+@dataclass
+class PredictResult:
+    report: dict
+    failures: list[dict] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+
+
+def case_outputs(out_dir: Path, case_id: str, options: PredictOptions) -> dict[str, Path]:
+    """The files one case writes (the JSON last)."""
+    files = {"mask": out_dir / f"{case_id}.nii.gz"}
+    if options.probabilities:
+        files["probability"] = out_dir / f"{case_id}_probability.nii.gz"
+    if options.snapshots:
+        files["snapshot"] = out_dir / f"{case_id}.png"
+    files["json"] = out_dir / f"{case_id}.json"
+    return files
+
+
+def completed_record(out_dir: Path, case_id: str, options: PredictOptions) -> dict | None:
+    """The JSON record of a case whose outputs are all there, else None."""
+    files = case_outputs(out_dir, case_id, options)
+    if not files["json"].is_file():
+        return None
+    try:
+        record = json.loads(files["json"].read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    if not isinstance(record, dict) or record.get("status") != "ok":
+        return None
+    return record if all(path.is_file() for path in files.values()) else None
+
+
+def collect_cases(inputs: list[Path], out_dir: Path, allow_2d: bool = False) -> list[tuple[str, Path]]:
+    """(case id, path) of every CT under `inputs`, skipping anything inside `out_dir`."""
+    if not inputs:
+        raise UsageError(None, "give at least one input file or folder")
+    out_resolved = out_dir.resolve()
+    cases: dict[str, Path] = {}
+    for root in inputs:
+        if not root.exists():
+            raise UsageError(root, "input does not exist")
+        if root.resolve() == out_resolved:
+            raise UsageError(out_dir, "the output folder is an input folder; choose another")
+        for case_id, path in find_cases(root, allow_2d=allow_2d, exclude=out_dir):
+            resolved = path.resolve()
+            if case_id in cases and cases[case_id].resolve() != resolved:
+                raise UsageError(path, f"case id {case_id!r} is also used by {cases[case_id]}")
+            cases[case_id] = path
+    if not cases:
+        raise UsageError(inputs[0] if len(inputs) == 1 else None, "no CT found in the inputs")
+    return sorted(cases.items())
+
+
+def make_runner(seg: SegModelFile, backend: str, device: str, threads: int = 0):
+    """The torch or ONNX Runtime runner for `seg` (`backend` auto: as the file is)."""
+    if backend not in ("auto", "onnx", "torch"):
+        raise UsageError(None, f"--backend must be auto, onnx or torch, got {backend!r}")
+    kind = seg.kind if backend == "auto" else backend
+    if kind == "onnx":
+        if seg.kind != "onnx":
+            raise UsageError(seg.path, "--backend onnx needs an .onnx model (make one with covidseg export)")
+        return OnnxRunner(str(seg.path), device, threads=threads)
+    return TorchRunner(seg.torch_model(), device)
+
+
+def _reader(cases: list[tuple[str, Path]], options: PredictOptions) -> Iterator[tuple[str, Path, Future]]:
+    """Yield (id, path, future of read_ct) with the next case already being read."""
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="covidseg-read") as pool:
+
+        def submit(i: int) -> Future:
+            _, path = cases[i]
+            return pool.submit(read_ct, path, options.series, options.intensity)
+
+        pending = submit(0) if cases else None
+        for i, (case_id, path) in enumerate(cases):
+            current = pending
+            pending = submit(i + 1) if i + 1 < len(cases) else None
+            yield case_id, path, current
+            current = None  # let the volume go before the next one is read
+
+
+def _write_images(
+    files: dict[str, Path], result, volume: CTVolume, case_id: str, readout: dict, options: PredictOptions
+) -> None:
+    """The mask (and probability map, snapshot) of one case, native geometry, each file atomic."""
+    lesion = result.full(result.lesion.astype(np.uint8))
+    write_array(files["mask"], volume.orientation.to_native(lesion), volume.geometry)
+    del lesion
+    if options.probabilities:
+        probability = result.full(result.probability, dtype=np.float32)
+        write_array(files["probability"], volume.orientation.to_native(probability), volume.geometry)
+        del probability
+    if options.snapshots:
+        from covidseg.plots import overlay_montage
+
+        box = result.box.slices
+        overlay_montage(
+            volume.hu[box], result.lesion, result.lungs, files["snapshot"],
+            title=f"{case_id}: {readout['involvement_pct']:.1f} % of lung, {readout['severity']}",
+            spacing_zyx=volume.spacing_zyx,
+        )  # fmt: skip
+
+
+def predict_volume(
+    case_id: str,
+    volume: CTVolume,
+    note: str | None,
+    runner,
+    seg: SegModelFile,
+    out_dir: Path,
+    options: PredictOptions,
+) -> dict:
+    """Segment one CT and write its outputs (the JSON last); return its record."""
+    started = time.perf_counter()
+    result = segment_ct(
+        volume.hu, volume.spacing_zyx, runner, seg.spec, options.batch_size, options.probabilities
+    )
+    if result is None:
+        raise InputError(volume.source, "no lungs found (is this a chest CT, and in HU?)")
+    readout = read_out(result.lesion, result.lungs, volume.geometry.voxel_volume_ml)
+    compute_s = time.perf_counter() - started
+
+    started = time.perf_counter()
+    files = case_outputs(out_dir, case_id, options)
+    files["json"].unlink(missing_ok=True)  # the completion marker goes first and comes back last
+    try:
+        _write_images(files, result, volume, case_id, readout, options)
+    except BaseException:
+        for path in files.values():
+            path.unlink(missing_ok=True)
+        raise
+    record = {
+        "case_id": case_id,
+        "status": "ok",
+        "source": volume.source,
+        "series_uid": volume.series_uid,
+        "note": note,
+        **readout,
+        "geometry": volume.geometry.to_json(),
+        "lung_box_zyx": result.box.to_json(),
+        "network_slices": result.n_slices,
+        "threshold": seg.spec.threshold,
+        "outputs": {k: p.name for k, p in files.items()},
+        "seconds": {"compute": round(compute_s, 3), "write": round(time.perf_counter() - started, 3)},
+        "covidseg_version": __version__,
+        "model_sha256": seg.info["sha256"],
+    }
+    write_json(files["json"], record)
+    return record
+
+
+def _summary_row(record: dict) -> dict:
+    if record.get("status") != "ok":
+        return {k: record.get(k, "") for k in ("case_id", "status", "source", "error")}
+    return {
+        "case_id": record["case_id"],
+        "status": "ok",
+        "lesion_ml": record["lesion_ml"],
+        "lung_ml": record["lung_ml"],
+        "involvement_pct": record["involvement_pct"],
+        "right_involvement_pct": record["right"]["involvement_pct"],
+        "left_involvement_pct": record["left"]["involvement_pct"],
+        "severity": record["severity"],
+        "seconds": record.get("seconds", {}).get("total", ""),
+        "source": record["source"],
+        "error": "",
+    }
+
+
+def write_summary(out_dir: Path, records: list[dict]) -> None:
+    """summary.csv: one row per case, in case order."""
+    buffer = _io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=SUMMARY_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(_summary_row(r) for r in records)
+    write_text(out_dir / "summary.csv", buffer.getvalue())
+
+
+def _check_existing(out_dir: Path, cases: list[tuple[str, Path]], options: PredictOptions) -> None:
+    if options.resume or options.overwrite or not out_dir.is_dir():
+        return
+    taken = [cid for cid, _ in cases if any(p.exists() for p in case_outputs(out_dir, cid, options).values())]
+    if taken:
+        raise UsageError(
+            out_dir,
+            f"already holds outputs for {len(taken)} case(s) (e.g. {taken[0]}); "
+            "pass --continue to skip finished cases or --overwrite to redo them",
+        )
+
+
+def run_predict(
+    cases: list[tuple[str, Path]],
+    out_dir: Path,
+    model: str | None = None,
+    backend: str = "auto",
+    device: str = "auto",
+    options: PredictOptions | None = None,
+    progress: Callable[[str], None] | None = None,
+    on_runner: Callable[[object], None] | None = None,
+) -> PredictResult:
+    """Predict every case of `cases` (from :func:`collect_cases`); failing cases are recorded and
+    the others go on. `progress` gets one message per case, `on_runner` the runner once loaded."""
+    options = options or PredictOptions()
+    out_dir = Path(out_dir)
+    _check_existing(out_dir, cases, options)
+    seg = open_seg_model(resolve_model(model))
+    runner = make_runner(seg, backend, device)
+    if on_runner:
+        on_runner(runner)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    records: list[dict] = []
+    failures: list[dict] = []
+    skipped: list[str] = []
+    todo = []
+    for case_id, path in cases:
+        done = completed_record(out_dir, case_id, options) if options.resume else None
+        if done is not None:
+            records.append(done)
+            skipped.append(case_id)
+            if progress:
+                progress(f"{case_id}: already done")
+        else:
+            todo.append((case_id, path))
+
+    batch_started = time.perf_counter()
+    for case_id, path, future in _reader(todo, options):
+        started = time.perf_counter()
+        try:
+            volume, note = future.result()
+            read_s = time.perf_counter() - started
+            record = predict_volume(case_id, volume, note, runner, seg, out_dir, options)
+            del volume
+            record["seconds"]["read_wait"] = round(read_s, 3)
+            record["seconds"]["total"] = round(time.perf_counter() - started, 3)
+            records.append(record)
+        except CovidsegError as exc:
+            failures.append({"case_id": case_id, "status": "failed", "source": str(path), "error": str(exc)})
+        except Exception as exc:  # an unexpected bug in one case must not stop the batch
+            error = f"{path}: unexpected error: {type(exc).__name__}: {exc}"
+            failures.append({"case_id": case_id, "status": "failed", "source": str(path), "error": error})
+        if progress:
+            progress(f"{case_id}: {'failed' if failures and failures[-1]['case_id'] == case_id else 'done'}")
+
+    order = {cid: i for i, (cid, _) in enumerate(cases)}
+    all_records = sorted(records + failures, key=lambda r: order[r["case_id"]])
+    write_summary(out_dir, all_records)
+    report = _report(seg, runner, cases, all_records, skipped, time.perf_counter() - batch_started)
+    write_json(out_dir / "report.json", report)
+    return PredictResult(report=report, failures=failures, skipped=skipped)
+
+
+def _report(
+    seg: SegModelFile, runner, cases, records: list[dict], skipped: list[str], seconds: float
+) -> dict:
+    import onnxruntime
+    import SimpleITK
+    import torch
+
+    done = [r for r in records if r.get("status") == "ok" and r["case_id"] not in skipped]
+    return {
+        "format": "covidseg.predict-report",
+        "version": 1,
+        "covidseg_version": __version__,
+        "versions": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "onnxruntime": onnxruntime.__version__,
+            "SimpleITK": SimpleITK.Version_VersionString(),
+        },
+        "model": {"path": str(seg.path.resolve()), "kind": seg.kind, **seg.info},
+        "preprocessing": seg.spec.to_json(),
+        "backend": runner.backend,
+        "runs_on": runner.description,
+        "providers": getattr(runner, "providers", None),
+        "warning": runner.warning,
+        "cases": len(cases),
+        "predicted": len(done),
+        "skipped_complete": skipped,
+        "failed": [r for r in records if r.get("status") != "ok"],
+        "seconds": round(seconds, 3),
+        "seconds_per_case": round(seconds / len(done), 3) if done else None,
+        "results": [
+            {
+                "case_id": r["case_id"],
+                "status": r["status"],
+                "outputs": r.get("outputs"),
+                "seconds": r.get("seconds"),
+                "severity": r.get("severity"),
+            }
+            for r in records
+        ],
+    }
