@@ -320,3 +320,26 @@ def test_provider_requests():
         requested_providers("gpu7")
     if not os.path.exists("/dev/nvidiactl") and not torch.cuda.is_available():
         assert requested_providers("auto") == ["CPUExecutionProvider"]
+
+
+def test_parts_split_a_batch_without_overlap_or_gap_and_merge(model_onnx, phantom, tmp_path):
+    inputs = tmp_path / "in"
+    for k in range(3):
+        write_array(inputs / f"c{k}.nii.gz", phantom.hu.astype(np.int16), _lps_geometry(SHAPE, SPACING))
+    out = tmp_path / "out"
+    base = ["predict", str(inputs), "-o", str(out), "--model", str(model_onnx), "--no-progress"]
+    assert _invoke(*base, "--num-parts", "2", "--part-id", "0").exit_code == 0
+    result = _invoke("merge-reports", str(out))
+    assert result.exit_code == 1 and "missing part 2 of 2" in result.output
+    assert _invoke(*base, "--num-parts", "2", "--part-id", "1").exit_code == 0
+    assert sorted(p.name for p in out.glob("c*.json")) == ["c0.json", "c1.json", "c2.json"]
+    parts = [json.loads((out / f"report.part-{i}-of-2.json").read_text()) for i in (1, 2)]
+    assert [[r["case_id"] for r in p["results"]] for p in parts] == [["c0", "c2"], ["c1"]]
+
+    result = _invoke("merge-reports", str(out))
+    assert result.exit_code == 0, result.output
+    rows = (out / "summary.csv").read_text().splitlines()[1:]
+    assert [r.split(",")[0] for r in rows] == ["c0", "c1", "c2"]
+    merged = json.loads((out / "report.json").read_text())
+    assert merged["cases"] == 3 and merged["predicted"] == 3 and len(merged["parts"]) == 2
+    assert _invoke(*base, "--num-parts", "2", "--part-id", "2").exit_code == 2

@@ -56,6 +56,13 @@ class PredictOptions:
     series: str | None = None  # DICOM series UID to read from series folders
     intensity: IntensityMapping | None = None  # for inputs not in HU
     batch_size: int = 16  # slices per network call
+    num_parts: int = 1  # split the batch over this many jobs ...
+    part_id: int = 0  # ... and run this one (0-based)
+
+    @property
+    def part_suffix(self) -> str:
+        """'' for a whole batch, '.part-2-of-4' (1-based in file names) for a part."""
+        return "" if self.num_parts == 1 else f".part-{self.part_id + 1}-of-{self.num_parts}"
 
 
 @dataclass
@@ -227,13 +234,21 @@ def _summary_row(record: dict) -> dict:
     }
 
 
-def write_summary(out_dir: Path, records: list[dict]) -> None:
+def select_part(cases: list[tuple[str, Path]], num_parts: int, part_id: int) -> list[tuple[str, Path]]:
+    """Every `num_parts`-th case starting at `part_id`, in the sorted case order: the parts of
+    one batch are disjoint and together hold every case, whatever machine computes them."""
+    if num_parts < 1 or not 0 <= part_id < num_parts:
+        raise UsageError(None, f"--part-id must be in 0..{num_parts - 1} and --num-parts >= 1")
+    return cases[part_id::num_parts]
+
+
+def write_summary(out_dir: Path, records: list[dict], name: str = "summary.csv") -> None:
     """summary.csv: one row per case, in case order."""
     buffer = _io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=SUMMARY_COLUMNS, lineterminator="\n")
     writer.writeheader()
     writer.writerows(_summary_row(r) for r in records)
-    write_text(out_dir / "summary.csv", buffer.getvalue())
+    write_text(out_dir / name, buffer.getvalue())
 
 
 def _check_existing(out_dir: Path, cases: list[tuple[str, Path]], options: PredictOptions) -> None:
@@ -304,9 +319,11 @@ def run_predict(
 
     order = {cid: i for i, (cid, _) in enumerate(cases)}
     all_records = sorted(records + failures, key=lambda r: order[r["case_id"]])
-    write_summary(out_dir, all_records)
+    suffix = options.part_suffix
+    write_summary(out_dir, all_records, f"summary{suffix}.csv")
     report = _report(seg, runner, cases, all_records, skipped, time.perf_counter() - batch_started)
-    write_json(out_dir / "report.json", report)
+    report["part"] = {"num_parts": options.num_parts, "part_id": options.part_id}
+    write_json(out_dir / f"report{suffix}.json", report)
     return PredictResult(report=report, failures=failures, skipped=skipped)
 
 
@@ -351,3 +368,59 @@ def _report(
             for r in records
         ],
     }
+
+
+def merge_reports(out_dir: Path) -> dict:
+    """Join the per-part summaries and reports of a sharded batch into summary.csv + report.json.
+
+    Every part of the batch must be there (the same ``--num-parts``); the merged summary lists the
+    cases in case order, and the report sums the case counts and keeps each part's timing.
+    """
+    out_dir = Path(out_dir)
+    paths = sorted(out_dir.glob("report.part-*-of-*.json"))
+    if not paths:
+        raise UsageError(out_dir, "no report.part-*-of-*.json here (run predict with --num-parts)")
+    parts = []
+    for path in paths:
+        try:
+            parts.append(json.loads(path.read_text(encoding="utf-8")))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise InputError(path, f"unreadable report ({exc})") from None
+    totals = {p.get("part", {}).get("num_parts") for p in parts}
+    if len(totals) != 1:
+        raise InputError(out_dir, f"reports of different splits ({sorted(map(str, totals))}) in one folder")
+    total = totals.pop()
+    found = {p["part"]["part_id"] for p in parts}
+    missing = sorted(set(range(total)) - found)
+    if missing:
+        names = ", ".join(f"part {i + 1} of {total}" for i in missing)
+        raise InputError(out_dir, f"missing {names}: run those jobs (with --continue) first")
+    rows = []
+    for i in range(total):
+        with open(out_dir / f"summary.part-{i + 1}-of-{total}.csv", newline="", encoding="utf-8") as fh:
+            rows += list(csv.DictReader(fh))
+    rows.sort(key=lambda r: r["case_id"])
+    buffer = _io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=SUMMARY_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text(out_dir / "summary.csv", buffer.getvalue())
+    parts.sort(key=lambda p: p["part"]["part_id"])
+    report = {
+        **{
+            k: parts[0][k]
+            for k in ("format", "version", "covidseg_version", "versions", "model", "preprocessing")
+        },
+        "merged_from": [p.name for p in paths],
+        "cases": sum(p["cases"] for p in parts),
+        "predicted": sum(p["predicted"] for p in parts),
+        "skipped_complete": [c for p in parts for c in p["skipped_complete"]],
+        "failed": [f for p in parts for f in p["failed"]],
+        "parts": [
+            {k: p.get(k) for k in ("part", "runs_on", "warning", "cases", "predicted", "seconds")}
+            for p in parts
+        ],
+        "results": sorted((r for p in parts for r in p["results"]), key=lambda r: r["case_id"]),
+    }
+    write_json(out_dir / "report.json", report)
+    return report

@@ -1,0 +1,237 @@
+"""Benchmark: `predict` on full-size synthetic chest CTs (issue 5 targets).
+
+    python bench/predict.py [--model best.pt] [--repeats 3]
+
+Figures (each measured run in a fresh child process, so its peak RSS is its own):
+
+* 512x512x300 @ 1 mm, ONNX Runtime on the CPU, read -> lungs -> network -> write mask + read-out:
+  target <= 10 s on 2 cores.
+* ONNX Runtime / torch eager throughput (slices/s) on the same model and slices: target >= 1.3.
+* predict wall / (read the input + write a mask of its size): target <= 3.
+* peak RSS predicting a 512x512x600 scan: target <= 3 GB.
+* on a GPU (when one is usable): seconds per 512x512x300 scan and scans per minute over 20 scans.
+
+`--model` takes a train-seg best.pt (default: an untrained tiny TransUNet, the default preset:
+the compute is the same; only the mask content, and so its compression, differs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+TARGET_SECONDS = 10.0
+TARGET_ORT_SPEEDUP = 1.3
+TARGET_IO_RATIO = 3.0
+TARGET_RSS_GB = 3.0
+SPACING = (1.0, 0.7, 0.7)  # mm, z y x: a typical thin-slice chest CT
+
+
+def _untrained_model(path: Path) -> None:
+    import torch
+
+    from covidseg.models.segmenters import make_segmenter, segmenter_config_dict
+    from covidseg.seg_model import MODEL_FORMAT
+    from covidseg.slices import SlicePreprocessing
+    from covidseg.training import save_checkpoint
+
+    torch.manual_seed(0)
+    model = make_segmenter("transunet", "tiny")
+    spec = SlicePreprocessing(hu_window=(-1000.0, 400.0), slice_size=(128, 128), slab_mm=9.0)
+    payload = {
+        "format": MODEL_FORMAT,
+        "model": {"arch": "transunet", "config": segmenter_config_dict(model)},
+        "weights": model.state_dict(),
+        "preprocessing": spec.to_json(),
+    }
+    save_checkpoint(path, payload)
+
+
+def _child_predict(image: Path, model: Path, out_dir: Path, backend: str, device: str) -> None:
+    """One case through predict; prints timings and this process's peak RSS."""
+    from covidseg.io import read_ct
+    from covidseg.seg_model import open_seg_model
+    from covidseg.stages.predict import PredictOptions, make_runner, predict_volume
+
+    seg = open_seg_model(model)
+    runner = make_runner(seg, backend, device)
+    start = time.perf_counter()
+    volume, note = read_ct(image)
+    read_s = time.perf_counter() - start
+    record = predict_volume("bench", volume, note, runner, seg, out_dir, PredictOptions())
+    seconds = time.perf_counter() - start
+    rss_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+    print(json.dumps({"seconds": seconds, "read_s": read_s, "rss_gb": rss_gb, "runs_on": runner.description,
+                      "involvement_pct": record["involvement_pct"]}))  # fmt: skip
+
+
+def _child_io(image: Path, mask: Path, out_dir: Path) -> None:
+    """The floor: read the CT and write a mask of its size (the mask predict wrote)."""
+    import SimpleITK as sitk
+
+    from covidseg.io import read_ct, write_image
+
+    labels = sitk.ReadImage(str(mask))
+    start = time.perf_counter()
+    read_ct(image)
+    write_image(out_dir / "floor.nii.gz", labels)
+    print(json.dumps({"seconds": time.perf_counter() - start}))
+
+
+def _child_throughput(model: Path, onnx_model: Path, n_slices: int = 64, repeats: int = 5) -> None:
+    """Slices per second of torch eager and ONNX Runtime on the same inputs (CPU, batch 16)."""
+    import numpy as np
+
+    from covidseg.runners import OnnxRunner, TorchRunner
+    from covidseg.seg_model import open_seg_model
+
+    seg = open_seg_model(model)
+    h, w = seg.spec.slice_size
+    x = np.random.default_rng(0).random((n_slices, 1, h, w), dtype=np.float32)
+    result = {}
+    for name, run in (
+        ("torch", TorchRunner(seg.torch_model(), "cpu")),
+        ("onnx", OnnxRunner(str(onnx_model), "cpu")),
+    ):
+        run(x[:16])  # warm-up
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            for k in range(0, n_slices, 16):
+                run(x[k : k + 16])
+            times.append(time.perf_counter() - start)
+        result[name] = n_slices / statistics.median(times)
+    print(json.dumps(result))
+
+
+def _run_child(*args: str) -> dict:
+    result = subprocess.run([sys.executable, __file__, "--child", *args], capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(result.stderr[-2000:])
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def _write_ct(path: Path, shape: tuple[int, int, int]) -> None:
+    from covidseg.geometry import axis_aligned_geometry
+    from covidseg.io import write_array
+    from covidseg.phantom import make_phantom
+
+    phantom = make_phantom(shape_zyx=shape, spacing_zyx=SPACING, covid=True, seed=0)
+    write_array(path, phantom.hu.round().astype("int16"), axis_aligned_geometry(shape, SPACING))
+
+
+def _gpu_usable() -> str | None:
+    """'cuda' when torch or ONNX Runtime can really use a GPU here, else None."""
+    import torch
+
+    from covidseg.stages.doctor import usable_providers
+
+    if torch.cuda.is_available() or usable_providers().get("CUDAExecutionProvider") == "usable":
+        return "cuda"
+    return None
+
+
+def main(model: Path | None = None, repeats: int = 3) -> list[dict]:
+    from covidseg.stages.export import run_export
+
+    rows: list[dict] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        if model is None:
+            model = tmp / "untrained.pt"
+            _untrained_model(model)
+        onnx_model = tmp / "model.onnx"
+        run_export(model, onnx_model)
+        ct300, ct600 = tmp / "ct300.nii.gz", tmp / "ct600.nii.gz"
+        _write_ct(ct300, (300, 512, 512))
+
+        runs = [_run_child("predict", str(ct300), str(onnx_model), str(tmp / "p"), "onnx", "cpu")
+                for _ in range(repeats)]  # fmt: skip
+        floors = [
+            _run_child("io", str(ct300), str(tmp / "p" / "bench.nii.gz"), str(tmp)) for _ in range(repeats)
+        ]
+        seconds = statistics.median(r["seconds"] for r in runs)
+        floor = statistics.median(r["seconds"] for r in floors)
+        speed = _run_child("throughput", str(model), str(onnx_model))
+
+        _write_ct(ct600, (600, 512, 512))
+        big = _run_child("predict", str(ct600), str(onnx_model), str(tmp / "p600"), "onnx", "cpu")
+
+        read_s = statistics.median(r["read_s"] for r in runs)
+        speedup = speed["onnx"] / speed["torch"]
+        rows += [
+            _row(f"predict 512x512x300 @1 mm, ONNX CPU, read->write (median of {repeats})", seconds, "s",
+                 TARGET_SECONDS),
+            _row("  of which reading the .nii.gz", read_s, "s"),
+            _row("ONNX Runtime / torch eager throughput (CPU)", speedup, "x", TARGET_ORT_SPEEDUP, True),
+            _row("  torch eager, slices/s", speed["torch"], "1/s"),
+            _row("  ONNX Runtime, slices/s", speed["onnx"], "1/s"),
+            _row("predict / (read + write a mask)", seconds / floor, "x", TARGET_IO_RATIO),
+            _row("  read + write a mask", floor, "s"),
+            _row("peak RSS, predict 512x512x600", big["rss_gb"], "GB", TARGET_RSS_GB),
+            _row("  wall, 512x512x600", big["seconds"], "s"),
+        ]  # fmt: skip
+
+        if _gpu_usable():
+            gpu = [_run_child("predict", str(ct300), str(onnx_model), str(tmp / "g"), "onnx", "cuda")
+                   for _ in range(20)]  # fmt: skip
+            rows += [
+                _row(f"GPU ({gpu[0]['runs_on']}): s per 512x512x300 scan",
+                     statistics.median(r["seconds"] for r in gpu), "s"),
+                _row("GPU: scans per minute over 20 scans", 1200.0 / sum(r["seconds"] for r in gpu), "1/min"),
+            ]  # fmt: skip
+        else:
+            rows.append(_row("GPU figures: no usable GPU on this machine", None, ""))
+    return rows
+
+
+def _row(
+    name: str, value: float | None, unit: str, target: float | None = None, at_least: bool = False
+) -> dict:
+    """One figure; `ok` compares it with `target` (an upper bound unless `at_least`)."""
+    ok = None
+    if value is not None and target is not None:
+        ok = value >= target if at_least else value <= target
+    ratio = None if value is None or not target else round(value / target, 2)
+    return {"name": name, "value": None if value is None else round(value, 3), "target": target,
+            "unit": unit, "ratio": ratio, "ok": ok}  # fmt: skip
+
+
+def print_rows(rows: list[dict]) -> None:
+    for r in rows:
+        target = "" if r["target"] is None else f"target {r['target']:g} {r['unit']}"
+        value = "n/a" if r["value"] is None else f"{r['value']:g} {r['unit']}"
+        verdict = "" if r["ok"] is None else ("ok" if r["ok"] else "MISSED")
+        print(f"{r['name']:<62} {value:>14}  {target:<18} {verdict}")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "--child":
+        kind, args = sys.argv[2], sys.argv[3:]
+        if kind == "predict":
+            _child_predict(Path(args[0]), Path(args[1]), Path(args[2]), args[3], args[4])
+        elif kind == "io":
+            _child_io(Path(args[0]), Path(args[1]), Path(args[2]))
+        else:
+            _child_throughput(Path(args[0]), Path(args[1]))
+        sys.exit(0)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--model", type=Path, default=None, help="a train-seg best.pt (default: untrained tiny)"
+    )
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--json", action="store_true", help="print the rows as JSON")
+    args = parser.parse_args()
+    rows = main(args.model, args.repeats)
+    print(json.dumps(rows, indent=1) if args.json else "", end="")
+    if not args.json:
+        print_rows(rows)
