@@ -270,7 +270,10 @@ def _gan_crop(text: str, preset: str) -> tuple[int, int, int] | None:
 @app.command("make-masks")
 def make_masks(
     pre: Annotated[Path, typer.Argument(help="A preprocess output folder.")],
-    gan: Annotated[Path, typer.Option(help="A train-gan output folder (or its generator.pt).")],
+    gan: Annotated[
+        Path,
+        typer.Option(help="A train-gan output folder, its generator.pt, or an exported generator .onnx."),
+    ],
     output: Annotated[Path, typer.Option("-o", "--output", help="Output folder (e.g. WORK/masks).")],
     threshold: Annotated[
         float | None,
@@ -282,6 +285,9 @@ def make_masks(
         int | None, typer.Option(help="Remove components smaller than N voxels.")
     ] = None,
     native: Annotated[bool, typer.Option(help="Also write NIfTI in the source CT's geometry.")] = True,
+    backend: Annotated[
+        str, typer.Option(help="auto (onnx for a .onnx file, torch otherwise), torch or onnx.")
+    ] = "auto",
     device: DeviceOpt = "auto",
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a previous output.")] = False,
     no_progress: NoProgress = False,
@@ -291,13 +297,11 @@ def make_masks(
         from dataclasses import replace
 
         from covidseg.masks import PseudoMaskConfig
-        from covidseg.stages.make_masks import run_make_masks
+        from covidseg.stages.make_masks import generator_calibration, run_make_masks
         from covidseg.stages.work import read_manifest
-        from covidseg.training import load_checkpoint
 
         n_cases = len(read_manifest(pre, "covidseg.preprocess")["cases"])
-        generator_path = gan / "generator.pt" if gan.is_dir() else gan
-        calibration = load_checkpoint(generator_path).get("calibration") or {}
+        calibration = generator_calibration(gan, backend)
         config = PseudoMaskConfig(
             smooth_sigma=calibration.get("smooth_sigma", PseudoMaskConfig.smooth_sigma),
             healthy_percentile=calibration.get("healthy_percentile", PseudoMaskConfig.healthy_percentile),
@@ -317,9 +321,12 @@ def make_masks(
                 native=native,
                 overwrite=overwrite,
                 progress=advance,
+                backend=backend,
             )
     except CovidsegError as exc:
         _fail(exc)
+    if manifest["backend"]["kind"] == "onnx":
+        console.print(f"generator on ONNX Runtime: {manifest['backend']['providers'][0]}", highlight=False)
     for failure in manifest["failed"]:
         console.print(f"[red]failed:[/] {failure['error']}", highlight=False, soft_wrap=True)
     s = manifest["slices"]

@@ -24,6 +24,7 @@ divisible by the product of the strides (default 8, 16, 16).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -61,6 +62,19 @@ class GeneratorConfig:
         """Input sizes (z, y, x) must be multiples of this."""
         return tuple(math.prod(s[i] for s in self.strides) for i in range(3))
 
+    @classmethod
+    def from_json(cls, data: dict) -> GeneratorConfig:
+        """From ``asdict(config)`` as stored in generator.pt (``model.generator``) and sidecars."""
+        return cls(
+            **{
+                **data,
+                "channels": tuple(data["channels"]),
+                "strides": tuple(tuple(s) for s in data["strides"]),
+                "skip_levels": tuple(data["skip_levels"]),
+                "noise_frequency": tuple(data["noise_frequency"]),
+            }
+        )
+
 
 @dataclass(frozen=True)
 class DiscriminatorConfig:
@@ -93,6 +107,47 @@ def latent_noise(
     return field_ * (std / field_.std().clamp_min(1e-6))
 
 
+def generator_latent_shape(config: GeneratorConfig, image_shape: tuple[int, ...]) -> tuple[int, ...]:
+    """Latent shape ``[B, C_L, d, h, w]`` for an input ``[B, 1, D, H, W]`` (``[C_L, d, h, w]`` for
+    ``[D, H, W]``): each strided conv (kernel 3, padding 1) gives ``ceil(n / stride)`` voxels."""
+    spatial = [int(n) for n in image_shape[-3:]]
+    for stride in config.strides:
+        spatial = [(n - 1) // s + 1 for n, s in zip(spatial, stride, strict=True)]
+    lead = tuple(int(b) for b in image_shape[:-4])  # the batch, if any
+    return (*lead, config.channels[-1], *spatial)
+
+
+def sample_latent_noise(
+    config: GeneratorConfig,
+    latent: tuple[int, ...],
+    generator: torch.Generator | int | None,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
+    """``U_N`` ``[B, C_L, d, h, w]`` (float32 on `device`) as :meth:`Generator3D.forward` draws it.
+
+    Args:
+        latent: the latent shape, see :func:`generator_latent_shape`.
+        generator: the random source (advanced), or an int seed for a fresh CPU generator.
+
+    The same generator state gives bit-identical noise on the CPU (Perlin gradients are drawn on
+    the generator's device, then moved), so a seeded torch run and an ONNX run fed this noise agree.
+    """
+    if isinstance(generator, int):
+        generator = torch.Generator().manual_seed(generator)
+    return latent_noise(
+        tuple(latent), config.latent_noise, config.noise_std, config.noise_frequency, config.noise_octaves,
+        generator, torch.device(device),
+    )  # fmt: skip
+
+
+def lung_gate(lung: torch.Tensor, dilation: int) -> torch.Tensor:
+    """Lung mask [B, 1, D, H, W] widened in-plane by `dilation` voxels (max pooling)."""
+    if dilation <= 0:
+        return lung
+    r = dilation
+    return F.max_pool3d(lung, kernel_size=(1, 2 * r + 1, 2 * r + 1), stride=1, padding=(0, r, r))
+
+
 class Generator3D(nn.Module):
     """COVID volume (+ lung mask) -> pseudo-healthy volume and the removal map."""
 
@@ -110,24 +165,54 @@ class Generator3D(nn.Module):
 
     def gate(self, lung: torch.Tensor) -> torch.Tensor:
         """Lung mask widened in-plane by `gate_dilation` voxels: where removal may happen."""
-        r = self.config.gate_dilation
-        if r <= 0:
-            return lung
-        return F.max_pool3d(lung, kernel_size=(1, 2 * r + 1, 2 * r + 1), stride=1, padding=(0, r, r))
+        return lung_gate(lung, self.config.gate_dilation)
+
+    def latent_shape(self, image_shape: tuple[int, ...]) -> tuple[int, ...]:
+        """Shape of the latent ``En(I_C)`` (and of ``U_N``) for an input of `image_shape`.
+
+        Args:
+            image_shape: ``[B, 1, D, H, W]`` or ``[D, H, W]`` in voxels.
+
+        Returns:
+            ``[B, C_L, d, h, w]``, or ``[C_L, d, h, w]`` for a ``[D, H, W]`` input.
+        """
+        return generator_latent_shape(self.config, image_shape)
+
+    def sample_noise(
+        self,
+        latent: tuple[int, ...],
+        generator: torch.Generator | int | None,
+        device: torch.device | str = "cpu",
+    ) -> torch.Tensor:
+        """``U_N`` of shape `latent` ``[B, C_L, d, h, w]`` as :meth:`forward` draws it (an int seeds a
+        fresh CPU generator); see :func:`sample_latent_noise`."""
+        return sample_latent_noise(self.config, latent, generator, device)
 
     def forward(
-        self, image: torch.Tensor, lung: torch.Tensor, noise_generator: torch.Generator | None = None
+        self,
+        image: torch.Tensor,
+        lung: torch.Tensor,
+        noise_generator: torch.Generator | None = None,
+        noise: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """image, lung: [B, 1, D, H, W] -> (pseudo-healthy [B, 1, D, H, W], removal [B, 1, D, H, W])."""
+        """image, lung: [B, 1, D, H, W] -> (pseudo-healthy [B, 1, D, H, W], removal [B, 1, D, H, W]).
+
+        `noise` ``[B, C_L, d, h, w]`` (see :meth:`latent_shape`) is ``U_N`` itself; when given it is
+        added instead of drawing noise from `noise_generator`. Drawing it with :meth:`sample_noise`
+        and the same generator state gives the same result (the ONNX export takes it as an input).
+        """
         features = [self.stem(image)]  # level 0: [B, c0, D, H, W]
         for down in self.downs:
             features.append(down(features[-1]))  # level i+1: [B, c_{i+1}, D/s, H/s, W/s]
         z = self.bottleneck(features[-1])  # latent En(I_C): [B, c_L, d, h, w]
         cfg = self.config
-        z = z + latent_noise(
-            tuple(z.shape), cfg.latent_noise, cfg.noise_std, cfg.noise_frequency, cfg.noise_octaves,
-            noise_generator, z.device,
-        ).to(z.dtype)  # fmt: skip
+        if noise is None:
+            noise = self.sample_noise(tuple(z.shape), noise_generator, z.device)
+        elif tuple(noise.shape[1:]) != tuple(z.shape[1:]):
+            raise ValueError(
+                f"noise must be [B, {', '.join(map(str, z.shape[1:]))}], got {list(noise.shape)}"
+            )
+        z = z + noise.to(z.dtype)
         y = z
         for level in reversed(range(len(self.ups))):
             skip = features[level] if level in cfg.skip_levels else None
@@ -135,6 +220,23 @@ class Generator3D(nn.Module):
         removal = F.softplus(self.head(torch.cat([y, image], dim=1)))  # [B, 1, D, H, W], >= 0
         healthy = (image - self.gate(lung) * removal).clamp(0.0, 1.0)
         return healthy, removal
+
+
+class GeneratorRemoval(nn.Module):
+    """The generator as a backend: ``(image, lung, noise) -> removal``, noise given, no compositing.
+
+    This is what is exported to ONNX (inputs ``image``, ``lung`` ``[B, 1, D, H, W]`` and ``noise``
+    ``[B, C_L, d, h, w]``, output ``removal`` ``[B, 1, D, H, W]``) and what :func:`run_generator`
+    calls for a torch model, so both backends share the host-side noise, windows and blending.
+    """
+
+    def __init__(self, model: Generator3D) -> None:
+        super().__init__()
+        self.model = model
+        self.config = model.config
+
+    def forward(self, image: torch.Tensor, lung: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        return self.model(image, lung, noise=noise)[1]
 
 
 class Discriminator3D(nn.Module):
@@ -175,17 +277,7 @@ GAN_PRESETS: dict[str, GanModelConfig] = {
 
 def generator_from_payload(payload: dict) -> Generator3D:
     """Rebuild a generator from a train-gan generator.pt or checkpoint.pt payload (plain dicts)."""
-    cfg = payload["model"]["generator"]
-    gen_cfg = GeneratorConfig(
-        **{
-            **cfg,
-            "channels": tuple(cfg["channels"]),
-            "strides": tuple(tuple(s) for s in cfg["strides"]),
-            "skip_levels": tuple(cfg["skip_levels"]),
-            "noise_frequency": tuple(cfg["noise_frequency"]),
-        }
-    )
-    model = Generator3D(gen_cfg)
+    model = Generator3D(GeneratorConfig.from_json(payload["model"]["generator"]))
     model.load_state_dict(payload["generator"])
     return model.eval()
 
@@ -207,20 +299,33 @@ def _blend_weight(window: tuple[int, int, int]) -> torch.Tensor:
     return (axes[0][:, None, None] * axes[1][None, :, None] * axes[2][None, None, :])[None, None] + 1e-3
 
 
+#: ``(image [B, 1, D, H, W], lung [B, 1, D, H, W], noise [B, C_L, d, h, w]) -> removal [B, 1, D, H, W]``:
+#: float32 torch tensors in (on the device given to :func:`run_generator`), a float tensor out (any
+#: device). :class:`GeneratorRemoval` is the torch backend; ``stages.make_masks`` wraps ONNX Runtime.
+GeneratorBackend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
 @torch.no_grad()
 def run_generator(
-    model: Generator3D,
+    model: Generator3D | GeneratorBackend,
     image: np.ndarray,
     lung: np.ndarray,
     device: torch.device | str = "cpu",
     seed: int = 0,
     window: tuple[int, int, int] | None = None,
+    config: GeneratorConfig | None = None,
 ) -> np.ndarray:
     """Pseudo-healthy volume for one grid volume.
 
+    The latent noise is drawn here, on the host (`device`), one ``U_N`` per window in window order,
+    and handed to the backend, so a torch model and an exported one give the same result.
+
     Args:
+        model: a :class:`Generator3D`, or a :data:`GeneratorBackend` callable (then `config`, the
+            generator's config, gives the latent shape, the noise and the lung gate).
         image: [z, y, x] float32, preprocess scale [0, 1].
         lung: [z, y, x] lung mask (nonzero = lung).
+        device: where inputs and noise are made (the CPU for an ONNX Runtime backend).
         seed: seed of the latent noise, so the result is reproducible.
         window: if given (the training crop), the removal map is computed on overlapping windows
             of this size and blended, so the network sees what it saw in training (GroupNorm
@@ -229,25 +334,42 @@ def run_generator(
     Returns:
         [z, y, x] float32 pseudo-healthy volume on the same scale.
     """
-    model.eval()
+    if isinstance(model, Generator3D):
+        model.eval()
+        config, backend = model.config, GeneratorRemoval(model)
+    elif config is None:
+        raise ValueError("a backend callable needs the generator's config")
+    else:
+        backend = model
     device = torch.device(device)
     x = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None, None].to(device)
     m = torch.from_numpy(np.ascontiguousarray(lung > 0, dtype=np.float32))[None, None].to(device)
     noise = torch.Generator().manual_seed(int(seed))
+
+    def removal_of(sl) -> torch.Tensor:  # [1, 1, d, h, w] float32 on `device`
+        u_n = sample_latent_noise(config, generator_latent_shape(config, x[sl].shape), noise, device)
+        return backend(x[sl], m[sl], u_n).float().to(device)
+
     shape = tuple(x.shape[2:])
+    everything = (..., slice(None), slice(None), slice(None))
     if window is None or all(w >= s for w, s in zip(window, shape, strict=True)):
-        healthy, _ = model(x, m, noise_generator=noise)
-        return healthy[0, 0].float().cpu().numpy()
-    window = tuple(min(w, s) for w, s in zip(window, shape, strict=True))
-    weight = _blend_weight(window).to(device)
-    removal = torch.zeros_like(x)
-    total = torch.zeros_like(x)
-    for z0 in _window_starts(shape[0], window[0]):
-        for y0 in _window_starts(shape[1], window[1]):
-            for x0 in _window_starts(shape[2], window[2]):
-                sl = (..., slice(z0, z0 + window[0]), slice(y0, y0 + window[1]), slice(x0, x0 + window[2]))
-                _, r = model(x[sl], m[sl], noise_generator=noise)
-                removal[sl] += r.float() * weight
-                total[sl] += weight
-    healthy = (x - model.gate(m) * removal / total).clamp(0.0, 1.0)
+        removal = removal_of(everything)
+    else:
+        window = tuple(min(w, s) for w, s in zip(window, shape, strict=True))
+        weight = _blend_weight(window).to(device)
+        removal = torch.zeros_like(x)
+        total = torch.zeros_like(x)
+        for z0 in _window_starts(shape[0], window[0]):
+            for y0 in _window_starts(shape[1], window[1]):
+                for x0 in _window_starts(shape[2], window[2]):
+                    sl = (
+                        ...,
+                        slice(z0, z0 + window[0]),
+                        slice(y0, y0 + window[1]),
+                        slice(x0, x0 + window[2]),
+                    )
+                    removal[sl] += removal_of(sl) * weight
+                    total[sl] += weight
+        removal = removal / total
+    healthy = (x - lung_gate(m, config.gate_dilation) * removal).clamp(0.0, 1.0)
     return healthy[0, 0].cpu().numpy()

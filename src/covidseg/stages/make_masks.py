@@ -3,7 +3,9 @@
 For every case of a preprocess output: ``Î_H = G(I_C)``, ``M = max(I_C - Î_H, 0)`` inside the lung
 (smoothed), a continuous pseudo-mask (for the MSE term of the 2D stage) and a binary one (label-free
 threshold from train-gan's calibration, small components removed), and the high-/low-infected
-slice sets for the contrastive loss.
+slice sets for the contrastive loss. The generator runs on torch (generator.pt) or on ONNX Runtime
+(an exported generator .onnx, see ``stages.export_generator``); both share the host-side noise,
+windows and blending of :func:`covidseg.models.gan3d.run_generator`.
 
 Output folder::
 
@@ -35,11 +37,57 @@ from covidseg.io import read_ct, write_array
 from covidseg.masks import PseudoMaskConfig, binarise, difference_map, split_slices
 from covidseg.models.gan3d import generator_from_payload, run_generator
 from covidseg.preprocess import CropBox, grid_to_canonical
-from covidseg.stages.train_gan import GENERATOR_FORMAT
+from covidseg.runners import requested_providers
+from covidseg.stages.export_generator import OnnxGenerator, load_generator_payload, read_generator_sidecar
 from covidseg.stages.work import GridCase, load_grid_cases
-from covidseg.training import load_checkpoint, resolve_device
+from covidseg.training import resolve_device
 
 SOFT_SCALE = 0.25  # difference (unit scale) that counts as a full lesion: 350 HU above healthy lung
+BACKENDS = ("auto", "torch", "onnx")
+
+
+def resolve_generator(gan: Path, backend: str = "auto") -> tuple[str, Path]:
+    """(``"torch"`` | ``"onnx"``, the generator file) for `--gan` and `--backend`.
+
+    `gan` is a train-gan folder (its generator.pt, or generator.onnx with ``--backend onnx``), a
+    generator.pt or an exported ``.onnx``; ``auto`` picks ONNX Runtime for an ``.onnx`` file.
+    """
+    if backend not in BACKENDS:
+        raise UsageError(None, f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    gan = Path(gan)
+    if gan.is_dir():
+        kind = "onnx" if backend == "onnx" else "torch"
+        return kind, gan / ("generator.onnx" if kind == "onnx" else "generator.pt")
+    is_onnx = gan.name.lower().endswith(".onnx")
+    kind = backend if backend != "auto" else ("onnx" if is_onnx else "torch")
+    if (kind == "onnx") != is_onnx:
+        wanted = "an exported generator .onnx" if kind == "onnx" else "a generator.pt (or a train-gan folder)"
+        raise UsageError(gan, f"--backend {kind} needs {wanted}")
+    return kind, gan
+
+
+def generator_calibration(gan: Path, backend: str = "auto") -> dict:
+    """train-gan's label-free calibration (threshold, smoothing, smallest component) of `gan`."""
+    kind, path = resolve_generator(gan, backend)
+    if kind == "onnx":
+        return read_generator_sidecar(path, verify=False)["calibration"]
+    return load_generator_payload(path)[1]["calibration"]
+
+
+def _onnx_grid_check(onnx: OnnxGenerator, cases: list[GridCase], pre_dir: Path) -> None:
+    """The ONNX generator runs at one fixed window: grids must hold it (or equal it, for a
+    generator trained on whole grids) so that it runs exactly as the torch one would."""
+    whole = onnx.sidecar.get("crop") is None
+    for case in cases:
+        grid = tuple(case.image.shape)
+        fits = grid == onnx.window if whole else all(g >= w for g, w in zip(grid, onnx.window, strict=True))
+        if not fits:
+            need = "equal to" if whole else "at least"
+            raise UsageError(
+                pre_dir,
+                f"grid {grid} of case {case.case_id}: this ONNX generator runs at a fixed {onnx.window} "
+                f"(grids must be {need} that); use its generator.pt or preprocess with a matching --grid",
+            )
 
 
 def _native_outputs(case: GridCase, pseudo: np.ndarray, binary: np.ndarray, window) -> tuple:
@@ -73,19 +121,24 @@ def run_make_masks(
     native: bool = True,
     overwrite: bool = False,
     progress: Callable[[str], None] | None = None,
+    backend: str = "auto",
 ) -> dict:
     """Run the generator over every case and write pseudo-masks; return the manifest.
 
-    `gan` is a train-gan output folder or its generator.pt. `threshold` overrides the calibrated
-    one (unit scale). With `native`, NIfTI outputs in the source geometry are written too (this
-    re-reads each source CT).
+    `gan` is a train-gan output folder, its generator.pt or an exported generator .onnx (with its
+    sidecar, checked by sha256); `backend` (auto, torch, onnx) as in :func:`resolve_generator`.
+    `threshold` overrides the calibrated one (unit scale). With `native`, NIfTI outputs in the source
+    geometry are written too (this re-reads each source CT).
     """
     pre_dir, out_dir, gan = Path(pre_dir), Path(out_dir), Path(gan)
-    generator_path = gan / "generator.pt" if gan.is_dir() else gan
-    payload = load_checkpoint(generator_path)
-    if payload.get("format") != GENERATOR_FORMAT:
-        raise UsageError(generator_path, "not a trained generator (expected train-gan's generator.pt)")
-    calibration = payload["calibration"]
+    kind, generator_path = resolve_generator(gan, backend)
+    if kind == "torch":
+        generator_path, payload = load_generator_payload(generator_path)
+        info = payload
+    else:
+        onnx = OnnxGenerator(generator_path, requested_providers(device))  # checks the sha256
+        info = onnx.sidecar
+    calibration = info["calibration"]
     config = config or PseudoMaskConfig(
         smooth_sigma=calibration["smooth_sigma"],
         healthy_percentile=calibration["healthy_percentile"],
@@ -94,14 +147,30 @@ def run_make_masks(
     threshold = float(calibration["threshold"] if threshold is None else threshold)
     if (out_dir / "manifest.json").exists() and not overwrite:
         raise UsageError(out_dir, "holds a previous make-masks output; pass --overwrite to replace it")
-    torch_device = resolve_device(device)
-    model = generator_from_payload(payload).to(torch_device)
     cases = load_grid_cases(pre_dir)
     if not cases:
         raise UsageError(pre_dir, "no cases")
-    window = tuple(payload["preprocess"]["hu_window"])  # HU window of the [0, 1] scale
-    crop = payload["train_config"].get("crop")
-    inference_window = None if crop is None else tuple(int(v) for v in crop)
+    window = tuple(info["preprocess"]["hu_window"])  # HU window of the [0, 1] scale
+    if kind == "torch":
+        torch_device = resolve_device(device)
+        model = generator_from_payload(payload).to(torch_device)
+        crop = payload["train_config"].get("crop")
+        inference_window = None if crop is None else tuple(int(v) for v in crop)
+        backend_info = {"kind": "torch", "device": str(torch_device)}
+
+        def generate(case: GridCase) -> np.ndarray:
+            return run_generator(
+                model, case.image, case.lungs > 0, torch_device, seed=0, window=inference_window
+            )
+    else:
+        _onnx_grid_check(onnx, cases, pre_dir)
+        backend_info = {"kind": "onnx", "providers": onnx.providers, "sha256": onnx.sidecar["sha256"]}
+
+        def generate(case: GridCase) -> np.ndarray:  # inputs and noise on the host, ORT copies them
+            return run_generator(
+                onnx, case.image, case.lungs > 0, "cpu", seed=0, window=onnx.window, config=onnx.config
+            )
+
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "manifest.json").unlink(missing_ok=True)
 
@@ -112,9 +181,7 @@ def run_make_masks(
     for case in cases:
         start = time.perf_counter()
         try:
-            pseudo = run_generator(
-                model, case.image, case.lungs > 0, torch_device, seed=0, window=inference_window
-            )
+            pseudo = generate(case)
             diff = difference_map(case.image, pseudo, case.lungs, config.smooth_sigma)
             binary = binarise(diff, threshold, config.min_component)
             soft = np.clip(diff / SOFT_SCALE, 0.0, 1.0).astype(np.float32)
@@ -173,6 +240,7 @@ def run_make_masks(
         "covidseg_version": __version__,
         "preprocess": str(pre_dir.resolve()),
         "generator": str(generator_path.resolve()),
+        "backend": backend_info,
         "threshold": threshold,
         "soft_scale": SOFT_SCALE,
         "config": asdict(replace(config)),
