@@ -165,3 +165,15 @@ def test_backend_choice_and_fixed_window(tmp_path):
     whole = SimpleNamespace(window=(32, 128, 128), sidecar={"crop": None})
     with pytest.raises(UsageError, match="fixed"):
         _onnx_grid_check(whole, [case], tmp_path)
+
+
+def test_export_command_on_a_train_gan_folder_writes_generator_onnx(trained, tmp_path):
+    gan = tmp_path / "gan"
+    shutil.copytree(trained.gan, gan)
+    result = runner.invoke(app, ["export", str(gan)])
+    assert result.exit_code == 0, result.output
+    assert (gan / "generator.onnx").is_file() and (gan / "generator.json").is_file()
+    # make-masks --backend onnx finds it in the folder
+    assert eg.read_generator_sidecar(gan / "generator.onnx")["sha256"]
+    refused = runner.invoke(app, ["export", str(gan), "--fp16"])
+    assert refused.exit_code == 2

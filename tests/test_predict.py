@@ -18,12 +18,12 @@ from covidseg.errors import InputError, UsageError
 from covidseg.geometry import Geometry, Orientation
 from covidseg.io import write_array
 from covidseg.models.segmenters import make_segmenter, segmenter_config_dict
-from covidseg.onnx_export import onnx_session
+from covidseg.onnx_export import onnx_session, sidecar_path
 from covidseg.phantom import make_phantom
 from covidseg.preprocess import CropBox
 from covidseg.readout import read_out, severity
 from covidseg.runners import requested_providers
-from covidseg.seg_model import MODEL_FORMAT, open_seg_model, sidecar_path
+from covidseg.seg_model import MODEL_FORMAT, open_seg_model
 from covidseg.slices import SlicePreprocessing, slab_count
 from covidseg.stages.export import run_export
 from covidseg.training import save_checkpoint

@@ -21,10 +21,22 @@ from pathlib import Path
 import torch
 
 from covidseg.atomic import atomic_path
-from covidseg.errors import InputError
+from covidseg.errors import CovidsegError, InputError
 
 OPSET = 18
 MAX_BATCH = 4096
+
+
+class ParityError(CovidsegError):
+    """ONNX Runtime does not reproduce the torch model closely enough."""
+
+    exit_code = 1
+
+
+def sidecar_path(onnx_path: str | Path) -> Path:
+    """The sidecar JSON of an exported model: ``model.onnx`` -> ``model.json``."""
+    onnx_path = Path(onnx_path)
+    return onnx_path.with_name(onnx_path.name.removesuffix(".onnx") + ".json")
 
 
 def sha256_of(path: str | Path, chunk: int = 1 << 20) -> str:

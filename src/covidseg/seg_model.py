@@ -20,19 +20,13 @@ import torch
 
 from covidseg.errors import InputError
 from covidseg.models.segmenters import segmenter_from_config
-from covidseg.onnx_export import sha256_of
+from covidseg.onnx_export import sha256_of, sidecar_path
 from covidseg.slices import SlicePreprocessing
 from covidseg.training import load_checkpoint
 
 MODEL_FORMAT = "covidseg.seg.model"
 SIDECAR_FORMAT = "covidseg.onnx-segmenter"
 SIDECAR_VERSION = 1
-
-
-def sidecar_path(onnx_path: str | Path) -> Path:
-    """``model.onnx`` -> ``model.json``."""
-    onnx_path = Path(onnx_path)
-    return onnx_path.with_name(onnx_path.name.removesuffix(".onnx") + ".json")
 
 
 @dataclass

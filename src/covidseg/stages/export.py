@@ -24,26 +24,20 @@ import torch
 
 from covidseg import __version__
 from covidseg.atomic import atomic_path, write_json
-from covidseg.errors import CovidsegError, UsageError
+from covidseg.errors import UsageError
 from covidseg.home import models_dir
 from covidseg.lungs import segment_lungs
 from covidseg.metrics import dice
-from covidseg.onnx_export import OPSET, export_onnx, onnx_session, sha256_of
+from covidseg.onnx_export import OPSET, ParityError, export_onnx, onnx_session, sha256_of, sidecar_path
 from covidseg.phantom import make_phantom
 from covidseg.preprocess import lung_crop_box
-from covidseg.seg_model import SIDECAR_FORMAT, SIDECAR_VERSION, SegModelFile, open_seg_model, sidecar_path
+from covidseg.seg_model import SIDECAR_FORMAT, SIDECAR_VERSION, SegModelFile, open_seg_model
 from covidseg.slices import ct_to_slices
 
 FP32_MAX_ABS = 1e-4
 FP32_MIN_DICE = 0.999
 FP16_MIN_DICE = 0.99
 PARITY_PHANTOM = {"shape_zyx": (64, 256, 256), "spacing_zyx": (5.0, 1.4, 1.4), "covid": True, "seed": 20260}
-
-
-class ParityError(CovidsegError):
-    """ONNX Runtime does not reproduce torch closely enough."""
-
-    exit_code = 1
 
 
 def parity_slices(seg: SegModelFile) -> np.ndarray:
@@ -124,6 +118,7 @@ def run_export(
         export_onnx(model, [torch.from_numpy(slices[:2])], tmp, ["image"], ["logits"], fp16=fp16)
         parity = check_parity(tmp, model, slices, seg.spec.threshold, fp16)
         digest = sha256_of(tmp)
+        side.unlink(missing_ok=True)  # an old sidecar must never describe the new model
     import onnxruntime
 
     h, w = seg.spec.slice_size

@@ -33,7 +33,7 @@ import torch
 
 from covidseg import __version__
 from covidseg.atomic import atomic_path, write_json
-from covidseg.errors import CovidsegError, InputError, UsageError
+from covidseg.errors import InputError, UsageError
 from covidseg.models.gan3d import (
     GeneratorConfig,
     GeneratorRemoval,
@@ -41,7 +41,7 @@ from covidseg.models.gan3d import (
     generator_latent_shape,
     sample_latent_noise,
 )
-from covidseg.onnx_export import OPSET, export_onnx, onnx_session, sha256_of
+from covidseg.onnx_export import OPSET, ParityError, export_onnx, onnx_session, sha256_of, sidecar_path
 from covidseg.stages.train_gan import GENERATOR_FORMAT
 from covidseg.training import load_checkpoint
 
@@ -51,18 +51,6 @@ INPUT_NAMES = ("image", "lung", "noise")
 OUTPUT_NAMES = ("removal",)
 PARITY_MAX_ABS = 1e-4  # removal map, unit scale (1.0 = the whole HU window)
 PARITY_SEED = 0
-
-
-class ParityError(CovidsegError):
-    """ONNX Runtime does not reproduce the torch generator closely enough."""
-
-    exit_code = 1
-
-
-def sidecar_path(onnx_path: str | Path) -> Path:
-    """``generator.onnx`` -> ``generator.json``."""
-    onnx_path = Path(onnx_path)
-    return onnx_path.with_name(onnx_path.name.removesuffix(".onnx") + ".json")
 
 
 def load_generator_payload(source: str | Path) -> tuple[Path, dict]:
