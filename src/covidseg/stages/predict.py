@@ -56,6 +56,7 @@ class PredictOptions:
     series: str | None = None  # DICOM series UID to read from series folders
     intensity: IntensityMapping | None = None  # for inputs not in HU
     batch_size: int = 16  # slices per network call
+    tensorrt: bool = False  # ask ONNX Runtime for TensorRT first
     num_parts: int = 1  # split the batch over this many jobs ...
     part_id: int = 0  # ... and run this one (0-based)
 
@@ -118,15 +119,16 @@ def collect_cases(inputs: list[Path], out_dir: Path, allow_2d: bool = False) -> 
     return sorted(cases.items())
 
 
-def make_runner(seg: SegModelFile, backend: str, device: str, threads: int = 0):
-    """The torch or ONNX Runtime runner for `seg` (`backend` auto: as the file is)."""
+def make_runner(seg: SegModelFile, backend: str, device: str, threads: int = 0, tensorrt: bool = False):
+    """The torch or ONNX Runtime runner for `seg` (`backend` auto: as the file is); `tensorrt`
+    asks ONNX Runtime for TensorRT before CUDA."""
     if backend not in ("auto", "onnx", "torch"):
         raise UsageError(None, f"--backend must be auto, onnx or torch, got {backend!r}")
     kind = seg.kind if backend == "auto" else backend
     if kind == "onnx":
         if seg.kind != "onnx":
             raise UsageError(seg.path, "--backend onnx needs an .onnx model (make one with covidseg export)")
-        return OnnxRunner(str(seg.path), device, threads=threads)
+        return OnnxRunner(str(seg.path), device, tensorrt=tensorrt, threads=threads)
     return TorchRunner(seg.torch_model(), device)
 
 
@@ -279,7 +281,7 @@ def run_predict(
     out_dir = Path(out_dir)
     _check_existing(out_dir, cases, options)
     seg = open_seg_model(resolve_model(model))
-    runner = make_runner(seg, backend, device)
+    runner = make_runner(seg, backend, device, tensorrt=options.tensorrt)
     if on_runner:
         on_runner(runner)
     out_dir.mkdir(parents=True, exist_ok=True)
