@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import math
 import random
 from pathlib import Path
 
@@ -42,6 +43,23 @@ def step_generator(seed: int, step: int, stream: int = 0) -> torch.Generator:
     so a resumed run samples exactly what an uninterrupted one would have."""
     state = np.random.SeedSequence([int(seed), int(step), int(stream)]).generate_state(1, dtype=np.uint64)
     return torch.Generator().manual_seed(int(state[0]) & (2**63 - 1))
+
+
+def lr_at(step: int, total: int, base_lr: float, schedule: str = "cosine", warmup: int = 0) -> float:
+    """Learning rate for optimizer step `step` (1-based) of `total`.
+
+    ``constant``: `base_lr` throughout. ``cosine``: linear warm-up over `warmup` steps, then a
+    half-cosine from `base_lr` down to 1 % of it at the last step (decaying the rate lets the
+    weights settle instead of hopping between noisy-label minima).
+    """
+    if schedule == "constant":
+        return base_lr
+    if schedule != "cosine":
+        raise ValueError(f"unknown learning-rate schedule {schedule!r}; use cosine or constant")
+    if warmup > 0 and step <= warmup:
+        return base_lr * step / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return base_lr * (0.01 + 0.99 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress))))
 
 
 def autocast(device: torch.device):
