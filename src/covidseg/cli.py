@@ -216,7 +216,12 @@ def train_gan(
         str, typer.Option(help="Model size: tiny (2 CPU cores), small (GPU), base (GPU).")
     ] = "small",
     steps: Annotated[int, typer.Option(help="Total training steps (with --resume: the new total).")] = 900,
-    batch_size: Annotated[int, typer.Option(help="Volumes per step.")] = 2,
+    batch_size: Annotated[
+        int, typer.Option(help="Volumes per step and process (global batch: × processes × K).")
+    ] = 2,
+    grad_accum: Annotated[
+        int, typer.Option(help="K: micro-batches whose gradients are summed per optimizer step.")
+    ] = 1,
     crop: Annotated[
         str, typer.Option(help="Training crop 'Z,Y,X', 'none' (whole grids) or 'auto' (tiny: 16,64,64).")
     ] = "auto",
@@ -238,7 +243,7 @@ def train_gan(
 
         try:
             config = GanTrainConfig(
-                preset=preset, steps=steps, batch_size=batch_size,
+                preset=preset, steps=steps, batch_size=batch_size, grad_accum=grad_accum,
                 crop=_gan_crop(crop, preset),
                 latent_noise=latent_noise, adversarial=adversarial, w_adv=w_adv, w_rec=w_rec,
                 w_identity=w_identity, lr_g=lr, lr_d=lr, seed=seed,
@@ -246,12 +251,15 @@ def train_gan(
             )  # fmt: skip
         except ValueError as exc:
             raise UsageError(None, str(exc)) from None
+        from covidseg.distributed import env_rank
         from covidseg.stages.train_gan import run_train_gan
 
-        with _step_progress(steps, "train-gan", not no_progress) as advance:
+        with _step_progress(steps, "train-gan", not no_progress and env_rank() == 0) as advance:
             manifest = run_train_gan(pre, output, config, device=device, resume=resume, progress=advance)
     except CovidsegError as exc:
         _fail(exc)
+    if env_rank() > 0:  # under torchrun rank 0 reports for all
+        return
     cal = manifest["calibration"]
     out.print(
         f"trained {manifest['steps']} steps on {manifest['device']}; generator: {output / 'generator.pt'}; "
@@ -346,7 +354,12 @@ def train_seg(
     arch: Annotated[str, typer.Option(help="transunet or unet (baseline).")] = "transunet",
     preset: Annotated[str, typer.Option(help="tiny, small (CPU) or base (GPU, R50-ViT-B/16-like).")] = "tiny",
     steps: Annotated[int, typer.Option(help="Total training steps (with --resume: the new total).")] = 1000,
-    batch_size: Annotated[int, typer.Option(help="Slices per step (half high-infected).")] = 16,
+    batch_size: Annotated[
+        int, typer.Option(help="Slices per step and process, half high-infected (global: × processes × K).")
+    ] = 16,
+    grad_accum: Annotated[
+        int, typer.Option(help="K: micro-batches whose gradients are summed per optimizer step.")
+    ] = 1,
     lr: Annotated[float, typer.Option(help="AdamW learning rate.")] = 5e-4,
     w_contrastive: Annotated[float, typer.Option(help="Weight of the contrastive loss.")] = 0.1,
     w_mse: Annotated[float, typer.Option(help="Weight of the MSE to the continuous pseudo-mask.")] = 1.0,
@@ -368,7 +381,7 @@ def train_seg(
         try:
             config = SegTrainConfig(
                 arch=arch, preset=preset, steps=steps, batch_size=batch_size, lr=lr, augment=not no_augment,
-                eval_every=eval_every, seed=seed,
+                eval_every=eval_every, seed=seed, grad_accum=grad_accum,
             )  # fmt: skip
             loss_config = SegLossConfig(
                 w_sensitivity=w_sensitivity,
@@ -379,12 +392,15 @@ def train_seg(
             )
         except ValueError as exc:
             raise UsageError(None, str(exc)) from None
+        from covidseg.distributed import env_rank
         from covidseg.stages.train_seg import run_train_seg
 
-        with _step_progress(steps, "train-seg", not no_progress) as advance:
+        with _step_progress(steps, "train-seg", not no_progress and env_rank() == 0) as advance:
             manifest = run_train_seg(masks, output, config, loss_config, device, resume, advance)
     except CovidsegError as exc:
         _fail(exc)
+    if env_rank() > 0:  # under torchrun rank 0 reports for all
+        return
     best = manifest["best"]
     text = f"best step {best['step']}: validation Dice vs held-out pseudo-masks {best['val_dice_pseudo']:.3f}"
     if best["val_dice_pseudo"] < 0:

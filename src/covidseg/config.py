@@ -44,7 +44,8 @@ class GanTrainConfig:
 
     preset: str = "small"  # tiny (2 CPU cores) | small (default, GPU) | base (GPU); see GAN_PRESETS
     steps: int = 900
-    batch_size: int = 2
+    batch_size: int = 2  # volumes per micro-batch per process; global = batch_size × processes × grad_accum
+    grad_accum: int = 1  # micro-batches whose gradients are summed before each optimizer step
     crop: tuple[int, int, int] | None = None  # training crops (z, y, x); None = whole grid
     lr_g: float = 2e-4
     lr_d: float = 2e-4
@@ -66,6 +67,8 @@ class GanTrainConfig:
             raise ValueError("latent_noise must be perlin, uniform or none")
         if self.steps < 1 or self.batch_size < 1:
             raise ValueError("steps and batch size must be >= 1")
+        if self.grad_accum < 1:
+            raise ValueError("grad_accum must be >= 1")
         if min(self.w_adv, self.w_rec, self.w_identity) < 0:
             raise ValueError("loss weights must be >= 0")
 
@@ -87,7 +90,8 @@ class SegTrainConfig:
     arch: str = "transunet"  # transunet | unet
     preset: str = "tiny"  # tiny | small (CPU) | base (GPU, close to R50-ViT-B/16)
     steps: int = 1000
-    batch_size: int = 16  # half high-infected slices, half from the other slices
+    batch_size: int = 16  # slices per micro-batch per process (half high-infected); see grad_accum
+    grad_accum: int = 1  # micro-batches per optimizer step; global = batch_size × processes × grad_accum
     lr: float = 5e-4
     weight_decay: float = 1e-4
     val_fraction: float = 0.2  # share of cases held out (their pseudo-labels) for validation
@@ -106,6 +110,8 @@ class SegTrainConfig:
             raise ValueError("arch must be transunet or unet")
         if self.steps < 1 or self.batch_size < 2:
             raise ValueError("steps must be >= 1 and batch size >= 2")
+        if self.grad_accum < 1:
+            raise ValueError("grad_accum must be >= 1")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ValueError("val_fraction must be in [0, 1)")
 

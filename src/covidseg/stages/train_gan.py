@@ -21,14 +21,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from covidseg import __version__
+from covidseg import __version__, distributed
 from covidseg.atomic import write_json
 from covidseg.config import GanTrainConfig
 from covidseg.corruption import perlin_lesions
@@ -46,7 +46,6 @@ from covidseg.training import (
     CsvLog,
     autocast,
     load_checkpoint,
-    resolve_device,
     resume_checkpoint_path,
     save_checkpoint,
     seed_everything,
@@ -160,6 +159,95 @@ def _calibrate(model, healthy: list[GridCase], device, mask_config: PseudoMaskCo
     }
 
 
+@dataclass
+class _Micro:
+    """One micro-batch of a training step and the random stream it was drawn from.
+
+    The stream goes on to draw the latent noise and the Perlin lesions of the same micro-batch, in
+    the order an unsplit step always drew them.
+    """
+
+    gen: torch.Generator
+    h_img: torch.Tensor  # [b, 1, d, h, w] healthy volumes (or crops), [0, 1] scale
+    h_lung: torch.Tensor  # [b, 1, d, h, w] their lung masks as float {0, 1}
+    c_img: torch.Tensor | None  # [b, 1, d, h, w] COVID volumes; None without the adversarial term
+    c_lung: torch.Tensor | None
+
+
+def _draw(
+    healthy: tuple[torch.Tensor, torch.Tensor],
+    covid: tuple[torch.Tensor, torch.Tensor] | None,
+    config: GanTrainConfig,
+    gen: torch.Generator,
+    device: torch.device,
+) -> _Micro:
+    """Sample one micro-batch (healthy first, then COVID) from `gen` onto `device`."""
+    h_img, h_lung = (t.to(device) for t in _sample(*healthy, config.batch_size, config.crop, gen))
+    c_img = c_lung = None
+    if covid is not None:
+        c_img, c_lung = (t.to(device) for t in _sample(*covid, config.batch_size, config.crop, gen))
+    return _Micro(gen, h_img, h_lung, c_img, c_lung)
+
+
+def _update_d(
+    micros: list[_Micro], generator: Generator3D, d_model: torch.nn.Module, opt_d, config, device
+) -> float:
+    """(a) One D step on real healthy vs G(COVID), gradients summed over the micro-batches (all-reduced
+    over ranks on the last one only); returns the mean D loss."""
+    k = len(micros)
+    opt_d.zero_grad(set_to_none=True)
+    total = 0.0
+    for m, mb in enumerate(micros):
+        with distributed.no_sync(d_model, skip=m < k - 1), autocast(device):
+            with torch.no_grad():
+                fake, _ = generator(mb.c_img, mb.c_lung, noise_generator=mb.gen)
+            loss_d = 0.5 * (
+                _adversarial(d_model(mb.h_img, mb.h_lung), True, config.adversarial)
+                + _adversarial(d_model(fake, mb.c_lung), False, config.adversarial)
+            )
+            (loss_d / k).backward()
+        total += loss_d.item()
+    opt_d.step()
+    return total / k
+
+
+def _update_g(
+    micros: list[_Micro], g_model: torch.nn.Module, discriminator: Discriminator3D, opt_g, config, device
+) -> dict[str, float]:
+    """(b) adversarial term on COVID volumes and (c) restoration of Perlin-corrupted healthy ones: one
+    G step over the micro-batches; returns the mean losses."""
+    k = len(micros)
+    generator = distributed.unwrap(g_model)
+    opt_g.zero_grad(set_to_none=True)
+    means: dict[str, float] = {}
+    for m, mb in enumerate(micros):
+        parts = {"loss_adv": 0.0, "loss_identity": 0.0}
+        with distributed.no_sync(g_model, skip=m < k - 1):
+            with autocast(device):
+                corrupted, _ = perlin_lesions(mb.h_img, mb.h_lung, mb.gen)
+                restored, _ = g_model(corrupted, mb.h_lung, noise_generator=mb.gen)
+                gate = generator.gate(mb.h_lung)
+                loss_rec = _masked_mse(restored.float(), mb.h_img, gate)
+                loss_g = config.w_rec * loss_rec
+                if mb.c_img is not None:
+                    fake, _ = g_model(mb.c_img, mb.c_lung, noise_generator=mb.gen)
+                    # the plain D (not its DDP wrapper): its gradients from this term are never used
+                    loss_adv = _adversarial(discriminator(fake, mb.c_lung), True, config.adversarial)
+                    loss_g = loss_g + config.w_adv * loss_adv
+                    parts["loss_adv"] = loss_adv.item()
+                if config.w_identity > 0:
+                    same, _ = g_model(mb.h_img, mb.h_lung, noise_generator=mb.gen)
+                    loss_id = _masked_mse(same.float(), mb.h_img, gate)
+                    loss_g = loss_g + config.w_identity * loss_id
+                    parts["loss_identity"] = loss_id.item()
+            (loss_g / k).backward()
+        parts.update(loss_rec=loss_rec.item(), loss_g=loss_g.item())
+        for key, value in parts.items():
+            means[key] = means.get(key, 0.0) + value / k
+    opt_g.step()
+    return means
+
+
 def run_train_gan(
     pre_dir: Path,
     out_dir: Path,
@@ -169,11 +257,27 @@ def run_train_gan(
     mask_config: PseudoMaskConfig | None = None,
     progress: ProgressFn | None = None,
 ) -> dict:
-    """Train (or resume) the GAN; return the output manifest."""
+    """Train (or resume) the GAN; return the output manifest.
+
+    Under torchrun every rank calls this; it joins the process group from the environment, trains
+    with DistributedDataParallel and rank 0 alone writes the output folder (see docs/scaling.md).
+    """
+    with distributed.process_group(device) as torch_device:
+        return _train_gan(Path(pre_dir), Path(out_dir), config, torch_device, resume, mask_config, progress)
+
+
+def _train_gan(
+    pre_dir: Path,
+    out_dir: Path,
+    config: GanTrainConfig | None,
+    torch_device: torch.device,
+    resume: bool,
+    mask_config: PseudoMaskConfig | None,
+    progress: ProgressFn | None,
+) -> dict:
     config = config or GanTrainConfig()
     mask_config = mask_config or PseudoMaskConfig()
-    pre_dir, out_dir = Path(pre_dir), Path(out_dir)
-    torch_device = resolve_device(device)
+    main = distributed.is_main()
     checkpoint_path = resume_checkpoint_path(out_dir, resume)
 
     cases = load_grid_cases(pre_dir)
@@ -187,8 +291,10 @@ def run_train_gan(
     start_step = 0
     state = None
     if resume:
-        state = load_checkpoint(checkpoint_path)
-        config = GanTrainConfig.from_json({**state["train_config"], "steps": config.steps})
+        state = load_checkpoint(checkpoint_path, map_location=torch_device)
+        # steps and grad_accum are taken from this call: a run may resume on another number of processes
+        overrides = {"steps": config.steps, "grad_accum": config.grad_accum}
+        config = GanTrainConfig.from_json({**state["train_config"], **overrides})
         start_step = int(state["step"])
     seed_everything(config.seed)
     generator, discriminator = build_models(config)
@@ -202,20 +308,32 @@ def run_train_gan(
         discriminator.load_state_dict(state["discriminator"])
         opt_g.load_state_dict(state["opt_g"])
         opt_d.load_state_dict(state["opt_d"])
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "manifest.json").unlink(missing_ok=True)
-    write_json(out_dir / "config.json", {"train": config.to_json(), "pseudo_mask": asdict(mask_config)})
-    log = CsvLog(
-        out_dir / "metrics.csv",
-        ["step", *LOSS_COLUMNS, "seconds"],
-        keep_until_step=start_step if resume else None,
-    )
-
-    h_images, h_lungs = _stack(healthy)
-    c_images, c_lungs = _stack(covid) if covid else (None, None)
-    model_config = {"generator": asdict(generator.config), "discriminator": asdict(discriminator.config)}
+    distributed.seed_rank(config.seed)
     use_adv = config.w_adv > 0
+    g_model = distributed.wrap(generator, torch_device)
+    d_model = distributed.wrap(discriminator, torch_device) if use_adv else discriminator
+
+    log = None
+    if main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "manifest.json").unlink(missing_ok=True)
+        write_json(out_dir / "config.json", {"train": config.to_json(), "pseudo_mask": asdict(mask_config)})
+        log = CsvLog(
+            out_dir / "metrics.csv",
+            ["step", *LOSS_COLUMNS, "seconds"],
+            keep_until_step=start_step if resume else None,
+        )
+
+    h_data = _stack(healthy)
+    c_data = _stack(covid) if use_adv else None
+    model_config = {"generator": asdict(generator.config), "discriminator": asdict(discriminator.config)}
+    world = distributed.world_size()
+    parallel = {
+        "world_size": world,
+        "grad_accum": config.grad_accum,
+        "global_batch_size": config.batch_size * world * config.grad_accum,
+    }
+    streams = distributed.batch_streams(config.grad_accum)
 
     def save(step: int) -> None:
         save_checkpoint(
@@ -226,6 +344,7 @@ def run_train_gan(
                 "step": step,
                 "train_config": config.to_json(),
                 "model": model_config,
+                "world_size": world,
                 "generator": generator.state_dict(),
                 "discriminator": discriminator.state_dict(),
                 "opt_g": opt_g.state_dict(),
@@ -236,93 +355,66 @@ def run_train_gan(
     started = time.perf_counter()
     sums: dict[str, float] = {}
     for step in range(start_step + 1, config.steps + 1):
-        generator.train()
-        discriminator.train()
-        gen = step_generator(config.seed, step)
-        h_img, h_lung = (
-            t.to(torch_device) for t in _sample(h_images, h_lungs, config.batch_size, config.crop, gen)
-        )
-        losses = {"loss_d": 0.0, "loss_adv": 0.0, "loss_identity": 0.0}
-        with autocast(torch_device):
-            if use_adv:
-                c_img, c_lung = (
-                    t.to(torch_device)
-                    for t in _sample(c_images, c_lungs, config.batch_size, config.crop, gen)
-                )
-                # (a) discriminator: real healthy vs synthesised healthy
-                with torch.no_grad():
-                    fake, _ = generator(c_img, c_lung, noise_generator=gen)
-                loss_d = 0.5 * (
-                    _adversarial(discriminator(h_img, h_lung), True, config.adversarial)
-                    + _adversarial(discriminator(fake, c_lung), False, config.adversarial)
-                )
-                opt_d.zero_grad(set_to_none=True)
-                loss_d.backward()
-                opt_d.step()
-                losses["loss_d"] = loss_d.item()
-            # (b) generator, adversarial on COVID volumes; (c) restoration of corrupted healthy ones
-            corrupted, _ = perlin_lesions(h_img, h_lung, gen)
-            restored, _ = generator(corrupted, h_lung, noise_generator=gen)
-            gate = generator.gate(h_lung)
-            loss_rec = _masked_mse(restored.float(), h_img, gate)
-            loss_g = config.w_rec * loss_rec
-            if use_adv:
-                fake, _ = generator(c_img, c_lung, noise_generator=gen)
-                loss_adv = _adversarial(discriminator(fake, c_lung), True, config.adversarial)
-                loss_g = loss_g + config.w_adv * loss_adv
-                losses["loss_adv"] = loss_adv.item()
-            if config.w_identity > 0:
-                same, _ = generator(h_img, h_lung, noise_generator=gen)
-                loss_id = _masked_mse(same.float(), h_img, gate)
-                loss_g = loss_g + config.w_identity * loss_id
-                losses["loss_identity"] = loss_id.item()
-        opt_g.zero_grad(set_to_none=True)
-        loss_g.backward()
-        opt_g.step()
-        losses.update(loss_rec=loss_rec.item(), loss_g=loss_g.item())
+        g_model.train()
+        d_model.train()
+        micros = [
+            _draw(h_data, c_data, config, step_generator(config.seed, step, s), torch_device) for s in streams
+        ]
+        losses = {
+            "loss_d": _update_d(micros, generator, d_model, opt_d, config, torch_device) if use_adv else 0.0
+        }
+        losses.update(_update_g(micros, g_model, discriminator, opt_g, config, torch_device))
         for key, value in losses.items():
             sums[key] = sums.get(key, 0.0) + value
         if step % config.log_every == 0 or step == config.steps:
             n = config.log_every if step % config.log_every == 0 else step % config.log_every
-            row = {"step": step, **{k: round(v / n, 6) for k, v in sums.items()}}
-            row["seconds"] = round(time.perf_counter() - started, 2)
-            log.write(row)
+            means = distributed.mean_over_ranks({k: v / n for k, v in sums.items()}, torch_device)
+            if main:
+                row = {"step": step, **{k: round(v, 6) for k, v in means.items()}}
+                row["seconds"] = round(time.perf_counter() - started, 2)
+                log.write(row)
             sums = {}
         if step % config.checkpoint_every == 0 or step == config.steps:
-            save(step)
-        if step % config.sample_every == 0 or step == config.steps:
+            distributed.check_in_sync(generator, torch_device)
+            distributed.check_in_sync(discriminator, torch_device)
+            if main:
+                save(step)
+        if main and (step % config.sample_every == 0 or step == config.steps):
             sample = covid[0] if covid else healthy[0]
             _write_plots(out_dir, log, generator, sample, step, torch_device, config.crop)
-        if progress:
+        if progress and main:
             progress(step, config.steps, losses)
 
-    calibration = _calibrate(generator, healthy, torch_device, mask_config, config.crop)
-    write_json(out_dir / "calibration.json", calibration)
-    pre_config = read_manifest(pre_dir, "covidseg.preprocess")["config"]
-    save_checkpoint(
-        out_dir / "generator.pt",
-        {
-            "format": GENERATOR_FORMAT,
+    manifest = None
+    if main:
+        calibration = _calibrate(generator, healthy, torch_device, mask_config, config.crop)
+        write_json(out_dir / "calibration.json", calibration)
+        pre_config = read_manifest(pre_dir, "covidseg.preprocess")["config"]
+        save_checkpoint(
+            out_dir / "generator.pt",
+            {
+                "format": GENERATOR_FORMAT,
+                "covidseg_version": __version__,
+                "step": config.steps,
+                "model": model_config,
+                "generator": generator.state_dict(),
+                "calibration": calibration,
+                "preprocess": pre_config,
+                "train_config": config.to_json(),
+            },
+        )
+        manifest = {
+            "format": "covidseg.gan",
+            "version": 1,
             "covidseg_version": __version__,
-            "step": config.steps,
-            "model": model_config,
-            "generator": generator.state_dict(),
+            "preprocess": str(pre_dir.resolve()),
+            "device": str(torch_device),
+            "steps": config.steps,
+            "distributed": parallel,
+            "n_healthy": len(healthy),
+            "n_covid": len(covid),
             "calibration": calibration,
-            "preprocess": pre_config,
-            "train_config": config.to_json(),
-        },
-    )
-    manifest = {
-        "format": "covidseg.gan",
-        "version": 1,
-        "covidseg_version": __version__,
-        "preprocess": str(pre_dir.resolve()),
-        "device": str(torch_device),
-        "steps": config.steps,
-        "n_healthy": len(healthy),
-        "n_covid": len(covid),
-        "calibration": calibration,
-        "files": {"generator": "generator.pt", "checkpoint": "checkpoint.pt", "metrics": "metrics.csv"},
-    }
-    write_json(out_dir / "manifest.json", manifest)
-    return manifest
+            "files": {"generator": "generator.pt", "checkpoint": "checkpoint.pt", "metrics": "metrics.csv"},
+        }
+        write_json(out_dir / "manifest.json", manifest)
+    return distributed.broadcast_object(manifest)  # the other ranks wait here for rank 0

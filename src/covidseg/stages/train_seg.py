@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from covidseg import __version__
+from covidseg import __version__, distributed
 from covidseg.atomic import write_json
 from covidseg.augment import augment_batch
 from covidseg.config import SegTrainConfig
@@ -39,7 +39,6 @@ from covidseg.training import (
     CsvLog,
     autocast,
     load_checkpoint,
-    resolve_device,
     resume_checkpoint_path,
     save_checkpoint,
     seed_everything,
@@ -92,6 +91,50 @@ def _batch(data: SliceSet, train_idx: np.ndarray, size: int, gen: torch.Generato
     pick_high = high[torch.randint(len(high), (n_high,), generator=gen).numpy()] if n_high else high[:0]
     pick_rest = train_idx[torch.randint(len(train_idx), (size - n_high,), generator=gen).numpy()]
     return np.concatenate([pick_high, pick_rest])
+
+
+class _SegStep(torch.nn.Module):
+    """The segmenter and its loss as one module, so one DDP wrapper averages the gradients of both
+    (network, contrastive head and learnable temperature) and the forward goes through DDP even
+    though it calls ``forward_with_features``."""
+
+    def __init__(self, model: torch.nn.Module, criterion: SegmentationLoss) -> None:
+        super().__init__()
+        self.model = model
+        self.criterion = criterion
+
+    def forward(
+        self, image: torch.Tensor, soft: torch.Tensor, binary: torch.Tensor, is_high, contrast
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """image, soft, binary: [B, 1, H, W]; is_high, contrast: [B] bool -> (loss, parts)."""
+        with autocast(image.device):
+            logits, features = self.model.forward_with_features(image)
+        return self.criterion(logits, features.float(), soft, binary, is_high, contrast=contrast)
+
+
+def _micro_batch(
+    data: SliceSet, train_idx: np.ndarray, config: SegTrainConfig, gen: torch.Generator, device
+) -> tuple[torch.Tensor, ...]:
+    """One (augmented) micro-batch drawn from `gen`.
+
+    Returns image, soft, binary ``[B, 1, H, W]`` and is_high, contrast ``[B]`` bool (the lung mask
+    is warped along so the draws stay as they were, but the loss does not use it).
+    """
+    idx = _batch(data, train_idx, config.batch_size, gen)
+    image, lung, soft, binary = (
+        torch.from_numpy(np.ascontiguousarray(a[idx], dtype=np.float32))[:, None].to(device)
+        for a in (data.images, data.lungs > 0, data.soft, data.binary)
+    )  # each [B, 1, H, W]
+    if config.augment:
+        image, (lung, soft, binary) = augment_batch(
+            image, [lung, soft, binary], gen, config.max_rotation_deg, config.scale_range,
+            config.intensity_jitter, config.noise_std,
+        )  # fmt: skip
+        binary = (binary >= 0.5).float()
+    sets = data.sets[idx]
+    is_high = torch.from_numpy(sets == "high").to(device)
+    contrast = torch.from_numpy(sets != "mid").to(device)
+    return image, soft, binary, is_high, contrast
 
 
 def _volume_dice(pred: np.ndarray, target: np.ndarray, case_ids: np.ndarray) -> list[float]:
@@ -149,17 +192,35 @@ def run_train_seg(
     resume: bool = False,
     progress: Callable[[int, int, dict], None] | None = None,
 ) -> dict:
-    """Train (or resume) the 2D segmenter; return the output manifest."""
+    """Train (or resume) the 2D segmenter; return the output manifest.
+
+    Under torchrun every rank calls this; it joins the process group from the environment, trains
+    with DistributedDataParallel and rank 0 alone writes the output folder (see docs/scaling.md).
+    """
+    with distributed.process_group(device) as torch_device:
+        return _train_seg(Path(masks_dir), Path(out_dir), config, loss_config, torch_device, resume, progress)
+
+
+def _train_seg(
+    masks_dir: Path,
+    out_dir: Path,
+    config: SegTrainConfig | None,
+    loss_config: SegLossConfig | None,
+    torch_device: torch.device,
+    resume: bool,
+    progress: Callable[[int, int, dict], None] | None,
+) -> dict:
     config = config or SegTrainConfig()
     loss_config = loss_config or SegLossConfig()
-    masks_dir, out_dir = Path(masks_dir), Path(out_dir)
-    torch_device = resolve_device(device)
+    main = distributed.is_main()
     checkpoint_path = resume_checkpoint_path(out_dir, resume)
     data = SliceSet(masks_dir)
     state, start_step, best = None, 0, {"val_dice_pseudo": -1.0, "step": 0}
     if resume:
-        state = load_checkpoint(checkpoint_path)
-        config = SegTrainConfig.from_json({**state["train_config"], "steps": config.steps})
+        state = load_checkpoint(checkpoint_path, map_location=torch_device)
+        # steps and grad_accum are taken from this call: a run may resume on another number of processes
+        overrides = {"steps": config.steps, "grad_accum": config.grad_accum}
+        config = SegTrainConfig.from_json({**state["train_config"], **overrides})
         loss_config = SegLossConfig.from_json(state["loss_config"])
         start_step, best = int(state["step"]), dict(state["best"])
     train_idx, val_idx = data.split(config.val_fraction, config.seed)
@@ -182,12 +243,26 @@ def run_train_seg(
         model.load_state_dict(state["model"])
         criterion.load_state_dict(state["loss"])
         optimizer.load_state_dict(state["optimizer"])
+    distributed.seed_rank(config.seed)
+    # the contrastive head and τ get no gradient when the contrastive weight is 0
+    seg_step = distributed.wrap(
+        _SegStep(model, criterion), torch_device, find_unused_parameters=loss_config.w_contrastive == 0
+    )
+    world = distributed.world_size()
+    parallel = {
+        "world_size": world,
+        "grad_accum": config.grad_accum,
+        "global_batch_size": config.batch_size * world * config.grad_accum,
+    }
+    streams = distributed.batch_streams(config.grad_accum)
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "manifest.json").unlink(missing_ok=True)
-    write_json(out_dir / "config.json", {"train": config.to_json(), "loss": loss_config.to_json()})
-    columns = ["step", *LOSS_COLUMNS, "temperature", "val_dice_pseudo", "ref_dice", "seconds"]
-    log = CsvLog(out_dir / "metrics.csv", columns, keep_until_step=start_step if resume else None)
+    log = None
+    if main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "manifest.json").unlink(missing_ok=True)
+        write_json(out_dir / "config.json", {"train": config.to_json(), "loss": loss_config.to_json()})
+        columns = ["step", *LOSS_COLUMNS, "temperature", "val_dice_pseudo", "ref_dice", "seconds"]
+        log = CsvLog(out_dir / "metrics.csv", columns, keep_until_step=start_step if resume else None)
     model_config = {"arch": config.arch, "config": segmenter_config_dict(model)}
 
     def model_payload(step: int, val: dict) -> dict:
@@ -207,37 +282,30 @@ def run_train_seg(
     sums: dict[str, float] = {}
     count = 0
     for step in range(start_step + 1, config.steps + 1):
-        model.train()
-        gen = step_generator(config.seed, step)
-        idx = _batch(data, train_idx, config.batch_size, gen)
-
-        image, lung, soft, binary = (
-            torch.from_numpy(np.ascontiguousarray(a[idx], dtype=np.float32))[:, None].to(torch_device)
-            for a in (data.images, data.lungs > 0, data.soft, data.binary)
-        )  # each [B, 1, H, W]
-        if config.augment:
-            image, (lung, soft, binary) = augment_batch(
-                image, [lung, soft, binary], gen, config.max_rotation_deg, config.scale_range,
-                config.intensity_jitter, config.noise_std,
-            )  # fmt: skip
-            lung, binary = (lung >= 0.5).float(), (binary >= 0.5).float()
-        sets = data.sets[idx]
-        is_high = torch.from_numpy(sets == "high").to(torch_device)
-        contrast = torch.from_numpy(sets != "mid").to(torch_device)
-        with autocast(torch_device):
-            logits, features = model.forward_with_features(image)
-        loss, parts = criterion(logits, features.float(), soft, binary, is_high, contrast=contrast)
+        seg_step.train()
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        parts: dict[str, float] = {}
+        for m, stream in enumerate(streams):  # gradient accumulation: all-reduce on the last one only
+            batch = _micro_batch(
+                data, train_idx, config, step_generator(config.seed, step, stream), torch_device
+            )
+            with distributed.no_sync(seg_step, skip=m < len(streams) - 1):
+                loss, micro_parts = seg_step(*batch)
+                (loss / len(streams)).backward()
+            for key, value in micro_parts.items():
+                parts[key] = parts.get(key, 0.0) + value / len(streams)
         optimizer.step()
         for key, value in parts.items():
             sums[key] = sums.get(key, 0.0) + value
         count += 1
         row = None
         if step % config.log_every == 0 or step % config.eval_every == 0 or step == config.steps:
-            row = {"step": step, **{k: round(v / count, 6) for k, v in sums.items()}}
+            means = distributed.mean_over_ranks({k: v / count for k, v in sums.items()}, torch_device)
+            row = {"step": step, **{k: round(v, 6) for k, v in means.items()}}
             sums, count = {}, 0
         if step % config.eval_every == 0 or step == config.steps:
+            distributed.check_in_sync(seg_step, torch_device)
+        if main and (step % config.eval_every == 0 or step == config.steps):
             val = evaluate_slices(model, data, val_idx, config.threshold, torch_device)
             row.update({k: round(v, 4) for k, v in val.items()})
             # without validation cases (val_fraction 0 or a single case) the latest model is kept
@@ -258,17 +326,20 @@ def run_train_seg(
                     "loss": criterion.state_dict(),
                     "optimizer": optimizer.state_dict(),
                     "best": best,
+                    "world_size": world,
                 },
             )
             _overlay(out_dir, model, data, val_idx, step, config, torch_device)
-        if row is not None:
+        if main and row is not None:
             row["seconds"] = round(time.perf_counter() - started, 2)
             log.write(row)
-        if step % config.eval_every == 0 or step == config.steps:  # plots only with validation
+        if main and (step % config.eval_every == 0 or step == config.steps):  # plots only with validation
             loss_curves(log.read(), LOSS_COLUMNS, out_dir / "plots" / "loss.png", title="train-seg losses")
-        if progress:
+        if progress and main:
             progress(step, config.steps, parts)
 
+    if not main:
+        return distributed.broadcast_object(None)  # rank 0's manifest, once it is written
     manifest = {
         "format": "covidseg.seg",
         "version": 1,
@@ -278,6 +349,7 @@ def run_train_seg(
         "arch": config.arch,
         "preset": config.preset,
         "steps": config.steps,
+        "distributed": parallel,
         "n_train_slices": int(len(train_idx)),
         "n_val_slices": int(len(val_idx)),
         "val_cases": sorted(set(data.case_ids[val_idx])),
@@ -285,4 +357,4 @@ def run_train_seg(
         "files": {"best": "best.pt", "checkpoint": "checkpoint.pt", "metrics": "metrics.csv"},
     }
     write_json(out_dir / "manifest.json", manifest)
-    return manifest
+    return distributed.broadcast_object(manifest)
