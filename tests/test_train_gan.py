@@ -141,11 +141,16 @@ def test_train_seg_two_step_cli_run_and_resume(masks, tmp_path):
         assert (out / name).exists(), name
     best = torch.load(out / "best.pt", weights_only=True)
     assert best["format"] == "covidseg.seg.model" and best["model"]["arch"] == "transunet"
+    # what predict needs: the grid's slice size and slab thickness (lung box height / 16 slices)
+    spec = best["preprocessing"]
+    assert spec["slice_size"] == list(GRID[1:]) and spec["hu_window"] == [-1000.0, 400.0]
+    assert 8.0 < spec["slab_mm"] < 20.0
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["val_cases"] and manifest["n_train_slices"] > 0
 
     # resume: 2 + 2 steps equal 4 straight steps (same batches, augmentations and noise)
-    cfg = dict(arch="unet", batch_size=4, eval_every=2, log_every=1)
+    # (a cosine schedule is a function of the total steps, which this split changes: constant rate)
+    cfg = dict(arch="unet", batch_size=4, eval_every=2, log_every=1, lr_schedule="constant")
     run_train_seg(masks, tmp_path / "a", SegTrainConfig(steps=4, **cfg), device="cpu")
     run_train_seg(masks, tmp_path / "b", SegTrainConfig(steps=2, **cfg), device="cpu")
     run_train_seg(masks, tmp_path / "b", SegTrainConfig(steps=4, **cfg), device="cpu", resume=True)

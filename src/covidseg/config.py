@@ -93,6 +93,8 @@ class SegTrainConfig:
     batch_size: int = 16  # slices per micro-batch per process (half high-infected); see grad_accum
     grad_accum: int = 1  # micro-batches per optimizer step; global = batch_size × processes × grad_accum
     lr: float = 5e-4
+    lr_schedule: str = "cosine"  # cosine (warm-up, then down to 1 % of lr) | constant
+    warmup_steps: int = 50
     weight_decay: float = 1e-4
     val_fraction: float = 0.2  # share of cases held out (their pseudo-labels) for validation
     augment: bool = True
@@ -112,6 +114,8 @@ class SegTrainConfig:
             raise ValueError("steps must be >= 1 and batch size >= 2")
         if self.grad_accum < 1:
             raise ValueError("grad_accum must be >= 1")
+        if self.lr_schedule not in ("cosine", "constant") or self.warmup_steps < 0:
+            raise ValueError("lr_schedule must be cosine or constant, warmup_steps >= 0")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ValueError("val_fraction must be in [0, 1)")
 

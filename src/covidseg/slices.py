@@ -45,7 +45,8 @@ class SlicePreprocessing:
             raise ValueError("slab_mm must be > 0 and threshold in (0, 1)")
 
     def to_json(self) -> dict:
-        return asdict(self)
+        """Plain JSON types (lists, not tuples), the same in a checkpoint and in a sidecar."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
     @classmethod
     def from_json(cls, data: dict) -> SlicePreprocessing:

@@ -27,18 +27,21 @@ import torch
 from covidseg import __version__, distributed
 from covidseg.atomic import write_json
 from covidseg.augment import augment_batch
-from covidseg.config import SegTrainConfig
+from covidseg.config import PreprocessConfig, SegTrainConfig
 from covidseg.errors import InputError, UsageError
 from covidseg.infer import predict_probabilities
 from covidseg.losses import SegLossConfig, SegmentationLoss
 from covidseg.metrics import dice
 from covidseg.models.segmenters import make_segmenter, segmenter_config_dict
 from covidseg.plots import loss_curves, panels
+from covidseg.seg_model import MODEL_FORMAT
+from covidseg.slices import SlicePreprocessing
 from covidseg.stages.work import inside, read_manifest
 from covidseg.training import (
     CsvLog,
     autocast,
     load_checkpoint,
+    lr_at,
     resume_checkpoint_path,
     save_checkpoint,
     seed_everything,
@@ -46,7 +49,6 @@ from covidseg.training import (
 )
 
 CHECKPOINT_FORMAT = "covidseg.seg.checkpoint"
-MODEL_FORMAT = "covidseg.seg.model"
 LOSS_COLUMNS = ["loss_sensitivity", "loss_mse", "loss_contrastive", "loss_dice", "loss_total"]
 
 
@@ -91,6 +93,25 @@ def _batch(data: SliceSet, train_idx: np.ndarray, size: int, gen: torch.Generato
     pick_high = high[torch.randint(len(high), (n_high,), generator=gen).numpy()] if n_high else high[:0]
     pick_rest = train_idx[torch.randint(len(train_idx), (size - n_high,), generator=gen).numpy()]
     return np.concatenate([pick_high, pick_rest])
+
+
+def slice_preprocessing(masks_manifest: dict, threshold: float) -> SlicePreprocessing:
+    """How `predict` must cut a CT into slices for a model trained on this data: the preprocess
+    settings, the grid's in-plane size and its median slab thickness (mm) over the training cases."""
+    pre_dir = Path(masks_manifest["preprocess"])
+    pre = read_manifest(pre_dir, "covidseg.preprocess")
+    config = PreprocessConfig.from_json(pre["config"])
+    slabs = [float(r["grid_spacing_mm"][0]) for r in pre["cases"]]
+    if not slabs:
+        raise InputError(pre_dir / "manifest.json", "no preprocessed cases")
+    return SlicePreprocessing(
+        hu_window=config.hu_window,
+        slice_size=tuple(config.grid[1:]),
+        slab_mm=round(float(np.median(slabs)), 3),
+        margin_mm=config.margin_mm,
+        threshold=threshold,
+        lungs=config.lungs,
+    )
 
 
 class _SegStep(torch.nn.Module):
@@ -264,6 +285,7 @@ def _train_seg(
         columns = ["step", *LOSS_COLUMNS, "temperature", "val_dice_pseudo", "ref_dice", "seconds"]
         log = CsvLog(out_dir / "metrics.csv", columns, keep_until_step=start_step if resume else None)
     model_config = {"arch": config.arch, "config": segmenter_config_dict(model)}
+    preprocessing = slice_preprocessing(data.manifest, config.threshold).to_json()
 
     def model_payload(step: int, val: dict) -> dict:
         return {
@@ -274,8 +296,7 @@ def _train_seg(
             "weights": model.state_dict(),
             "threshold": config.threshold,
             "validation": val,
-            "grid": list(data.manifest["grid"]),
-            "hu_window": list(data.manifest["hu_window"]),
+            "preprocessing": preprocessing,
         }
 
     started = time.perf_counter()
@@ -283,6 +304,8 @@ def _train_seg(
     count = 0
     for step in range(start_step + 1, config.steps + 1):
         seg_step.train()
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, config.steps, config.lr, config.lr_schedule, config.warmup_steps)
         optimizer.zero_grad(set_to_none=True)
         parts: dict[str, float] = {}
         for m, stream in enumerate(streams):  # gradient accumulation: all-reduce on the last one only
