@@ -15,6 +15,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from covidseg import __version__
 from covidseg.errors import CovidsegError, UsageError
@@ -46,7 +47,7 @@ def _root(
 
 
 def _fail(exc: CovidsegError) -> None:
-    console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+    console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
     raise typer.Exit(exc.exit_code)
 
 
@@ -169,11 +170,14 @@ def preprocess(
     except CovidsegError as exc:
         _fail(exc)
     for note in result.notes:
-        console.print(f"note: {note}", highlight=False)
+        console.print(f"note: {escape(note)}", highlight=False, soft_wrap=True)
     for failure in result.failures:
-        console.print(f"[red]failed:[/] {failure['error']}", highlight=False, soft_wrap=True)
+        console.print(f"[red]failed:[/] {escape(failure['error'])}", highlight=False, soft_wrap=True)
     n_ok = len(result.manifest["cases"])
-    out.print(f"preprocessed {n_ok} case(s) into {output}; {len(result.failures)} failed")
+    out.print(
+        f"preprocessed {n_ok} case(s) into {escape(str(output))}; {len(result.failures)} failed",
+        soft_wrap=True,
+    )
     if result.failures:
         raise typer.Exit(1)
 
@@ -191,6 +195,7 @@ def evaluate(
         float | None, typer.Option(help="Exit 1 if mean specificity is below.")
     ] = None,
     per_slice: Annotated[bool, typer.Option("--per-slice", help="Also Dice over lesion slices.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a previous report.")] = False,
     no_progress: NoProgress = False,
 ) -> None:
     """Dice, sensitivity, specificity, IoU, HD95 and volumes per case and pooled."""
@@ -199,8 +204,9 @@ def evaluate(
 
         with _progress(0, "evaluate", False) as advance:
             result = run_evaluate(
-                pred, ref, output, min_dice, min_sensitivity, min_specificity, per_slice, progress=advance
-            )
+                pred, ref, output, min_dice, min_sensitivity, min_specificity, per_slice, progress=advance,
+                overwrite=overwrite,
+            )  # fmt: skip
     except CovidsegError as exc:
         _fail(exc)
     _print_evaluation(result)
@@ -336,7 +342,7 @@ def make_masks(
     if manifest["backend"]["kind"] == "onnx":
         console.print(f"generator on ONNX Runtime: {manifest['backend']['providers'][0]}", highlight=False)
     for failure in manifest["failed"]:
-        console.print(f"[red]failed:[/] {failure['error']}", highlight=False, soft_wrap=True)
+        console.print(f"[red]failed:[/] {escape(failure['error'])}", highlight=False, soft_wrap=True)
     s = manifest["slices"]
     out.print(
         f"pseudo-masks for {len(manifest['cases'])} case(s) in {output} "
@@ -456,10 +462,12 @@ def _print_evaluation(result) -> None:
         )
     out.print(table)
     for failure in result.failed_cases:
-        console.print(f"[red]failed:[/] {failure['error']}", highlight=False, soft_wrap=True)
+        console.print(f"[red]failed:[/] {escape(failure['error'])}", highlight=False, soft_wrap=True)
     for failed in result.failed_thresholds:
         console.print(f"[red]threshold not met:[/] {failed}", highlight=False)
-    out.print(f"report: {result.summary_json} and {result.metrics_csv}")
+    out.print(
+        f"report: {escape(str(result.summary_json))} and {escape(str(result.metrics_csv))}", soft_wrap=True
+    )
 
 
 def main() -> None:

@@ -15,6 +15,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+_FLOAT32_TINY = float(np.finfo(np.float32).tiny)  # smallest normal float32: a smaller slope is 0
+
 
 @dataclass(frozen=True)
 class IntensityMapping:
@@ -49,7 +52,13 @@ def parse_intensity(spec: str) -> IntensityMapping:
     if kind == "window":
         if not b > a:
             raise ValueError(f"intensity mapping {spec!r}: HI must be greater than LO")
-        return IntensityMapping(slope=(b - a) / 255.0, intercept=a, spec=spec)
-    if a == 0:
-        raise ValueError(f"intensity mapping {spec!r}: slope must not be 0")
-    return IntensityMapping(slope=a, intercept=b, spec=spec)
+        slope, intercept = (b - a) / 255.0, a
+    else:
+        slope, intercept = a, b
+    if not (_FLOAT32_TINY <= abs(slope) <= _FLOAT32_MAX and abs(intercept) <= _FLOAT32_MAX):
+        raise ValueError(
+            f"intensity mapping {spec!r}: slope must not be 0"
+            if slope == 0
+            else f"intensity mapping {spec!r}: numbers out of range (float32)"
+        )
+    return IntensityMapping(slope=slope, intercept=intercept, spec=spec)

@@ -46,6 +46,7 @@ from covidseg.atomic import write_json, write_text
 from covidseg.errors import CovidsegError, InputError, UsageError
 from covidseg.io import find_cases, read_mask
 from covidseg.metrics import METRIC_KEYS, aggregate, case_metrics, per_slice_dice, summarize_slice_dice
+from covidseg.stages.work import check_output_dir, inside
 
 FORMAT = "covidseg.evaluate"
 VERSION = 1
@@ -91,23 +92,31 @@ def _manifest_references(manifest_path: Path) -> list[tuple[str, Path]]:
     """
     try:
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise UsageError(manifest_path, f"cannot read manifest: {exc}") from None
+    except (OSError, ValueError, RecursionError) as exc:  # ValueError: bad JSON or UTF-8
+        raise UsageError(manifest_path, f"cannot read manifest: {str(exc)[:200]}") from None
     cases = manifest.get("cases") if isinstance(manifest, dict) else None
     if not isinstance(cases, list):
         raise UsageError(manifest_path, "not a covidseg manifest: no 'cases' list")
     references: dict[str, Path] = {}
+    preprocess = manifest.get("format") == "covidseg.preprocess"
     for entry in cases:
-        if not isinstance(entry, dict) or "id" not in entry:
-            raise UsageError(manifest_path, f"manifest case without an 'id': {entry!r}")
-        mask = (
-            entry.get("mask_source") if manifest.get("format") == "covidseg.preprocess" else entry.get("mask")
-        )
+        if not isinstance(entry, dict) or not isinstance(entry.get("id"), str | int) or entry["id"] == "":
+            raise UsageError(manifest_path, f"manifest case without an 'id': {str(entry)[:100]}")
+        mask = entry.get("mask_source") if preprocess else entry.get("mask")
         if mask is None:
             continue
         case_id = str(entry["id"])
+        if not isinstance(mask, str) or not mask or "\0" in mask:
+            raise UsageError(
+                manifest_path, f"case {case_id!r}: the mask is not a file name: {str(mask)[:100]!r}"
+            )
         if case_id in references:
             raise UsageError(manifest_path, f"case id {case_id!r} appears twice")
+        if not preprocess:  # a synth manifest names its masks inside its own folder
+            try:
+                inside(manifest_path.parent, mask)
+            except InputError as exc:
+                raise UsageError(manifest_path, exc.cause) from None
         references[case_id] = manifest_path.parent / mask
     return sorted(references.items())
 
@@ -192,11 +201,13 @@ def run_evaluate(
     min_specificity: float | None = None,
     per_slice: bool = False,
     progress: Progress | None = None,
+    overwrite: bool = False,
 ) -> EvaluationResult:
     """Evaluate the masks in `pred` against `ref`; write metrics.csv and summary.json to `out_dir`.
 
-    Raises :class:`UsageError` for a missing input, a negative threshold or when no case id
-    is shared by `pred` and `ref`. Per-case problems (unreadable file, geometry mismatch) are
+    Raises :class:`UsageError` for a missing input, a negative threshold, an output folder that
+    holds an input, a previous report (unless `overwrite`) or cannot be written, or when no case
+    id is shared by `pred` and `ref`. Per-case problems (unreadable file, geometry mismatch) are
     recorded in ``failed_cases`` instead of raised.
     """
     pred, ref, out_dir = Path(pred), Path(ref), Path(out_dir)
@@ -206,6 +217,11 @@ def run_evaluate(
     for label, path in (("--pred", pred), ("--ref", ref)):
         if not path.exists():
             raise UsageError(path, f"{label}: no such file or folder")
+        if out_dir.resolve() in (path.resolve(), *path.resolve().parents):
+            raise UsageError(out_dir, f"output folder contains the input {label} {path}; choose another")
+    if not overwrite and any((out_dir / name).exists() for name in (METRICS_CSV, SUMMARY_JSON)):
+        raise UsageError(out_dir, "holds a previous evaluation report; pass --overwrite to replace it")
+    check_output_dir(out_dir)
 
     predictions = dict(find_cases(pred))
     references = dict(_references(ref))

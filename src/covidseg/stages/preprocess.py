@@ -30,6 +30,7 @@ from covidseg.intensity import IntensityMapping
 from covidseg.io import find_cases, read_ct, read_mask
 from covidseg.lungs import segment_lungs
 from covidseg.preprocess import grid_spacing_mm, hu_to_grid, lung_crop_box, mask_to_grid
+from covidseg.stages.work import check_output_dir
 
 MANIFEST_FORMAT = "covidseg.preprocess"
 MANIFEST_VERSION = 1
@@ -166,6 +167,7 @@ def _check_out_dir(out_dir: Path, inputs: list[CaseInput], overwrite: bool) -> N
                 raise UsageError(out_dir, f"output folder contains the input {p}; choose another")
     if (out_dir / "manifest.json").exists() and not overwrite:
         raise UsageError(out_dir, "holds a previous preprocess output; pass --overwrite to replace it")
+    check_output_dir(out_dir)
 
 
 def run_preprocess(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,19 +21,39 @@ def read_manifest(folder: Path, expected_format: str, max_version: int = 1) -> d
         raise UsageError(folder, f"no manifest.json: not a finished {expected_format} output")
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InputError(path, f"unreadable manifest ({exc})") from None
+    except (OSError, ValueError, RecursionError) as exc:  # ValueError: bad JSON or UTF-8
+        raise InputError(path, f"unreadable manifest ({str(exc)[:200]})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != expected_format:
         raise InputError(path, f"not a {expected_format} manifest")
-    if not isinstance(manifest.get("version"), int) or manifest["version"] > max_version:
-        raise InputError(path, f"manifest version {manifest.get('version')} is newer than this covidseg")
+    version = manifest.get("version")
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise InputError(path, f"manifest without a valid version number ({version!r})")
+    if version > max_version:
+        raise InputError(path, f"manifest version {version} is newer than this covidseg")
+    if not isinstance(manifest.get("cases", []), list):
+        raise InputError(path, "'cases' is not a list")
     return manifest
+
+
+def check_output_dir(out_dir: Path) -> None:
+    """Refuse (UsageError) an output folder that is a file or cannot be written; creates nothing."""
+    out_dir = Path(out_dir)
+    existing = out_dir.absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UsageError(out_dir, f"cannot be an output folder: {existing} is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(out_dir, f"cannot write the output: {existing} is not writable")
 
 
 def inside(folder: Path, relative: str) -> Path:
     """`folder / relative`, refusing paths that leave the folder (hand-edited manifests)."""
     folder = Path(folder).resolve()
-    path = (folder / relative).resolve()
+    try:
+        path = (folder / relative).resolve()
+    except (OSError, ValueError) as exc:  # a symlink loop, a NUL character
+        raise InputError(folder / "manifest.json", f"bad path {relative!r} ({exc})") from None
     if folder != path and folder not in path.parents:
         raise InputError(folder / "manifest.json", f"path {relative!r} points outside {folder}")
     return path
@@ -59,14 +80,33 @@ class GridCase:
 def load_grid_cases(pre_dir: Path, groups: tuple[str, ...] = ("healthy", "covid")) -> list[GridCase]:
     """All cases of a preprocess output whose group is in `groups`, arrays loaded."""
     manifest = read_manifest(pre_dir, "covidseg.preprocess")
+    path = Path(pre_dir) / "manifest.json"
     cases = []
-    for record in manifest["cases"]:
+    for i, record in enumerate(manifest.get("cases", [])):
+        if not isinstance(record, dict) or not isinstance(record.get("id"), str):
+            raise InputError(path, f"case record {i} has no 'id'")
         if record.get("group") not in groups:
             continue
-        image = np.load(inside(pre_dir, record["image"]), allow_pickle=False)
-        lungs = np.load(inside(pre_dir, record["lungs"]), allow_pickle=False)
-        ref = np.load(inside(pre_dir, record["ref"]), allow_pickle=False) if record.get("ref") else None
-        if image.shape != lungs.shape or (ref is not None and ref.shape != image.shape):
+        for key in ("image", "lungs", "ref"):
+            if not isinstance(record.get(key), str) and (key != "ref" or record.get(key) is not None):
+                raise InputError(path, f"case {record['id']!r}: {key!r} is not a file name")
+        image = load_array(inside(pre_dir, record["image"]))
+        lungs = load_array(inside(pre_dir, record["lungs"]))
+        ref = load_array(inside(pre_dir, record["ref"])) if record.get("ref") else None
+        if image.ndim != 3 or image.shape != lungs.shape or (ref is not None and ref.shape != image.shape):
             raise InputError(pre_dir / record["image"], "image, lung and reference grids differ in shape")
         cases.append(GridCase(record=record, image=image.astype(np.float32), lungs=lungs, ref=ref))
     return cases
+
+
+def load_array(path: Path) -> np.ndarray:
+    """A numeric .npy array of a work folder (never a pickle), with a one-line error when unusable."""
+    try:
+        array = np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise InputError(path, "missing: the work folder is incomplete") from None
+    except (OSError, ValueError, EOFError) as exc:
+        raise InputError(path, f"not a readable .npy array ({str(exc)[:200]})") from None
+    if not isinstance(array, np.ndarray) or array.dtype.kind not in "biuf":
+        raise InputError(path, f"not a numeric array (dtype {getattr(array, 'dtype', type(array))})")
+    return array
