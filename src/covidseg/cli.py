@@ -367,6 +367,9 @@ def train_seg(
         int, typer.Option(help="K: micro-batches whose gradients are summed per optimizer step.")
     ] = 1,
     lr: Annotated[float, typer.Option(help="AdamW learning rate.")] = 5e-4,
+    lr_schedule: Annotated[
+        str, typer.Option(help="cosine (50-step warm-up, then down to 1 % of --lr) or constant.")
+    ] = "cosine",
     w_contrastive: Annotated[float, typer.Option(help="Weight of the contrastive loss.")] = 0.1,
     w_mse: Annotated[float, typer.Option(help="Weight of the MSE to the continuous pseudo-mask.")] = 1.0,
     w_sensitivity: Annotated[float, typer.Option(help="Weight of the sensitivity-enhanced BCE.")] = 1.0,
@@ -386,7 +389,8 @@ def train_seg(
 
         try:
             config = SegTrainConfig(
-                arch=arch, preset=preset, steps=steps, batch_size=batch_size, lr=lr, augment=not no_augment,
+                arch=arch, preset=preset, steps=steps, batch_size=batch_size, lr=lr, lr_schedule=lr_schedule,
+                augment=not no_augment,
                 eval_every=eval_every, seed=seed, grad_accum=grad_accum,
             )  # fmt: skip
             loss_config = SegLossConfig(
@@ -414,6 +418,200 @@ def train_seg(
     if "ref_dice" in best:
         text += f"; vs reference masks (not used for training) {best['ref_dice']:.3f}"
     out.print(f"{text}\nmodel: {output / 'best.pt'}")
+
+
+def _is_gan_output(source: Path) -> bool:
+    """A train-gan output folder or its generator.pt (export makes the generator's ONNX)."""
+    return (source.is_dir() and (source / "generator.pt").is_file()) or source.name == "generator.pt"
+
+
+@app.command()
+def export(
+    source: Annotated[
+        Path, typer.Argument(help="A train-seg output folder or its best.pt; or a train-gan folder.")
+    ],
+    output: Annotated[
+        Path | None,
+        typer.Option("-o", "--output", help="The .onnx file to write (sidecar .json beside)."),
+    ] = None,
+    name: Annotated[
+        str | None, typer.Option(help="Install a segmenter into the model home under this name.")
+    ] = None,
+    fp16: Annotated[bool, typer.Option("--fp16", help="Half-precision weights (for GPUs).")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing model.")] = False,
+) -> None:
+    """A trained segmenter (or GAN generator) -> ONNX + sidecar JSON, checked against torch.
+
+    For a train-gan folder the generator is exported (default: GAN/generator.onnx), so that
+    `make-masks --backend onnx` can run it.
+    """
+    try:
+        if _is_gan_output(source):
+            if fp16 or name:
+                raise UsageError(source, "--fp16 and --name are for segmenters, not the GAN generator")
+            from covidseg.stages.export_generator import export_generator
+
+            folder = source if source.is_dir() else source.parent
+            with console.status("exporting the generator and checking parity ..."):
+                result = export_generator(source, output or folder / "generator.onnx", overwrite)
+            out.print(
+                f"wrote {escape(result['onnx'])} and {Path(result['sidecar']).name}; parity: max "
+                f"|removal diff| {result['parity']['max_abs_removal_diff']:.2g}",
+                soft_wrap=True,
+            )
+            return
+        from covidseg.stages.export import run_export
+
+        with console.status("exporting and checking parity ..."):
+            result = run_export(source, output, name, fp16, overwrite)
+    except CovidsegError as exc:
+        _fail(exc)
+    parity = result["parity"]
+    out.print(
+        f"wrote {escape(result['path'])} ({result['precision']}) and {Path(result['sidecar']).name}; "
+        f"parity on {parity['slices']} slices: max |logit diff| {parity['max_abs_logit_diff']:.2g}, "
+        f"mask Dice {parity['mask_dice']:.4f}",
+        soft_wrap=True,
+    )
+
+
+@app.command()
+def predict(
+    inputs: Annotated[
+        list[Path], typer.Argument(help="CT files and folders (recursive: NIfTI, MHA, NRRD, DICOM series).")
+    ],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Folder for masks, read-outs and reports.")],
+    model: Annotated[
+        str | None,
+        typer.Option(help="An .onnx (with sidecar), a .pt or train-seg folder, or a model-home name."),
+    ] = None,
+    backend: Annotated[str, typer.Option(help="auto (as the model file is), onnx or torch.")] = "auto",
+    device: DeviceOpt = "auto",
+    resume: Annotated[
+        bool, typer.Option("--continue", help="Skip cases whose outputs are complete.")
+    ] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Redo cases that have outputs.")] = False,
+    probabilities: Annotated[
+        bool, typer.Option("--probabilities", help="Also write <case>_probability.nii.gz.")
+    ] = False,
+    snapshots: Annotated[
+        bool, typer.Option("--snapshots", help="Also write an overlay PNG per case.")
+    ] = False,
+    intensity: Annotated[
+        str | None,
+        typer.Option(help="Map non-HU images to HU: 'window:LO,HI' (0..255 -> LO..HI) or 'linear:A,B'."),
+    ] = None,
+    series: Annotated[str | None, typer.Option(help="DICOM SeriesInstanceUID to read.")] = None,
+    tensorrt: Annotated[
+        bool, typer.Option("--tensorrt", help="Ask ONNX Runtime for TensorRT first (slow first build).")
+    ] = False,
+    num_parts: Annotated[int, typer.Option(help="Split the batch over K jobs (see --part-id).")] = 1,
+    part_id: Annotated[int, typer.Option(help="Which part this job runs: 0..K-1.")] = 0,
+    no_progress: NoProgress = False,
+) -> None:
+    """Lesion masks and a clinical read-out (mL, % of lung, CT-0..CT-4) for every CT."""
+    try:
+        from covidseg.intensity import parse_intensity
+
+        try:
+            mapping = parse_intensity(intensity) if intensity else None
+        except ValueError as exc:
+            raise UsageError(None, str(exc)) from None
+        if resume and overwrite:
+            raise UsageError(None, "--continue and --overwrite exclude each other")
+        from covidseg.stages.predict import PredictOptions, collect_cases, run_predict, select_part
+
+        options = PredictOptions(
+            probabilities, snapshots, resume, overwrite, series, mapping,
+            tensorrt=tensorrt, num_parts=num_parts, part_id=part_id,
+        )  # fmt: skip
+        cases = collect_cases(list(inputs), output, allow_2d=mapping is not None)
+        cases = select_part(cases, num_parts, part_id)
+
+        def announce(runner) -> None:
+            console.print(f"model runs with {escape(runner.description)}", highlight=False)
+            if runner.warning:
+                console.print(f"[yellow]warning:[/] {escape(runner.warning)}", highlight=False)
+
+        with _progress(len(cases), "predict", not no_progress) as advance:
+            result = run_predict(cases, output, model, backend, device, options, advance, announce)
+    except CovidsegError as exc:
+        _fail(exc)
+    for failure in result.failures:
+        console.print(f"[red]failed:[/] {escape(failure['error'])}", highlight=False, soft_wrap=True)
+    report = result.report
+    per_case = report["seconds_per_case"]
+    timing = f" in {report['seconds']:.1f} s ({per_case:.2f} s/case)" if per_case else ""
+    out.print(
+        f"predicted {report['predicted']} case(s){timing}, {len(result.skipped)} already done, "
+        f"{len(result.failures)} failed -> {escape(str(output / f'summary{options.part_suffix}.csv'))}",
+        soft_wrap=True,
+    )
+    if result.failures:
+        raise typer.Exit(1)
+
+
+@app.command("merge-reports")
+def merge_reports(
+    output: Annotated[Path, typer.Argument(help="The folder the predict parts wrote to.")],
+) -> None:
+    """Join the summaries and reports of `predict --num-parts K` jobs into one."""
+    try:
+        from covidseg.stages.predict import merge_reports as merge
+
+        report = merge(output)
+    except CovidsegError as exc:
+        _fail(exc)
+    out.print(
+        f"merged {len(report['parts'])} parts: {report['cases']} case(s), {report['predicted']} predicted, "
+        f"{len(report['failed'])} failed -> {escape(str(output / 'summary.csv'))}",
+        soft_wrap=True,
+    )
+    if report["failed"]:
+        raise typer.Exit(1)
+
+
+@app.command()
+def doctor(
+    as_json: Annotated[bool, typer.Option("--json", help="Print the findings as JSON.")] = False,
+) -> None:
+    """Versions, CUDA, the ONNX Runtime providers that really work, and the model home."""
+    from covidseg.stages.doctor import run_doctor
+
+    found = run_doctor()
+    if as_json:
+        import json
+
+        out.print_json(json.dumps(found))
+        return
+    from rich.table import Table
+
+    table = Table(title=f"covidseg {found['covidseg']}", show_header=False)
+    for key in (
+        "python",
+        "platform",
+        "torch",
+        "torch_cuda_build",
+        "cuda_available",
+        "onnxruntime",
+        "SimpleITK",
+    ):
+        table.add_row(key, str(found[key]))
+    if found["cuda_devices"]:
+        table.add_row("cuda_devices", ", ".join(found["cuda_devices"]))
+    for provider, status in found["onnxruntime_providers"].items():
+        table.add_row(f"ORT {provider.removesuffix('ExecutionProvider')}", status)
+    home = found["home"]
+    table.add_row("model home", f"{home['path']} ({home['from']})")
+    models = home["models"] or [{"name": "(none)", "status": "add one with covidseg export --name NAME"}]
+    for entry in models:
+        detail = (
+            entry["status"]
+            if entry["status"] != "ok"
+            else f"{entry['kind']} {entry['arch']} {entry['precision']}"
+        )
+        table.add_row(f"model {entry['name']}", detail)
+    out.print(table)
 
 
 @contextlib.contextmanager
@@ -463,6 +661,13 @@ def _print_evaluation(result) -> None:
     out.print(table)
     for failure in result.failed_cases:
         console.print(f"[red]failed:[/] {escape(failure['error'])}", highlight=False, soft_wrap=True)
+    missing = result.unmatched.get("ref_without_pred") or []
+    if missing:
+        shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
+        console.print(
+            f"[yellow]not scored:[/] {len(missing)} reference case(s) without a prediction: {escape(shown)}",
+            highlight=False,
+        )
     for failed in result.failed_thresholds:
         console.print(f"[red]threshold not met:[/] {failed}", highlight=False)
     out.print(

@@ -89,13 +89,16 @@ def _is_dicom_file(path: Path) -> bool:
         return False
 
 
-def find_cases(root: str | Path, allow_2d: bool = False) -> list[tuple[str, Path]]:
+def find_cases(
+    root: str | Path, allow_2d: bool = False, exclude: str | Path | None = None
+) -> list[tuple[str, Path]]:
     """All cases under `root`: (case id, path) sorted by id.
 
     A file is one case. A folder is searched recursively (symbolic links followed, each folder
     once): every volume file is a case, and every folder that directly holds DICOM files is one
-    case (a DICOM series folder). With `allow_2d`, 2D image files (PNG, JPEG, ...) count too.
-    Duplicate case ids raise InputError.
+    case (a DICOM series folder). With `allow_2d`, 2D image files (PNG, JPEG, ...) count too. The
+    folder `exclude` is not searched (an output folder inside an input folder). Duplicate case ids
+    raise InputError.
     """
     root = Path(root)
     if not root.exists():
@@ -110,7 +113,7 @@ def find_cases(root: str | Path, allow_2d: bool = False) -> list[tuple[str, Path
             raise InputError(path, f"case id {case_id!r} also used by {cases[case_id]}")
         cases[case_id] = path
 
-    visited: set[str] = set()
+    visited: set[str] = {os.path.realpath(exclude)} if exclude is not None else set()
     for folder, dirnames, filenames in os.walk(root, followlinks=True):
         real = os.path.realpath(folder)
         if real in visited:  # a symlink loop, or a second link to a folder already searched

@@ -126,7 +126,7 @@ def _references(ref: Path) -> list[tuple[str, Path]]:
         return _manifest_references(ref)
     if ref.is_dir() and (ref / MANIFEST_NAME).is_file():
         return _manifest_references(ref / MANIFEST_NAME)
-    return find_cases(ref)
+    return find_cases(ref, allow_2d=True)  # 2D label images (PNG) of 2D datasets too
 
 
 def _check_threshold(name: str, value: float | None) -> None:
