@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -343,3 +344,39 @@ def test_parts_split_a_batch_without_overlap_or_gap_and_merge(model_onnx, phanto
     merged = json.loads((out / "report.json").read_text())
     assert merged["cases"] == 3 and merged["predicted"] == 3 and len(merged["parts"]) == 2
     assert _invoke(*base, "--num-parts", "2", "--part-id", "2").exit_code == 2
+
+
+def test_a_corrupt_onnx_file_with_a_matching_sidecar_is_refused_in_one_line(model_onnx, phantom, tmp_path):
+    broken = tmp_path / "broken.onnx"
+    broken.write_bytes(b"not a protobuf" * 100)
+    sidecar = json.loads(sidecar_path(model_onnx).read_text())
+    sidecar["sha256"] = hashlib.sha256(broken.read_bytes()).hexdigest()
+    sidecar_path(broken).write_text(json.dumps(sidecar))
+    ct = tmp_path / "ct.nii.gz"
+    write_array(ct, phantom.hu.astype(np.int16), _lps_geometry(SHAPE, SPACING))
+    result = _invoke("predict", str(ct), "-o", str(tmp_path / "out"), "--model", str(broken), "--no-progress")
+    assert result.exit_code == 1
+    assert "ONNX Runtime cannot load this model" in result.output and str(broken) in result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_backend_and_model_kind_must_agree(model_pt, phantom, tmp_path):
+    ct = tmp_path / "ct.nii.gz"
+    write_array(ct, phantom.hu.astype(np.int16), _lps_geometry(SHAPE, SPACING))
+    args = ["predict", str(ct), "-o", str(tmp_path / "out"), "--model", str(model_pt), "--no-progress"]
+    result = _invoke(*args, "--backend", "onnx")
+    assert result.exit_code == 2 and "needs an .onnx model" in result.output
+
+
+def test_a_scan_without_lungs_fails_alone(model_onnx, phantom, tmp_path):
+    inputs = tmp_path / "in"
+    write_array(inputs / "chest.nii.gz", phantom.hu.astype(np.int16), _lps_geometry(SHAPE, SPACING))
+    abdomen = np.full(SHAPE, -1000, np.int16)
+    zz, yy, xx = np.mgrid[: SHAPE[0], : SHAPE[1], : SHAPE[2]]
+    abdomen[(yy - 48) ** 2 + (xx - 48) ** 2 < 40**2] = 40  # soft tissue, no air inside the body
+    write_array(inputs / "abdomen.nii.gz", abdomen, _lps_geometry(SHAPE, SPACING))
+    out = tmp_path / "out"
+    result = _invoke("predict", str(inputs), "-o", str(out), "--model", str(model_onnx), "--no-progress")
+    assert result.exit_code == 1
+    assert "abdomen.nii.gz: no lungs found" in result.output
+    assert (out / "chest.json").exists() and not list(out.glob("abdomen*"))
