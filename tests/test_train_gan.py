@@ -149,8 +149,8 @@ def test_train_seg_two_step_cli_run_and_resume(masks, tmp_path):
     assert manifest["val_cases"] and manifest["n_train_slices"] > 0
 
     # resume: 2 + 2 steps equal 4 straight steps (same batches, augmentations and noise)
-    # (a cosine schedule is a function of the total steps, which this split changes: constant rate)
-    cfg = dict(arch="unet", batch_size=4, eval_every=2, log_every=1, lr_schedule="constant")
+    cfg = dict(arch="unet", batch_size=4, eval_every=2, log_every=1)  # constant rate: a cosine one
+    # is a function of the total steps, which this split changes
     run_train_seg(masks, tmp_path / "a", SegTrainConfig(steps=4, **cfg), device="cpu")
     run_train_seg(masks, tmp_path / "b", SegTrainConfig(steps=2, **cfg), device="cpu")
     run_train_seg(masks, tmp_path / "b", SegTrainConfig(steps=4, **cfg), device="cpu", resume=True)

@@ -368,8 +368,8 @@ def train_seg(
     ] = 1,
     lr: Annotated[float, typer.Option(help="AdamW learning rate.")] = 5e-4,
     lr_schedule: Annotated[
-        str, typer.Option(help="cosine (50-step warm-up, then down to 1 % of --lr) or constant.")
-    ] = "cosine",
+        str, typer.Option(help="constant, or cosine (50-step warm-up, then down to 1 % of --lr).")
+    ] = "constant",
     w_contrastive: Annotated[float, typer.Option(help="Weight of the contrastive loss.")] = 0.1,
     w_mse: Annotated[float, typer.Option(help="Weight of the MSE to the continuous pseudo-mask.")] = 1.0,
     w_sensitivity: Annotated[float, typer.Option(help="Weight of the sensitivity-enhanced BCE.")] = 1.0,

@@ -93,7 +93,7 @@ class SegTrainConfig:
     batch_size: int = 16  # slices per micro-batch per process (half high-infected); see grad_accum
     grad_accum: int = 1  # micro-batches per optimizer step; global = batch_size × processes × grad_accum
     lr: float = 5e-4
-    lr_schedule: str = "cosine"  # cosine (warm-up, then down to 1 % of lr) | constant
+    lr_schedule: str = "constant"  # constant (the measured recipe) | cosine (warm-up, then to 1 % of lr)
     warmup_steps: int = 50
     weight_decay: float = 1e-4
     val_fraction: float = 0.2  # share of cases held out (their pseudo-labels) for validation
