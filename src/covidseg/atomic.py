@@ -6,10 +6,11 @@ A reader never sees half a file, and a killed process leaves at most a hidden `.
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +46,20 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def remove_stale_temps(folder: str | Path, names: Iterable[str] | None = None) -> list[Path]:
+    """Remove the temporary files a killed writer left in `folder` (for the files `names`, or for
+    any file); return them. Only for a folder this process alone writes to (or, with `names`, for
+    files no other process writes), since a live writer's temporary file looks the same."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    patterns = [f".{glob.escape(name)}.tmp-*" for name in names] if names is not None else [".*.tmp-*"]
+    removed = sorted({p for pattern in patterns for p in folder.glob(pattern) if p.is_file()})
+    for path in removed:
+        path.unlink(missing_ok=True)
+    return removed
 
 
 def write_text(path: str | Path, text: str) -> None:

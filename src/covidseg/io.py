@@ -40,6 +40,15 @@ MIN_SIDE = 8
 SLICE_GAP_TOLERANCE = 0.01
 #: DICOM slices closer than this (mm) are duplicates.
 SLICE_GAP_MIN_MM = 0.01
+#: The only DICOM header fields covidseg ever copies into an output (``predict --keep-metadata``).
+DICOM_IDENTIFIERS = {
+    "PatientName": "0010|0010",
+    "PatientID": "0010|0020",
+    "StudyInstanceUID": "0020|000d",
+    "SeriesInstanceUID": "0020|000e",
+    "StudyDate": "0008|0020",
+    "AccessionNumber": "0008|0050",
+}
 
 
 @dataclass
@@ -52,6 +61,7 @@ class CTVolume:
     orientation: Orientation  # native <-> canonical
     source: str  # file or DICOM folder it came from
     series_uid: str | None = None
+    dicom: dict[str, str] | None = None  # DICOM_IDENTIFIERS found, when read_ct was asked for them
 
     def to_native_image(self, canonical: np.ndarray) -> sitk.Image:
         """A SimpleITK image of a canonical array, with the source's exact native geometry."""
@@ -201,8 +211,10 @@ def _check_dicom_lengths(path: Path) -> None:
             pos += header if length == 0xFFFFFFFF else header + length
 
 
-def _read_dicom_folder(folder: Path, series: str | None) -> tuple[sitk.Image, str, str | None]:
-    """Read one series of a DICOM folder: `series` or the one with most slices."""
+def _read_dicom_folder(folder: Path, series: str | None) -> tuple[sitk.Image, str, str | None, str]:
+    """Read one series of a DICOM folder: `series` or the one with most slices.
+
+    Returns the image, the series UID, an optional note and the series' first file."""
     for path in sorted(folder.iterdir()):
         if path.is_file() and _is_dicom_file(path):
             _check_dicom_lengths(path)
@@ -237,9 +249,24 @@ def _read_dicom_folder(folder: Path, series: str | None) -> tuple[sitk.Image, st
     reader.SetOutputPixelType(sitk.sitkFloat32)
     reader.SetSpacingWarningRelThreshold(SLICE_GAP_TOLERANCE)  # checked above, with a clear message
     try:
-        return reader.Execute(), uid, note
+        return reader.Execute(), uid, note, all_series[uid][0]
     except RuntimeError:
         raise InputError(folder, f"unreadable DICOM series {uid}: a slice is truncated or corrupt") from None
+
+
+def dicom_identifiers(path: str | Path) -> dict[str, str]:
+    """The :data:`DICOM_IDENTIFIERS` present in the header of the DICOM file `path` (values stripped)."""
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError:
+        raise InputError(path, "unreadable DICOM file: truncated or corrupt") from None
+    return {
+        name: reader.GetMetaData(tag).strip(" \x00")
+        for name, tag in DICOM_IDENTIFIERS.items()
+        if reader.HasMetaDataKey(tag)
+    }
 
 
 def _check_dicom_slices(folder: Path, files: list[str]) -> None:
@@ -601,20 +628,24 @@ def read_ct(
     path: str | Path,
     series: str | None = None,
     intensity: IntensityMapping | None = None,
+    identifiers: bool = False,
 ) -> tuple[CTVolume, str | None]:
     """Read a CT (file or DICOM folder) into HU, canonical orientation.
 
     Returns the volume and an optional note for the user (e.g. which of several DICOM series was
     taken). Raises :class:`InputError` naming the file for anything that is not a CT in HU.
     DICOM rescale slope/intercept are applied by the reader; `intensity` maps other stored values.
+    No header field is kept, except with `identifiers`: then ``volume.dicom`` holds the
+    :data:`DICOM_IDENTIFIERS` of a DICOM input's first slice (None for other formats).
     """
     path = Path(path)
     note = None
     uid = None
+    first_dicom = None
     if not path.exists():
         raise InputError(path, "no such file or folder")
     if path.is_dir():
-        image, uid, note = _read_dicom_folder(path, series)
+        image, uid, note, first_dicom = _read_dicom_folder(path, series)
     else:
         if path.stat().st_size == 0:
             raise InputError(path, "empty file (0 bytes)")
@@ -640,6 +671,10 @@ def read_ct(
         source=str(path),
         series_uid=uid,
     )
+    if identifiers:
+        if first_dicom is None and _is_dicom_file(path):
+            first_dicom = path
+        volume.dicom = dicom_identifiers(first_dicom) if first_dicom is not None else None
     return volume, note
 
 

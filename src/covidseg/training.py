@@ -101,11 +101,16 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     return payload
 
 
+def _complete(row: dict) -> bool:
+    """A log row with every column and an integer step (not the torn last line of a killed run)."""
+    return None not in row and None not in row.values() and row["step"].isdigit()
+
+
 class CsvLog:
     """Append rows to a CSV file (header written once); flushed after each row.
 
     On resume, rows after `keep_until_step` (written after the last checkpoint) are dropped so the
-    log matches the model state.
+    log matches the model state, and so is an incomplete last row.
     """
 
     def __init__(self, path: str | Path, columns: list[str], keep_until_step: int | None = None) -> None:
@@ -113,7 +118,7 @@ class CsvLog:
         self.columns = columns
         if keep_until_step is not None and self.path.exists():
             with open(self.path, newline="", encoding="utf-8") as fh:
-                rows = [r for r in csv.DictReader(fh) if int(r["step"]) <= keep_until_step]
+                rows = [r for r in csv.DictReader(fh) if _complete(r) and int(r["step"]) <= keep_until_step]
             with atomic_path(self.path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
                 writer = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore")
                 writer.writeheader()

@@ -6,7 +6,8 @@ Per case, in the output folder::
     <id>_probability.nii.gz   lesion probability (float32), with --probabilities
     <id>.png                  overlay montage, with --snapshots
     <id>.json                 read-out: lesion/lung mL, % of lung involved (per lung too), CT-0..CT-4;
-                              written last: a case whose JSON exists is complete
+                              written last: a case whose JSON exists is complete; no patient data
+                              from DICOM headers unless asked (--keep-metadata: "dicom")
 
 and for the batch ``summary.csv`` (one row per case) and ``report.json`` (versions, model,
 backend and the provider that really ran, per-case timings and outputs, failures).
@@ -31,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from covidseg import __version__
-from covidseg.atomic import write_json, write_text
+from covidseg.atomic import remove_stale_temps, write_json, write_text
 from covidseg.errors import CovidsegError, InputError, UsageError
 from covidseg.home import resolve_model
 from covidseg.intensity import IntensityMapping
@@ -59,6 +60,7 @@ class PredictOptions:
     tensorrt: bool = False  # ask ONNX Runtime for TensorRT first
     num_parts: int = 1  # split the batch over this many jobs ...
     part_id: int = 0  # ... and run this one (0-based)
+    keep_metadata: bool = False  # copy the DICOM identifiers (io.DICOM_IDENTIFIERS) into <id>.json
 
     @property
     def part_suffix(self) -> str:
@@ -138,7 +140,7 @@ def _reader(cases: list[tuple[str, Path]], options: PredictOptions) -> Iterator[
 
         def submit(i: int) -> Future:
             _, path = cases[i]
-            return pool.submit(read_ct, path, options.series, options.intensity)
+            return pool.submit(read_ct, path, options.series, options.intensity, options.keep_metadata)
 
         pending = submit(0) if cases else None
         for i, (case_id, path) in enumerate(cases):
@@ -214,6 +216,8 @@ def predict_volume(
         "covidseg_version": __version__,
         "model_sha256": seg.info["sha256"],
     }
+    if options.keep_metadata:  # asked for: patient identifiers (None for a non-DICOM input)
+        record["dicom"] = volume.dicom
     write_json(files["json"], record)
     return record
 
@@ -299,6 +303,10 @@ def run_predict(
                 progress(f"{case_id}: already done")
         else:
             todo.append((case_id, path))
+    # a killed run may have left temporary files of the outputs this job now writes
+    suffix = options.part_suffix
+    names = [p.name for case_id, _ in todo for p in case_outputs(out_dir, case_id, options).values()]
+    remove_stale_temps(out_dir, [*names, f"summary{suffix}.csv", f"report{suffix}.json"])
 
     batch_started = time.perf_counter()
     for case_id, path, future in _reader(todo, options):
@@ -321,7 +329,6 @@ def run_predict(
 
     order = {cid: i for i, (cid, _) in enumerate(cases)}
     all_records = sorted(records + failures, key=lambda r: order[r["case_id"]])
-    suffix = options.part_suffix
     write_summary(out_dir, all_records, f"summary{suffix}.csv")
     report = _report(seg, runner, cases, all_records, skipped, time.perf_counter() - batch_started)
     report["part"] = {"num_parts": options.num_parts, "part_id": options.part_id}

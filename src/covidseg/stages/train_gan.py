@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from covidseg import __version__, distributed
-from covidseg.atomic import write_json
+from covidseg.atomic import remove_stale_temps, write_json
 from covidseg.config import GanTrainConfig
 from covidseg.corruption import perlin_lesions
 from covidseg.errors import UsageError
@@ -317,6 +317,8 @@ def _train_gan(
     if main:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "manifest.json").unlink(missing_ok=True)
+        for folder in (out_dir, out_dir / "plots"):  # what a killed run left half-written
+            remove_stale_temps(folder)
         write_json(out_dir / "config.json", {"train": config.to_json(), "pseudo_mask": asdict(mask_config)})
         log = CsvLog(
             out_dir / "metrics.csv",

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from covidseg import __version__, distributed
-from covidseg.atomic import write_json
+from covidseg.atomic import remove_stale_temps, write_json
 from covidseg.augment import augment_batch
 from covidseg.config import PreprocessConfig, SegTrainConfig
 from covidseg.errors import InputError, UsageError
@@ -281,6 +281,8 @@ def _train_seg(
     if main:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "manifest.json").unlink(missing_ok=True)
+        for folder in (out_dir, out_dir / "plots"):  # what a killed run left half-written
+            remove_stale_temps(folder)
         write_json(out_dir / "config.json", {"train": config.to_json(), "loss": loss_config.to_json()})
         columns = ["step", *LOSS_COLUMNS, "temperature", "val_dice_pseudo", "ref_dice", "seconds"]
         log = CsvLog(out_dir / "metrics.csv", columns, keep_until_step=start_step if resume else None)
@@ -336,6 +338,10 @@ def _train_seg(
             if score is None or score >= best["val_dice_pseudo"]:
                 best = {"step": step, **val, "val_dice_pseudo": -1.0 if score is None else score}
                 save_checkpoint(out_dir / "best.pt", model_payload(step, val))
+        if main and row is not None:  # before the checkpoint, so a run resumed from it has this row
+            row["seconds"] = round(time.perf_counter() - started, 2)
+            log.write(row)
+        if main and (step % config.eval_every == 0 or step == config.steps):
             save_checkpoint(
                 checkpoint_path,
                 {
@@ -353,10 +359,6 @@ def _train_seg(
                 },
             )
             _overlay(out_dir, model, data, val_idx, step, config, torch_device)
-        if main and row is not None:
-            row["seconds"] = round(time.perf_counter() - started, 2)
-            log.write(row)
-        if main and (step % config.eval_every == 0 or step == config.steps):  # plots only with validation
             loss_curves(log.read(), LOSS_COLUMNS, out_dir / "plots" / "loss.png", title="train-seg losses")
         if progress and main:
             progress(step, config.steps, parts)
