@@ -43,8 +43,11 @@ def write_dicom_series(
     slope: float = 1.0,
     shuffle_names: bool = True,
     patient_name: str = "Doe^Jane",
+    extra_tags: dict[str, str] | None = None,
 ) -> list[Path]:
-    """Write an axial CT series (one file per slice) with rescale tags; names in shuffled order."""
+    """Write an axial CT series (one file per slice) with rescale tags; names in shuffled order.
+
+    `extra_tags` ("gggg|eeee" -> value) are written into every slice (e.g. PatientID)."""
     folder.mkdir(parents=True, exist_ok=True)
     n = hu_zyx.shape[0]
     order = np.random.default_rng(1).permutation(n) if shuffle_names else np.arange(n)
@@ -71,6 +74,7 @@ def write_dicom_series(
             "0028|1052": f"{intercept:g}",
             "0028|1053": f"{slope:g}",
             "0028|0030": f"{spacing_zyx[1]}\\{spacing_zyx[2]}",
+            **(extra_tags or {}),
         }
         for key, value in tags.items():
             image.SetMetaData(key, value)
@@ -79,6 +83,35 @@ def write_dicom_series(
         writer.Execute(image)
         paths.append(path)
     return paths
+
+
+def save_untrained_segmenter(path: Path, slice_size=(128, 128), slab_mm: float = 9.0) -> Path:
+    """An untrained tiny TransUNet saved as train-seg saves its best.pt (seeded: the same file
+    every time); its masks are arbitrary but neither empty nor full."""
+    import torch
+
+    from covidseg.models.segmenters import make_segmenter, segmenter_config_dict
+    from covidseg.seg_model import MODEL_FORMAT
+    from covidseg.slices import SlicePreprocessing
+    from covidseg.training import save_checkpoint
+
+    torch.manual_seed(0)
+    model = make_segmenter("transunet", "tiny")
+    spec = SlicePreprocessing(hu_window=(-1000.0, 400.0), slice_size=slice_size, slab_mm=slab_mm)
+    save_checkpoint(
+        path,
+        {
+            "format": MODEL_FORMAT,
+            "covidseg_version": "test",
+            "step": 0,
+            "model": {"arch": "transunet", "config": segmenter_config_dict(model)},
+            "weights": model.state_dict(),
+            "threshold": spec.threshold,
+            "validation": {},
+            "preprocessing": spec.to_json(),
+        },
+    )
+    return path
 
 
 @pytest.fixture

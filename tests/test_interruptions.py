@@ -25,19 +25,17 @@ import SimpleITK as sitk
 import torch
 from typer.testing import CliRunner
 
+from conftest import save_untrained_segmenter
 from covidseg.cli import app
 from covidseg.config import GanTrainConfig, PreprocessConfig
 from covidseg.geometry import axis_aligned_geometry
 from covidseg.io import write_array
-from covidseg.models.segmenters import make_segmenter, segmenter_config_dict
 from covidseg.phantom import make_phantom
-from covidseg.seg_model import MODEL_FORMAT
-from covidseg.slices import SlicePreprocessing
 from covidseg.stages.make_masks import run_make_masks
 from covidseg.stages.preprocess import run_preprocess
 from covidseg.stages.synth import centred_origin, run_synth
 from covidseg.stages.train_gan import run_train_gan
-from covidseg.training import load_checkpoint, save_checkpoint
+from covidseg.training import load_checkpoint
 
 runner = CliRunner()
 SHAPE, SPACING = (28, 96, 96), (10.0, 3.75, 3.75)  # small phantoms: a second each
@@ -220,25 +218,7 @@ def test_killed_train_seg_resumes_from_its_checkpoint(work):
 
 @pytest.fixture(scope="module")
 def model_pt(work) -> Path:
-    """An untrained tiny TransUNet as train-seg saves it (arbitrary masks, enough to time a batch)."""
-    torch.manual_seed(0)
-    model = make_segmenter("transunet", "tiny")
-    spec = SlicePreprocessing(hu_window=(-1000.0, 400.0), slice_size=(128, 128), slab_mm=9.0)
-    path = work / "model" / "best.pt"
-    save_checkpoint(
-        path,
-        {
-            "format": MODEL_FORMAT,
-            "covidseg_version": "test",
-            "step": 0,
-            "model": {"arch": "transunet", "config": segmenter_config_dict(model)},
-            "weights": model.state_dict(),
-            "threshold": spec.threshold,
-            "validation": {},
-            "preprocessing": spec.to_json(),
-        },
-    )
-    return path
+    return save_untrained_segmenter(work / "model" / "best.pt")
 
 
 def test_killed_predict_batch_continues_without_redoing_finished_cases(work, model_pt):

@@ -507,6 +507,14 @@ def predict(
     ] = False,
     num_parts: Annotated[int, typer.Option(help="Split the batch over K jobs (see --part-id).")] = 1,
     part_id: Annotated[int, typer.Option(help="Which part this job runs: 0..K-1.")] = 0,
+    keep_metadata: Annotated[
+        bool,
+        typer.Option(
+            "--keep-metadata",
+            help="Copy DICOM identifiers (PatientName, PatientID, Study/Series UIDs, StudyDate, "
+            "AccessionNumber) into each <case>.json; off: no patient data in any output.",
+        ),
+    ] = False,
     no_progress: NoProgress = False,
 ) -> None:
     """Lesion masks and a clinical read-out (mL, % of lung, CT-0..CT-4) for every CT."""
@@ -523,7 +531,7 @@ def predict(
 
         options = PredictOptions(
             probabilities, snapshots, resume, overwrite, series, mapping,
-            tensorrt=tensorrt, num_parts=num_parts, part_id=part_id,
+            tensorrt=tensorrt, num_parts=num_parts, part_id=part_id, keep_metadata=keep_metadata,
         )  # fmt: skip
         cases = collect_cases(list(inputs), output, allow_2d=mapping is not None)
         cases = select_part(cases, num_parts, part_id)
