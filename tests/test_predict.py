@@ -13,21 +13,19 @@ import SimpleITK as sitk
 import torch
 from typer.testing import CliRunner
 
-from conftest import LAS, LPS, oblique_direction, write_dicom_series
+from conftest import LAS, LPS, oblique_direction, save_untrained_segmenter, write_dicom_series
 from covidseg.cli import app
 from covidseg.errors import InputError, UsageError
 from covidseg.geometry import Geometry, Orientation
 from covidseg.io import write_array
-from covidseg.models.segmenters import make_segmenter, segmenter_config_dict
 from covidseg.onnx_export import onnx_session, sidecar_path
 from covidseg.phantom import make_phantom
 from covidseg.preprocess import CropBox
 from covidseg.readout import read_out, severity
 from covidseg.runners import requested_providers
-from covidseg.seg_model import MODEL_FORMAT, open_seg_model
-from covidseg.slices import SlicePreprocessing, slab_count
+from covidseg.seg_model import open_seg_model
+from covidseg.slices import slab_count
 from covidseg.stages.export import run_export
-from covidseg.training import save_checkpoint
 
 runner = CliRunner()
 SHAPE, SPACING = (28, 96, 96), (10.0, 3.75, 3.75)  # small phantoms: a second each
@@ -41,24 +39,7 @@ def _invoke(*args: str):
 def model_pt(tmp_path_factory):
     """An untrained tiny TransUNet saved as train-seg saves its best.pt: its masks are arbitrary
     but neither empty nor full, which is all geometry and parity checks need."""
-    torch.manual_seed(0)
-    model = make_segmenter("transunet", "tiny")
-    spec = SlicePreprocessing(hu_window=(-1000.0, 400.0), slice_size=(128, 128), slab_mm=9.0)
-    path = tmp_path_factory.mktemp("model") / "best.pt"
-    save_checkpoint(
-        path,
-        {
-            "format": MODEL_FORMAT,
-            "covidseg_version": "test",
-            "step": 0,
-            "model": {"arch": "transunet", "config": segmenter_config_dict(model)},
-            "weights": model.state_dict(),
-            "threshold": spec.threshold,
-            "validation": {},
-            "preprocessing": spec.to_json(),
-        },
-    )
-    return path
+    return save_untrained_segmenter(tmp_path_factory.mktemp("model") / "best.pt")
 
 
 @pytest.fixture(scope="module")

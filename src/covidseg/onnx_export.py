@@ -13,9 +13,13 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
+import json
 import logging
+import platform
+import time
 import warnings
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
@@ -105,6 +109,60 @@ def export_onnx(
     onnx.checker.check_model(model)
     with atomic_path(path) as tmp:
         onnx.save_model(model, str(tmp))
+
+
+def read_sidecar(
+    onnx_path: str | Path,
+    expected_format: str,
+    max_version: int,
+    required: tuple[str, ...] = (),
+    verify: bool = True,
+) -> dict:
+    """The sidecar JSON of an exported model, checked: its format and version, the keys in
+    `required`, and (with `verify`) that it records the .onnx file's sha256, so an edited or swapped
+    model is refused."""
+    onnx_path = Path(onnx_path)
+    side = sidecar_path(onnx_path)
+    if not onnx_path.is_file():
+        raise InputError(onnx_path, "no such model file")
+    if not side.is_file():
+        raise InputError(
+            onnx_path, f"no sidecar {side.name} beside the model (export it with covidseg export)"
+        )
+    try:
+        sidecar = json.loads(side.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InputError(side, f"unreadable sidecar ({exc})") from None
+    if not isinstance(sidecar, dict) or sidecar.get("format") != expected_format:
+        raise InputError(side, f"not a {expected_format} sidecar")
+    version = sidecar.get("version")
+    if not isinstance(version, int) or isinstance(version, bool) or version > max_version:
+        raise InputError(side, f"sidecar version {version!r} is newer than this covidseg")
+    missing = [k for k in ("sha256", *required) if k not in sidecar]
+    if missing:
+        raise InputError(side, f"sidecar without {', '.join(missing)}")
+    if verify:
+        actual = sha256_of(onnx_path)
+        if actual != sidecar["sha256"]:
+            recorded = str(sidecar["sha256"])[:12]
+            raise InputError(
+                onnx_path, f"sha256 {actual[:12]}… does not match its sidecar {side.name} ({recorded}…)"
+            )
+    return sidecar
+
+
+def provenance(started: float) -> dict:
+    """When, how long (since `started`, a perf_counter value) and with which versions a model was
+    exported: the sidecars' ``exported`` record."""
+    import onnxruntime
+
+    return {
+        "at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "seconds": round(time.perf_counter() - started, 2),
+        "torch": torch.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "python": platform.python_version(),
+    }
 
 
 def _sort_nodes(graph) -> None:

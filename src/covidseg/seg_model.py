@@ -12,7 +12,6 @@ Each carries the :class:`~covidseg.slices.SlicePreprocessing` that turns a CT in
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +19,7 @@ import torch
 
 from covidseg.errors import InputError
 from covidseg.models.segmenters import segmenter_from_config
-from covidseg.onnx_export import sha256_of, sidecar_path
+from covidseg.onnx_export import read_sidecar, sha256_of, sidecar_path
 from covidseg.slices import SlicePreprocessing
 from covidseg.training import load_checkpoint
 
@@ -71,32 +70,8 @@ def _torch_model_file(path: Path) -> SegModelFile:
     return SegModelFile("torch", path, spec, info, payload)
 
 
-def read_sidecar(onnx_path: Path) -> dict:
-    """The sidecar of an exported model, checked against the .onnx file's sha256."""
-    side = sidecar_path(onnx_path)
-    if not side.is_file():
-        raise InputError(
-            onnx_path, f"no sidecar {side.name} beside the model (export it with covidseg export)"
-        )
-    try:
-        sidecar = json.loads(side.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InputError(side, f"unreadable sidecar ({exc})") from None
-    if not isinstance(sidecar, dict) or sidecar.get("format") != SIDECAR_FORMAT:
-        raise InputError(side, f"not a {SIDECAR_FORMAT} sidecar")
-    if not isinstance(sidecar.get("version"), int) or sidecar["version"] > SIDECAR_VERSION:
-        raise InputError(side, f"sidecar version {sidecar.get('version')} is newer than this covidseg")
-    actual = sha256_of(onnx_path)
-    if actual != sidecar.get("sha256"):
-        raise InputError(
-            onnx_path,
-            f"sha256 {actual[:12]}… does not match its sidecar ({str(sidecar.get('sha256'))[:12]}…)",
-        )
-    return sidecar
-
-
 def _onnx_model_file(path: Path) -> SegModelFile:
-    sidecar = read_sidecar(path)
+    sidecar = read_sidecar(path, SIDECAR_FORMAT, SIDECAR_VERSION, required=("preprocessing",))
     try:
         spec = SlicePreprocessing.from_json(sidecar["preprocessing"])
     except (KeyError, TypeError, ValueError) as exc:

@@ -14,9 +14,7 @@ nothing on disk.
 
 from __future__ import annotations
 
-import platform
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +26,15 @@ from covidseg.errors import UsageError
 from covidseg.home import models_dir
 from covidseg.lungs import segment_lungs
 from covidseg.metrics import dice
-from covidseg.onnx_export import OPSET, ParityError, export_onnx, onnx_session, sha256_of, sidecar_path
+from covidseg.onnx_export import (
+    OPSET,
+    ParityError,
+    export_onnx,
+    onnx_session,
+    provenance,
+    sha256_of,
+    sidecar_path,
+)
 from covidseg.phantom import make_phantom
 from covidseg.preprocess import lung_crop_box
 from covidseg.seg_model import SIDECAR_FORMAT, SIDECAR_VERSION, SegModelFile, open_seg_model
@@ -119,8 +125,6 @@ def run_export(
         parity = check_parity(tmp, model, slices, seg.spec.threshold, fp16)
         digest = sha256_of(tmp)
         side.unlink(missing_ok=True)  # an old sidecar must never describe the new model
-    import onnxruntime
-
     h, w = seg.spec.slice_size
     sidecar = {
         "format": SIDECAR_FORMAT,
@@ -136,13 +140,7 @@ def run_export(
         "model": {k: seg.info[k] for k in ("arch", "config", "step", "validation")},
         "source_checkpoint": {"path": str(seg.path.resolve()), "sha256": seg.info["sha256"]},
         "parity": parity,
-        "exported": {
-            "at": datetime.now(UTC).isoformat(timespec="seconds"),
-            "seconds": round(time.perf_counter() - started, 2),
-            "torch": torch.__version__,
-            "onnxruntime": onnxruntime.__version__,
-            "python": platform.python_version(),
-        },
+        "exported": provenance(started),
     }
     write_json(side, sidecar)
     return {**sidecar, "path": str(out), "sidecar": str(side)}

@@ -21,11 +21,8 @@ leaves nothing on disk.
 
 from __future__ import annotations
 
-import json
-import platform
 import time
 from dataclasses import asdict
-from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -41,7 +38,16 @@ from covidseg.models.gan3d import (
     generator_latent_shape,
     sample_latent_noise,
 )
-from covidseg.onnx_export import OPSET, ParityError, export_onnx, onnx_session, sha256_of, sidecar_path
+from covidseg.onnx_export import (
+    OPSET,
+    ParityError,
+    export_onnx,
+    onnx_session,
+    provenance,
+    read_sidecar,
+    sha256_of,
+    sidecar_path,
+)
 from covidseg.stages.train_gan import GENERATOR_FORMAT
 from covidseg.training import load_checkpoint
 
@@ -140,8 +146,6 @@ def export_generator(source: Path, out_path: Path, overwrite: bool = False) -> d
         parity = check_parity(tmp, module, inputs)
         digest = sha256_of(tmp)
         side.unlink(missing_ok=True)  # an old sidecar must never describe the new model
-    import onnxruntime
-
     sidecar = {
         "format": SIDECAR_FORMAT,
         "version": SIDECAR_VERSION,
@@ -175,13 +179,7 @@ def export_generator(source: Path, out_path: Path, overwrite: bool = False) -> d
             "step": payload.get("step"),
         },
         "parity": parity,
-        "exported": {
-            "at": datetime.now(UTC).isoformat(timespec="seconds"),
-            "seconds": round(time.perf_counter() - started, 2),
-            "torch": torch.__version__,
-            "onnxruntime": onnxruntime.__version__,
-            "python": platform.python_version(),
-        },
+        "exported": provenance(started),
     }
     write_json(side, sidecar)  # last: a model without its sidecar is refused by make-masks
     return {
@@ -197,34 +195,8 @@ def export_generator(source: Path, out_path: Path, overwrite: bool = False) -> d
 
 def read_generator_sidecar(onnx_path: str | Path, verify: bool = True) -> dict:
     """The sidecar of an exported generator, checked; with `verify` also against the .onnx's sha256."""
-    onnx_path = Path(onnx_path)
-    side = sidecar_path(onnx_path)
-    if not onnx_path.is_file():
-        raise InputError(onnx_path, "no such model file")
-    if not side.is_file():
-        raise InputError(
-            onnx_path, f"no sidecar {side.name} beside the model (export it with covidseg export)"
-        )
-    try:
-        sidecar = json.loads(side.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InputError(side, f"unreadable sidecar ({exc})") from None
-    if not isinstance(sidecar, dict) or sidecar.get("format") != SIDECAR_FORMAT:
-        raise InputError(side, f"not a {SIDECAR_FORMAT} sidecar")
-    version = sidecar.get("version")
-    if not isinstance(version, int) or isinstance(version, bool) or version > SIDECAR_VERSION:
-        raise InputError(side, f"sidecar version {version!r} is newer than this covidseg")
-    missing = [k for k in ("sha256", "window", "generator", "calibration", "preprocess") if k not in sidecar]
-    if missing:
-        raise InputError(side, f"sidecar without {', '.join(missing)}")
-    if verify:
-        actual = sha256_of(onnx_path)
-        if actual != sidecar["sha256"]:
-            recorded = str(sidecar["sha256"])[:12]
-            raise InputError(
-                onnx_path, f"sha256 {actual[:12]}… does not match its sidecar {side.name} ({recorded}…)"
-            )
-    return sidecar
+    required = ("window", "generator", "calibration", "preprocess")
+    return read_sidecar(onnx_path, SIDECAR_FORMAT, SIDECAR_VERSION, required, verify)
 
 
 class OnnxGenerator:
