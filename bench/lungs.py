@@ -5,12 +5,13 @@ phantom lung mask (target >= 0.95) and the share of lesion voxels inside the lun
 (target >= 0.98). Real HU data in ../shared/data: Dice against the Zenodo COVID-19-CT-Seg lung masks
 (target >= 0.9) and lung volumes found on the LIDC slice and the TotalSegmentator CTA crops.
 
-    python bench/lungs.py [--phantoms 16]
+    python bench/lungs.py [--phantoms 16] [--json]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 import numpy as np
@@ -71,6 +72,29 @@ def healthy_volumes() -> dict:
     return out
 
 
+def _row(name: str, value: float, unit: str = "", target: float | None = None) -> dict:
+    """One figure for bench/run_all.py; `target` is a lower bound."""
+    ok = None if target is None else bool(value >= target)
+    ratio = None if target is None else round(value / target, 3)
+    return {"name": name, "value": round(float(value), 3), "unit": unit, "target": target, "ratio": ratio,
+            "ok": ok}  # fmt: skip
+
+
+def rows(n_phantoms: int = 16) -> list[dict]:
+    """The benchmark's figures as rows {name, value, unit, target, ratio, ok}."""
+    ph = phantom_figures(n_phantoms)
+    z = zenodo_figures()
+    out = [
+        _row(f"phantom lung Dice, mean of {n_phantoms}", np.mean(ph["lung_dice"]), "", 0.95),
+        _row("  min over phantoms", np.min(ph["lung_dice"])),
+        _row("phantom lesion voxels inside the lung mask, pooled", ph["lesion_inside_pooled"], "", 0.98),
+        _row("Zenodo COVID-19-CT-Seg slices, lung Dice pooled", z["pooled"], "", 0.9),
+    ]
+    for name, (right, left) in healthy_volumes().items():
+        out.append(_row(f"lungs found (right + left), {name}", right + left, "mL"))
+    return out
+
+
 def main(n_phantoms: int = 16) -> None:
     ph = phantom_figures(n_phantoms)
     d, i = np.array(ph["lung_dice"]), np.array(ph["lesion_inside"])
@@ -95,4 +119,9 @@ if __name__ == "__main__":
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--phantoms", type=int, default=16)
-    main(parser.parse_args().phantoms)
+    parser.add_argument("--json", action="store_true", help="print the rows as JSON (for bench/run_all.py)")
+    args = parser.parse_args()
+    if args.json:
+        print(json.dumps(rows(args.phantoms), indent=1))
+    else:
+        main(args.phantoms)

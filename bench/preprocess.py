@@ -4,7 +4,7 @@ Targets (issue 2): <= 5 s wall and <= 3 GB peak RSS on 2 cores. The measured run
 read NIfTI -> lungs -> crop -> grid -> write npy, in a fresh child process so that its peak RSS
 is its own (the phantom is built by the parent and written once).
 
-    python bench/preprocess.py [--shape 300,512,512] [--repeats 3]
+    python bench/preprocess.py [--shape 300,512,512] [--repeats 3] [--json]
 """
 
 from __future__ import annotations
@@ -109,8 +109,13 @@ if __name__ == "__main__":
     parser.add_argument("--child", nargs=2, metavar=("IMAGE", "OUT"), help=argparse.SUPPRESS)
     parser.add_argument("--shape", default="300,512,512", help="Z,Y,X voxels (1 mm)")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--json", action="store_true", help="print the rows as JSON (for bench/run_all.py)")
     args = parser.parse_args()
     if args.child:
         _child(Path(args.child[0]), Path(args.child[1]))
     else:
-        _print(main(tuple(int(v) for v in args.shape.split(",")), args.repeats))
+        rows = main(tuple(int(v) for v in args.shape.split(",")), args.repeats)
+        if args.json:
+            print(json.dumps(rows, indent=1))
+        else:
+            _print(rows)

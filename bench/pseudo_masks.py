@@ -13,6 +13,7 @@ Variants (ablation): ``perlin`` (default), ``uniform``, ``none`` latent noise, a
 
     python bench/pseudo_masks.py --steps 900 --variants perlin          # ~13 min on 2 CPU cores
     python bench/pseudo_masks.py --steps 900 --variants perlin,uniform,none,noadv --device cuda
+    python bench/pseudo_masks.py --json     # the figures as rows (for bench/run_all.py)
 """
 
 from __future__ import annotations
@@ -90,7 +91,41 @@ def _row(name: str, s: dict, minutes: float | None) -> str:
     )
 
 
-def main(args: argparse.Namespace) -> list[str]:
+TARGET_DICE = 0.5  # pseudo-masks, Dice per volume (at least)
+TARGET_HEALTHY_PERCENT = 2.0  # % of healthy lung flagged (at most)
+
+
+def bench_row(
+    name: str, value: float | None, unit: str = "", target: float | None = None, at_least: bool = True
+) -> dict:
+    """One figure for bench/run_all.py: {name, value, unit, target, ratio = value / target, ok}."""
+    ok = None
+    if value is not None and target is not None:
+        ok = bool(value >= target) if at_least else bool(value <= target)
+    ratio = None if value is None or not target else round(value / target, 3)
+    value = None if value is None else round(float(value), 4)
+    return {"name": name, "value": value, "unit": unit, "target": target, "ratio": ratio, "ok": ok}
+
+
+def json_rows(results: dict, minutes: dict[str, float]) -> list[dict]:
+    """Rows of the baseline and every variant (Dice per volume, healthy lung flagged, train time)."""
+    rows = []
+    for name, s in results.items():
+        is_baseline = name == "baseline"
+        label = "baseline HU > -600 in lung" if is_baseline else f"pseudo-masks {name}"
+        target = None if is_baseline else TARGET_DICE
+        rows.append(bench_row(f"{label}: Dice per volume", s["dice"][0], "", target))
+        rows.append(bench_row(f"  {label}: pooled Dice", s["pooled_dice"]))
+        flagged = s["healthy_flagged_percent"][0]
+        target = None if is_baseline else TARGET_HEALTHY_PERCENT
+        rows.append(bench_row(f"  {label}: healthy lung flagged", flagged, "%", target, at_least=False))
+        if name in minutes:
+            rows.append(bench_row(f"  {label}: train-gan wall", minutes[name], "min"))
+    return rows
+
+
+def main(args: argparse.Namespace) -> tuple[list[str], list[dict]]:
+    """Train the variants and score them; return (markdown table lines, rows for --json)."""
     work = Path(args.work)
     pre_train, pre_test = _data(work, args.train, args.test_healthy, args.test_covid, args.workers)
     test_cases = load_grid_cases(pre_test)
@@ -102,6 +137,7 @@ def main(args: argparse.Namespace) -> list[str]:
         _row("baseline: HU > -600 in lung", score(baseline, test_cases), None),
     ]
     results = {"baseline": score(baseline, test_cases)}
+    minutes_by_variant = {}
     for variant in args.variants.split(","):
         overrides = VARIANTS[variant]
         crop = None if args.crop == "none" else tuple(int(v) for v in args.crop.split(","))
@@ -121,12 +157,13 @@ def main(args: argparse.Namespace) -> list[str]:
         binaries = {r["id"]: np.load(masks_dir / r["files"]["binary_grid"]) for r in manifest["cases"]}
         results[variant] = score(binaries, test_cases)
         results[variant]["threshold"] = manifest["threshold"]
+        minutes_by_variant[variant] = minutes
         rows.append(_row(f"pseudo-masks: {tag}", results[variant], minutes))
         print(rows[-1], flush=True)
         with open(work / "results.md", "a", encoding="utf-8") as fh:
             fh.write(rows[-1] + "\n")
     (work / f"results_{args.preset}_{args.steps}.json").write_text(json.dumps(results, indent=2))
-    return rows
+    return rows, json_rows(results, minutes_by_variant)
 
 
 if __name__ == "__main__":
@@ -144,5 +181,7 @@ if __name__ == "__main__":
     parser.add_argument("--test-healthy", type=int, default=5)
     parser.add_argument("--test-covid", type=int, default=10)
     parser.add_argument("--workers", type=int, default=2)
-    for line in main(parser.parse_args()):
-        print(line)
+    parser.add_argument("--json", action="store_true", help="print the figures as rows of JSON")
+    arguments = parser.parse_args()
+    lines, figures = main(arguments)
+    print(json.dumps(figures, indent=1) if arguments.json else "\n".join(lines))

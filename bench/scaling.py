@@ -11,13 +11,14 @@ make-masks; 128x128 slices), then runs the unchanged command line on it:
 Throughput = images per second over the logged steps after warm-up (metrics.csv rows at steps
 10 .. steps-10; the last row carries validation and is left out), global batch x steps / seconds.
 
-    python bench/scaling.py [--steps 40] [--batch-size 16] [--arch transunet] [--preset tiny]
+    python bench/scaling.py [--steps 40] [--batch-size 16] [--arch transunet] [--preset tiny] [--json]
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import json
 import os
 import shutil
 import subprocess
@@ -86,6 +87,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16, help="per process")
     parser.add_argument("--arch", default="transunet")
     parser.add_argument("--preset", default="tiny")
+    parser.add_argument("--json", action="store_true", help="also print the figures as rows of JSON (last)")
     args = parser.parse_args()
     if args.steps % 10 or args.steps < 30:
         parser.error("--steps must be a multiple of 10 and >= 30 (rows are logged every 10 steps)")
@@ -111,6 +113,16 @@ def main() -> None:
     for label in plans[2:]:
         print(f"\n{label[0]}: {figures[label[0]] / best_single:.2f}x the best single process", end="")
     print()
+    if args.json:
+        rows = [_row(f"train-seg images/s, {label}", value, "1/s") for label, value in figures.items()]
+        rows += [_row(f"  {label[0]} / best single process", figures[label[0]] / best_single, "x")
+                 for label in plans[2:]]  # fmt: skip
+        print(json.dumps(rows, indent=1))
+
+
+def _row(name: str, value: float, unit: str) -> dict:
+    """One figure for bench/run_all.py (no target: scaling is reported, not judged)."""
+    return {"name": name, "value": round(value, 2), "unit": unit, "target": None, "ratio": None, "ok": None}
 
 
 if __name__ == "__main__":

@@ -579,6 +579,145 @@ def merge_reports(
         raise typer.Exit(1)
 
 
+@contextlib.contextmanager
+def _stage_progress(enabled: bool) -> Iterator[Callable[[str, int, int, str], None]]:
+    """One progress bar per pipeline stage, advanced by callback(stage, done, total, message)."""
+    if not enabled:
+        yield lambda stage, done, total, message: None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    tasks: dict[str, int] = {}
+    with Progress(
+        TextColumn("{task.description:<18}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        TextColumn("{task.fields[last]}"), console=console,
+    ) as bar:  # fmt: skip
+
+        def advance(stage: str, done: int, total: int, message: str) -> None:
+            if stage not in tasks:
+                for task in tasks.values():  # the previous stage has finished
+                    bar.stop_task(task)
+                tasks[stage] = bar.add_task(stage, total=total, last="")
+            bar.update(tasks[stage], completed=done, total=total, last=escape(message[:60]))
+
+        yield advance
+
+
+def _stage_text(record: dict) -> str:
+    """One line of key figures of a pipeline stage record."""
+    f = record.get("figures") or {}
+    stage = record["stage"]
+    if stage in ("train-gan", "train-seg"):
+        text = f"{f.get('steps')} steps on {f.get('device')}"
+        best = f.get("best") or {}
+        if best.get("val_dice_pseudo", -1) >= 0:
+            text += f"; best step {best['step']}, val. Dice (pseudo-masks) {best['val_dice_pseudo']:.3f}"
+        if "threshold" in f:
+            text += f"; threshold {f['threshold']:.4f}"
+        return text
+    if stage == "export":
+        return f"{f.get('precision')}, parity mask Dice {(f.get('parity') or {}).get('mask_dice', 0):.4f}"
+    if stage == "evaluate":
+        dice = f.get("dice") or {}
+        return f"{f.get('cases')} case(s): Dice {dice.get('mean') or 0:.3f} ± {dice.get('std') or 0:.3f}"
+    if stage == "predict":
+        return f"{f.get('predicted')} predicted, {f.get('skipped')} already done ({f.get('runs_on')})"
+    if "cases" in f:
+        return f"{f['cases']} case(s), {len(f.get('failed', []))} failed"
+    return ""
+
+
+def _print_stages(records: list[dict]) -> None:
+    from rich.table import Table
+
+    table = Table(title="covidseg run")
+    for name, justify in (("stage", "left"), ("status", "left"), ("seconds", "right"), ("result", "left")):
+        table.add_column(name, justify=justify)
+    for record in records:
+        seconds = record.get("seconds")
+        seconds_text = "" if seconds is None else f"{seconds:.1f}"
+        table.add_row(record["stage"], record["status"], seconds_text, _stage_text(record))
+    out.print(table)
+
+
+@app.command()
+def run(
+    healthy: Annotated[Path, typer.Option(help="Healthy CTs: a file or a folder (recursive).")],
+    covid: Annotated[Path, typer.Option(help="COVID CTs: a file or a folder (recursive).")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Work folder (a subfolder per stage).")],
+    masks: Annotated[
+        Path | None, typer.Option(help="Reference lesion masks of the COVID CTs (for evaluation only).")
+    ] = None,
+    config: Annotated[
+        Path | None, typer.Option(help="Stage settings: a .toml or .json file, one table per stage.")
+    ] = None,
+    predict_inputs: Annotated[
+        list[Path] | None,
+        typer.Option("--predict", help="CTs to predict instead of the COVID CTs (repeatable)."),
+    ] = None,
+    ref: Annotated[
+        Path | None, typer.Option(help="Reference masks for the predicted CTs (folder or synth manifest).")
+    ] = None,
+    force: Annotated[bool, typer.Option("--force", help="Redo every stage, even finished ones.")] = False,
+    device: DeviceOpt = "auto",
+    no_progress: NoProgress = False,
+) -> None:
+    """The whole pipeline: preprocess, train-gan, make-masks, train-seg, export, predict (, evaluate)."""
+    try:
+        from covidseg.stages.pipeline import RunInputs, load_config, run_pipeline
+
+        settings = load_config(config)
+        inputs = RunInputs(healthy, covid, masks, tuple(predict_inputs or ()), ref)
+        with _stage_progress(not no_progress) as advance:
+            result = run_pipeline(output, inputs, settings, device, force, advance)
+    except CovidsegError as exc:
+        _fail(exc)
+    _print_stages(result.stages)
+    for failure in result.failures:
+        console.print(f"[red]failed:[/] {escape(failure)}", highlight=False, soft_wrap=True)
+    out.print(
+        f"work folder: {escape(str(output))} (model.onnx, pred/, settings in config.json)", soft_wrap=True
+    )
+    if result.failures:
+        raise typer.Exit(1)
+
+
+@app.command()
+def demo(
+    output: Annotated[
+        Path, typer.Option("-o", "--output", help="Folder for the phantoms, the run and report.html.")
+    ] = Path("covidseg-demo"),
+    seed: Annotated[int, typer.Option(help="Training phantoms' seed; the test phantoms use seed + 1.")] = 0,
+    quick: Annotated[
+        bool, typer.Option("--quick", help="A 1-2 minute smoke run with tiny settings (CI); weak numbers.")
+    ] = False,
+    device: DeviceOpt = "auto",
+    no_progress: NoProgress = False,
+) -> None:
+    """Phantoms -> the whole label-free pipeline -> scores on unseen phantoms -> report.html."""
+    try:
+        if seed < 0:
+            raise UsageError(None, f"--seed must be >= 0, got {seed}")
+        from covidseg.stages.demo import run_demo
+
+        with _stage_progress(not no_progress) as advance:
+            result = run_demo(output, seed, quick, device, advance)
+    except CovidsegError as exc:
+        _fail(exc)
+    from rich.table import Table
+
+    table = Table(title="unseen test phantoms: Dice per volume (mean ± std)")
+    table.add_column("method")
+    table.add_column("Dice", justify="right")
+    table.add_column("pooled Dice", justify="right")
+    for name, scores in result.numbers["methods"].items():
+        dice = scores["dice"]
+        table.add_row(escape(name), f"{dice['mean']:.3f} ± {dice['std']:.3f}", f"{scores['pooled_dice']:.3f}")
+    out.print(table)
+    minutes = result.seconds / 60
+    out.print(f"finished in {minutes:.1f} min; report: {escape(str(result.report))}", soft_wrap=True)
+
+
 @app.command()
 def doctor(
     as_json: Annotated[bool, typer.Option("--json", help="Print the findings as JSON.")] = False,

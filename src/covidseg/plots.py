@@ -174,3 +174,38 @@ def panels(
         fig.suptitle(suptitle, fontsize=10)
     fig.tight_layout()
     _save(fig, path, dpi=90)
+
+
+def mask_comparison(
+    images: list[np.ndarray],
+    references: list[np.ndarray],
+    predictions: list[list[np.ndarray]],
+    row_titles: list[str],
+    method_titles: list[str],
+    path: str | Path,
+    aspect: float = 1.0,
+) -> None:
+    """One row per case: the CT slice (lung window, HU) with the reference lesion filled in red,
+    then one panel per method with its prediction filled in cyan and the reference outlined in red.
+
+    `images[i]` is a 2D ``[y, x]`` slice in HU; `references[i]` and `predictions[i][j]` are bool
+    masks of its shape (method `j`); `aspect` is the pixel height / width (y / x spacing in mm).
+    """
+    plt = _pyplot()
+    n_rows, n_cols = len(images), 1 + len(method_titles)
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(2.6 * n_cols, 2.7 * n_rows), squeeze=False)
+    for i, (image, ref) in enumerate(zip(images, references, strict=True)):
+        masks = [(ref, (1.0, 0.0, 0.0, 0.4), None)]
+        masks += [(pred, (0.0, 0.9, 1.0, 0.45), ref) for pred in predictions[i]]
+        titles = [f"{row_titles[i]}: ground truth", *method_titles]
+        for ax, (mask, colour, outline), title in zip(axes[i], masks, titles, strict=True):
+            ax.imshow(image, cmap="gray", vmin=LUNG_WINDOW_HU[0], vmax=LUNG_WINDOW_HU[1], aspect=aspect)
+            overlay = np.zeros((*image.shape, 4), dtype=np.float32)
+            overlay[np.asarray(mask, dtype=bool)] = colour
+            ax.imshow(overlay, aspect=aspect, interpolation="nearest")
+            if outline is not None and np.any(outline):
+                ax.contour(np.asarray(outline, dtype=bool), levels=[0.5], colors="red", linewidths=0.7)
+            ax.set_title(title, fontsize=8)
+            ax.set_axis_off()
+    fig.tight_layout()
+    _save(fig, path, dpi=80)

@@ -1,0 +1,582 @@
+"""`covidseg run`: the whole label-free pipeline in one work folder, resumable.
+
+preprocess -> train-gan -> make-masks -> train-seg -> export -> predict (-> evaluate with reference
+masks), each by calling its stage function. Work folder::
+
+    config.json        the resolved settings, one table per stage (usable again as --config)
+    run.json           inputs and, per stage, status (ran / resumed / skipped), seconds, key figures
+    pre/               preprocess            (manifest.json is written last)
+    gan/               train-gan             (manifest.json last; checkpoint.pt to resume)
+    masks/             make-masks            (manifest.json last)
+    seg/               train-seg             (manifest.json last; checkpoint.pt to resume)
+    model.onnx         export, with its sidecar model.json (written last)
+    pred/              predict               (report.json last)
+    eval/              evaluate              (summary.json last), only with reference masks
+
+A stage whose last-written file exists is skipped on a rerun (unless `force`), so an interrupted
+run resumes where it stopped: an interrupted train-gan / train-seg continues from its checkpoint and
+an interrupted predict skips the cases it finished. Once a stage runs, every later stage runs too
+(their outputs would be stale).
+
+Settings file (TOML or JSON): one table per stage whose keys are the fields of the stage's config
+dataclass: ``[preprocess]`` :class:`PreprocessConfig` (+ ``workers``; ``[preprocess.lungs]``
+:class:`LungParams`), ``[train-gan]`` :class:`GanTrainConfig` (``crop`` also ``"auto"`` = the
+preset's crop, the default, or ``"none"``), ``[make-masks]`` :class:`PseudoMaskConfig` (also used
+for train-gan's threshold calibration), ``[train-seg]`` :class:`SegTrainConfig` (``[train-seg.loss]``
+:class:`SegLossConfig`), ``[export]`` :class:`ExportConfig`, ``[predict]`` :class:`PredictConfig`.
+Unknown tables or keys and values of the wrong type are usage errors naming the key.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+import tomllib
+from collections.abc import Callable
+from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass, replace
+from pathlib import Path
+
+from covidseg import __version__
+from covidseg.atomic import write_json
+from covidseg.config import GanTrainConfig, PreprocessConfig, SegTrainConfig
+from covidseg.errors import UsageError
+from covidseg.losses import SegLossConfig
+from covidseg.masks import PseudoMaskConfig
+
+#: (stage, done, total, message): one call per finished item (case, step) of the running stage
+StageProgress = Callable[[str, int, int, str], None]
+
+CONFIG_JSON = "config.json"
+RUN_JSON = "run.json"
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """How `run` exports the segmenter."""
+
+    fp16: bool = False  # half-precision weights (for GPUs)
+
+
+@dataclass(frozen=True)
+class PredictConfig:
+    """How `run` predicts."""
+
+    batch_size: int = 16  # slices per network call
+    snapshots: bool = False  # an overlay PNG per case
+    probabilities: bool = False  # <case>_probability.nii.gz per case
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError("batch_size must be >= 1")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Every stage's settings for one pipeline run."""
+
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    workers: int = 1  # cases preprocessed in parallel
+    train_gan: GanTrainConfig = field(default_factory=GanTrainConfig)
+    make_masks: PseudoMaskConfig = field(default_factory=PseudoMaskConfig)
+    train_seg: SegTrainConfig = field(default_factory=SegTrainConfig)
+    seg_loss: SegLossConfig = field(default_factory=SegLossConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    predict: PredictConfig = field(default_factory=PredictConfig)
+
+    def to_json(self) -> dict:
+        """The settings as config-file tables (JSON-ready: tuples become lists)."""
+        tables = {
+            "preprocess": {**self.preprocess.to_json(), "workers": self.workers},
+            "train-gan": self.train_gan.to_json(),
+            "make-masks": asdict(self.make_masks),
+            "train-seg": {**self.train_seg.to_json(), "loss": self.seg_loss.to_json()},
+            "export": asdict(self.export),
+            "predict": asdict(self.predict),
+        }
+        return json.loads(json.dumps(tables))
+
+
+# ---- settings files ---------------------------------------------------------------------------
+
+
+def _default_of(f) -> object:
+    if f.default is not MISSING:
+        return f.default
+    return f.default_factory() if f.default_factory is not MISSING else None
+
+
+def _coerce(value: object, default: object, name: str, source: Path | None) -> object:
+    """`value` from a settings file checked against the type of the field's `default`."""
+
+    def wrong(kind: str) -> UsageError:
+        return UsageError(source, f"{name} must be {kind}, got {value!r}")
+
+    if is_dataclass(default):
+        if not isinstance(value, dict):
+            raise wrong("a table")
+        return _build(type(default), value, name, source)
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise wrong("true or false")
+        return value
+    if isinstance(default, int):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise wrong("a whole number")
+        return value
+    if isinstance(default, float):
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise wrong("a number")
+        return float(value)
+    if isinstance(default, str):
+        if not isinstance(value, str):
+            raise wrong("a string")
+        return value
+    if isinstance(default, tuple):
+        if not isinstance(value, list | tuple) or len(value) != len(default):
+            raise wrong(f"a list of {len(default)} numbers")
+        return tuple(_coerce(v, d, name, source) for v, d in zip(value, default, strict=True))
+    return value
+
+
+def _build(cls: type, data: dict, name: str, source: Path | None, extra: tuple[str, ...] = ()):
+    """An instance of the config dataclass `cls` from one settings table (keys checked)."""
+    known = {f.name: f for f in fields(cls)}
+    values = {}
+    for key, value in data.items():
+        if key in extra:
+            continue
+        if key not in known:
+            raise UsageError(
+                source, f"unknown key {key!r} in [{name}] (known: {', '.join([*known, *extra])})"
+            )
+        values[key] = _coerce(value, _default_of(known[key]), f"{name}.{key}", source)
+    try:
+        return cls(**values)
+    except (TypeError, ValueError) as exc:
+        raise UsageError(source, f"[{name}]: {exc}") from None
+
+
+def _gan_crop(value: object, preset: str, source: Path | None) -> tuple[int, int, int] | None:
+    """train-gan's crop: ``"auto"`` (the preset's), ``"none"`` / null (whole grids) or [z, y, x]."""
+    if value == "auto":
+        from covidseg.models.gan3d import PRESET_CROPS
+
+        return PRESET_CROPS.get(preset)
+    if value is None or value == "none":
+        return None
+    ok = isinstance(value, list | tuple) and len(value) == 3
+    if not ok or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value):
+        raise UsageError(source, f'train-gan.crop must be [z, y, x], "auto" or "none", got {value!r}')
+    return tuple(value)
+
+
+def _table(tables: dict, name: str, source: Path | None) -> dict:
+    table = tables.get(name, {})
+    if not isinstance(table, dict):
+        raise UsageError(source, f"[{name}] must be a table, got {table!r}")
+    return table
+
+
+TABLES = ("preprocess", "train-gan", "make-masks", "train-seg", "export", "predict")
+
+
+def config_from_tables(tables: dict, source: Path | None = None) -> RunConfig:
+    """A RunConfig from settings tables (a parsed TOML/JSON file); missing keys take the defaults."""
+    if not isinstance(tables, dict):
+        raise UsageError(source, "the settings must be a table of tables")
+    unknown = [name for name in tables if name not in TABLES]
+    if unknown:
+        raise UsageError(source, f"unknown table [{unknown[0]}] (known: {', '.join(TABLES)})")
+    pre = _table(tables, "preprocess", source)
+    workers = _coerce(pre.get("workers", 1), 1, "preprocess.workers", source)
+    if workers < 1:
+        raise UsageError(source, "preprocess.workers must be >= 1")
+    gan = dict(_table(tables, "train-gan", source))
+    crop = gan.pop("crop", "auto")
+    gan_config = _build(GanTrainConfig, gan, "train-gan", source)
+    seg = dict(_table(tables, "train-seg", source))
+    loss = seg.pop("loss", {})
+    if not isinstance(loss, dict):
+        raise UsageError(source, f"[train-seg.loss] must be a table, got {loss!r}")
+    return RunConfig(
+        preprocess=_build(PreprocessConfig, pre, "preprocess", source, extra=("workers",)),
+        workers=workers,
+        train_gan=replace(gan_config, crop=_gan_crop(crop, gan_config.preset, source)),
+        make_masks=_build(PseudoMaskConfig, _table(tables, "make-masks", source), "make-masks", source),
+        train_seg=_build(SegTrainConfig, seg, "train-seg", source),
+        seg_loss=_build(SegLossConfig, loss, "train-seg.loss", source),
+        export=_build(ExportConfig, _table(tables, "export", source), "export", source),
+        predict=_build(PredictConfig, _table(tables, "predict", source), "predict", source),
+    )
+
+
+def load_config(path: Path | None) -> RunConfig:
+    """The settings of a TOML (``.toml``) or JSON (``.json``) file; defaults without a file."""
+    if path is None:
+        return RunConfig()
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(path, "--config: no such file")
+    suffix = path.suffix.lower()
+    if suffix not in (".toml", ".json"):
+        raise UsageError(path, "--config must be a .toml or .json file")
+    try:
+        text = path.read_text(encoding="utf-8")
+        tables = tomllib.loads(text) if suffix == ".toml" else json.loads(text)
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError, json.JSONDecodeError) as exc:
+        raise UsageError(path, f"unreadable settings ({str(exc)[:200]})") from None
+    return config_from_tables(tables, path)
+
+
+# ---- the work folder --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RunInputs:
+    """What `run` reads: training CTs, optional reference masks, and what to predict."""
+
+    healthy: Path
+    covid: Path
+    masks: Path | None = None  # reference lesion masks of the COVID inputs (evaluation only)
+    predict: tuple[Path, ...] = ()  # CTs to predict; empty: the COVID inputs
+    reference: Path | None = None  # references for `predict` (folder or synth manifest); default: masks
+
+    @property
+    def to_predict(self) -> tuple[Path, ...]:
+        return self.predict or (self.covid,)
+
+    @property
+    def evaluation_reference(self) -> Path | None:
+        return self.reference if self.reference is not None or self.predict else self.masks
+
+    def to_json(self) -> dict:
+        def text(p: Path | None) -> str | None:
+            return None if p is None else str(Path(p).resolve())
+
+        return {
+            "healthy": text(self.healthy),
+            "covid": text(self.covid),
+            "masks": text(self.masks),
+            "predict": [text(p) for p in self.to_predict],
+            "reference": text(self.evaluation_reference),
+        }
+
+
+def _first_difference(old: object, new: object, where: str = "") -> str | None:
+    """'table.key: old -> new' for the first difference of two JSON values; None if they are equal."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        for key in [*old, *(k for k in new if k not in old)]:
+            found = _first_difference(old.get(key), new.get(key), f"{where}.{key}" if where else key)
+            if found:
+                return found
+        return None
+    return None if old == new else f"{where}: {old!r} -> {new!r}"
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def check_work_dir(work: Path, inputs: RunInputs, config: RunConfig, force: bool) -> dict | None:
+    """Refuse a work folder that is not a run folder, or one made with other settings or inputs
+    (unless `force`); return the previous run.json (None for a new folder)."""
+    for path in (inputs.healthy, inputs.covid, inputs.masks, *inputs.predict, inputs.reference):
+        if path is None:
+            continue
+        if not Path(path).exists():
+            raise UsageError(path, "input does not exist")
+        resolved, root = Path(path).resolve(), work.resolve()
+        if root == resolved or root in resolved.parents or resolved in root.parents:
+            raise UsageError(work, f"the work folder and the input {path} contain one another")
+    if work.exists() and not work.is_dir():
+        raise UsageError(work, "exists and is not a folder")
+    if not work.exists() or not any(work.iterdir()):
+        return None
+    old_config = _read_json(work / CONFIG_JSON)
+    if old_config is None:
+        raise UsageError(work, f"is not empty and holds no {CONFIG_JSON}: not a covidseg run folder")
+    previous = _read_json(work / RUN_JSON) or {}
+    if force:
+        return previous
+    for what, old, new in (
+        ("settings", old_config, config.to_json()),
+        ("inputs", previous.get("inputs", inputs.to_json()), inputs.to_json()),
+    ):
+        difference = _first_difference(old, new)
+        if difference:
+            raise UsageError(
+                work,
+                f"was made with other {what} ({difference}); "
+                "pass --force to redo it or choose another folder",
+            )
+    return previous
+
+
+# ---- the stages -------------------------------------------------------------------------------
+
+
+@dataclass
+class _Context:
+    work: Path
+    inputs: RunInputs
+    config: RunConfig
+    device: str
+    progress: StageProgress
+
+
+def _case_counter(ctx: _Context, stage: str, total: int) -> Callable[[str], None]:
+    """A per-case progress callback that counts finished cases."""
+    done = [0]
+
+    def advance(message: str) -> None:
+        done[0] += 1
+        ctx.progress(stage, done[0], total, message)
+
+    return advance
+
+
+def _step_counter(ctx: _Context, stage: str) -> Callable[[int, int, dict], None]:
+    def advance(step: int, total: int, losses: dict) -> None:
+        text = " ".join(f"{k.removeprefix('loss_')}={v:.3g}" for k, v in losses.items() if v)
+        ctx.progress(stage, step, total, text)
+
+    return advance
+
+
+def _run_preprocess(ctx: _Context, resume: bool) -> dict:
+    from covidseg.stages.preprocess import collect_inputs, run_preprocess
+
+    i = ctx.inputs
+    total = len(collect_inputs(i.healthy, i.covid, i.masks))
+    result = run_preprocess(
+        ctx.work / "pre", i.healthy, i.covid, i.masks, ctx.config.preprocess, ctx.config.workers,
+        overwrite=True, progress=_case_counter(ctx, "preprocess", total),
+    )  # fmt: skip
+    return {
+        "cases": len(result.manifest["cases"]),
+        "failed": [f["error"] for f in result.failures],
+        "notes": result.notes,
+    }
+
+
+def _run_train_gan(ctx: _Context, resume: bool) -> dict:
+    from covidseg.stages.train_gan import run_train_gan
+
+    manifest = run_train_gan(
+        ctx.work / "pre", ctx.work / "gan", ctx.config.train_gan, ctx.device, resume,
+        ctx.config.make_masks, _step_counter(ctx, "train-gan"),
+    )  # fmt: skip
+    return {
+        "steps": manifest["steps"],
+        "device": manifest["device"],
+        "threshold": manifest["calibration"]["threshold"],
+    }
+
+
+def _run_make_masks(ctx: _Context, resume: bool) -> dict:
+    from covidseg.stages.make_masks import run_make_masks
+    from covidseg.stages.work import read_manifest
+
+    total = len(read_manifest(ctx.work / "pre", "covidseg.preprocess")["cases"])
+    manifest = run_make_masks(
+        ctx.work / "pre", ctx.work / "gan", ctx.work / "masks", ctx.device, ctx.config.make_masks,
+        overwrite=True, progress=_case_counter(ctx, "make-masks", total),
+    )  # fmt: skip
+    return {
+        "cases": len(manifest["cases"]),
+        "failed": [f["error"] for f in manifest["failed"]],
+        "threshold": manifest["threshold"],
+        "slices": manifest["slices"],
+    }
+
+
+def _run_train_seg(ctx: _Context, resume: bool) -> dict:
+    from covidseg.stages.train_seg import run_train_seg
+
+    manifest = run_train_seg(
+        ctx.work / "masks", ctx.work / "seg", ctx.config.train_seg, ctx.config.seg_loss, ctx.device,
+        resume, _step_counter(ctx, "train-seg"),
+    )  # fmt: skip
+    return {"steps": manifest["steps"], "device": manifest["device"], "best": manifest["best"]}
+
+
+def _run_export(ctx: _Context, resume: bool) -> dict:
+    from covidseg.stages.export import run_export
+
+    ctx.progress("export", 0, 1, "exporting and checking parity")
+    sidecar = run_export(
+        ctx.work / "seg", ctx.work / "model.onnx", fp16=ctx.config.export.fp16, overwrite=True
+    )
+    ctx.progress("export", 1, 1, "done")
+    return {"precision": sidecar["precision"], "parity": sidecar["parity"]}
+
+
+def _run_predict(ctx: _Context, resume: bool) -> dict:
+    from covidseg.stages.predict import PredictOptions, collect_cases, run_predict
+
+    out = ctx.work / "pred"
+    cases = collect_cases(list(ctx.inputs.to_predict), out)
+    p = ctx.config.predict
+    options = PredictOptions(
+        probabilities=p.probabilities, snapshots=p.snapshots, resume=resume, overwrite=not resume,
+        batch_size=p.batch_size,
+    )  # fmt: skip
+    result = run_predict(
+        cases, out, str(ctx.work / "model.onnx"), "auto", ctx.device, options,
+        _case_counter(ctx, "predict", len(cases)),
+    )  # fmt: skip
+    report = result.report
+    return {
+        "cases": report["cases"],
+        "predicted": report["predicted"],
+        "skipped": len(result.skipped),
+        "failed": [f["error"] for f in result.failures],
+        "runs_on": report["runs_on"],
+        "seconds_per_case": report["seconds_per_case"],
+    }
+
+
+def _run_evaluate(ctx: _Context, resume: bool) -> dict:
+    from covidseg.stages.evaluate import run_evaluate
+
+    ctx.progress("evaluate", 0, 1, "scoring")
+    result = run_evaluate(
+        ctx.work / "pred", ctx.inputs.evaluation_reference, ctx.work / "eval", overwrite=True
+    )
+    ctx.progress("evaluate", 1, 1, "done")
+    agg = result.summary["aggregate"]
+    return {
+        "cases": result.summary["n_cases"],
+        "failed": [f["error"] for f in result.failed_cases],
+        "dice": agg["metrics"]["dice"],
+        "pooled_dice": agg["pooled"].get("dice"),
+        "sensitivity": agg["metrics"]["sensitivity"],
+        "specificity": agg["metrics"]["specificity"],
+    }
+
+
+def _predict_complete(work: Path) -> bool:
+    report = _read_json(work / "pred" / "report.json")
+    return report is not None and not report.get("failed")
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One step of the pipeline and the files that tell whether it finished."""
+
+    name: str
+    outputs: tuple[str, ...]  # paths in the work folder this stage owns (removed before a fresh run)
+    done: Callable[[Path], bool]  # its last-written file exists (the stage finished)
+    run: Callable[[_Context, bool], dict]  # (context, resume) -> key figures
+    can_resume: Callable[[Path], bool] = lambda work: False  # an unfinished output to continue
+
+
+def _marker(relative: str) -> Callable[[Path], bool]:
+    return lambda work: (work / relative).is_file()
+
+
+def _checkpoint(folder: str) -> Callable[[Path], bool]:
+    return lambda work: (work / folder / "checkpoint.pt").is_file()
+
+
+STAGES = (
+    Stage("preprocess", ("pre",), _marker("pre/manifest.json"), _run_preprocess),
+    Stage("train-gan", ("gan",), _marker("gan/manifest.json"), _run_train_gan, _checkpoint("gan")),
+    Stage("make-masks", ("masks",), _marker("masks/manifest.json"), _run_make_masks),
+    Stage("train-seg", ("seg",), _marker("seg/manifest.json"), _run_train_seg, _checkpoint("seg")),
+    Stage("export", ("model.onnx", "model.json"), _marker("model.json"), _run_export),
+    Stage("predict", ("pred",), _predict_complete, _run_predict, lambda work: (work / "pred").is_dir()),
+    Stage("evaluate", ("eval",), _marker("eval/summary.json"), _run_evaluate),
+)
+
+
+def _clear(work: Path, outputs: tuple[str, ...]) -> None:
+    """Remove a stage's previous outputs (only paths inside the run folder that the stage owns)."""
+    for relative in outputs:
+        path = work / relative
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+
+
+@dataclass
+class RunResult:
+    """What one `run` did: a record per stage (name, status, seconds, figures) and the failures."""
+
+    work: Path
+    stages: list[dict]
+    failures: list[str]
+
+    @property
+    def seconds(self) -> float:
+        return sum(float(r.get("seconds") or 0.0) for r in self.stages)
+
+
+def _write_run_json(work: Path, inputs: RunInputs, records: list[dict], device: str) -> None:
+    write_json(
+        work / RUN_JSON,
+        {
+            "format": "covidseg.run",
+            "version": 1,
+            "covidseg_version": __version__,
+            "inputs": inputs.to_json(),
+            "device": device,
+            "stages": records,
+        },
+    )
+
+
+def run_pipeline(
+    work: Path,
+    inputs: RunInputs,
+    config: RunConfig | None = None,
+    device: str = "auto",
+    force: bool = False,
+    progress: StageProgress | None = None,
+) -> RunResult:
+    """Run every stage into `work` (skipping finished ones unless `force`); return what was done.
+
+    Stage errors (a :class:`~covidseg.errors.CovidsegError`) stop the run; cases that fail inside
+    a stage are recorded in the result's ``failures`` and the run goes on with the others.
+    """
+    work = Path(work)
+    config = config or RunConfig()
+    previous = check_work_dir(work, inputs, config, force) or {}
+    old_records = {r.get("stage"): r for r in previous.get("stages", []) if isinstance(r, dict)}
+    work.mkdir(parents=True, exist_ok=True)
+    write_json(work / CONFIG_JSON, config.to_json())
+    ctx = _Context(work, inputs, config, device, progress or (lambda *args: None))
+    stages = [s for s in STAGES if s.name != "evaluate" or inputs.evaluation_reference is not None]
+    records: list[dict] = []
+    stale = force  # once a stage runs, the outputs of every later stage are stale
+    for stage in stages:
+        if not stale and stage.done(work):
+            old = old_records.get(stage.name, {})
+            records.append({**old, "stage": stage.name, "status": "skipped"})
+            ctx.progress(stage.name, 1, 1, "already done")
+            continue
+        resume = not stale and stage.can_resume(work)
+        if not resume:
+            _clear(work, stage.outputs)
+        stale = True
+        started = time.perf_counter()
+        figures = stage.run(ctx, resume)
+        records.append(
+            {
+                "stage": stage.name,
+                "status": "resumed" if resume else "ran",
+                "seconds": round(time.perf_counter() - started, 2),
+                "output": stage.outputs[0],
+                "figures": figures,
+            }
+        )
+        _write_run_json(work, inputs, records, device)
+    _write_run_json(work, inputs, records, device)
+    failures = [f"{r['stage']}: {error}" for r in records for error in r.get("figures", {}).get("failed", [])]
+    return RunResult(work=work, stages=records, failures=failures)
