@@ -141,8 +141,12 @@ def main(args: argparse.Namespace) -> tuple[list[str], list[dict]]:
     for variant in args.variants.split(","):
         overrides = VARIANTS[variant]
         crop = None if args.crop == "none" else tuple(int(v) for v in args.crop.split(","))
-        config = GanTrainConfig(steps=args.steps, preset=args.preset, seed=args.seed, crop=crop, **overrides)
+        lr = {} if args.lr is None else {"lr_g": args.lr, "lr_d": args.lr}
+        config = GanTrainConfig(
+            steps=args.steps, preset=args.preset, seed=args.seed, crop=crop, **overrides, **lr
+        )
         tag = f"{variant}_{args.preset}_{args.steps}" + ("_full" if crop is None else "")
+        tag += "" if args.lr is None else f"_lr{args.lr:g}"
         gan_dir = work / f"gan_{tag}"
         start = time.perf_counter()
         if not (gan_dir / "manifest.json").exists():
@@ -175,6 +179,7 @@ if __name__ == "__main__":
     parser.add_argument("--preset", default="tiny")
     parser.add_argument("--crop", default="16,64,64", help="training crop 'Z,Y,X' or 'none'")
     parser.add_argument("--variants", default="perlin")
+    parser.add_argument("--lr", type=float, default=None, help="Adam lr of G and D (default: config's)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--train", type=int, default=20, help="healthy and COVID training phantoms (each)")

@@ -18,7 +18,8 @@ from covidseg.masks import (
     split_slices,
     threshold_baseline,
 )
-from covidseg.models.gan3d import GAN_PRESETS, Discriminator3D, Generator3D, latent_noise
+from covidseg.models import gan3d
+from covidseg.models.gan3d import GAN_PRESETS, Discriminator3D, Generator3D, latent_noise, run_generator
 
 
 def _lung(shape=(1, 1, 16, 64, 64)) -> torch.Tensor:
@@ -50,6 +51,19 @@ def test_generator_only_removes_density_and_only_in_the_lung():
     outside = g.gate(lung) == 0
     assert torch.equal(healthy[outside], x[outside])  # composited: the body is untouched
     assert (healthy <= x + 1e-6).all()  # lesions are dense: making healthy only removes density
+
+
+def test_windowed_inference_in_batches_equals_one_window_at_a_time(monkeypatch):
+    torch.manual_seed(0)
+    g = Generator3D(GAN_PRESETS["tiny"].generator).eval()
+    image = np.random.default_rng(0).random((20, 72, 80), dtype=np.float32)
+    lung = np.zeros(image.shape, np.uint8)
+    lung[2:18, 8:64, 8:72] = 1
+    batched = run_generator(g, image, lung, seed=5, window=(16, 64, 64))  # 2x2x2 windows, batches of 4
+    monkeypatch.setattr(gan3d, "WINDOW_BATCH", 1)
+    single = run_generator(g, image, lung, seed=5, window=(16, 64, 64))
+    np.testing.assert_allclose(batched, single, atol=1e-5)  # same windows, same U_N per window
+    assert not np.array_equal(batched, image)
 
 
 @pytest.mark.parametrize("kind", ["perlin", "uniform", "none"])

@@ -282,6 +282,12 @@ def generator_from_payload(payload: dict) -> Generator3D:
     return model.eval()
 
 
+#: Windows per generator call. A batch of one runs CPU conv3d on a slow path (0.27-0.37 s per
+#: 16x64x64 window for the tiny preset, vs 0.05 s per window in batches of 2-6; measured with
+#: torch 2.13 on 2 cores), so windows go through in small batches; the result is the same.
+WINDOW_BATCH = 4
+
+
 def _window_starts(size: int, window: int) -> list[int]:
     """Start indices of windows of `window` covering `size` with ~50 % overlap."""
     if window >= size:
@@ -346,30 +352,33 @@ def run_generator(
     m = torch.from_numpy(np.ascontiguousarray(lung > 0, dtype=np.float32))[None, None].to(device)
     noise = torch.Generator().manual_seed(int(seed))
 
-    def removal_of(sl) -> torch.Tensor:  # [1, 1, d, h, w] float32 on `device`
-        u_n = sample_latent_noise(config, generator_latent_shape(config, x[sl].shape), noise, device)
-        return backend(x[sl], m[sl], u_n).float().to(device)
+    def removal_of(slices: list) -> torch.Tensor:  # [n, 1, d, h, w] float32 on `device`
+        image = torch.cat([x[sl] for sl in slices])
+        lung = torch.cat([m[sl] for sl in slices])
+        shapes = [generator_latent_shape(config, x[sl].shape) for sl in slices]
+        u_n = torch.cat([sample_latent_noise(config, s, noise, device) for s in shapes])  # in window order
+        return backend(image, lung, u_n).float().to(device)
 
     shape = tuple(x.shape[2:])
     everything = (..., slice(None), slice(None), slice(None))
     if window is None or all(w >= s for w, s in zip(window, shape, strict=True)):
-        removal = removal_of(everything)
+        removal = removal_of([everything])
     else:
         window = tuple(min(w, s) for w, s in zip(window, shape, strict=True))
         weight = _blend_weight(window).to(device)
         removal = torch.zeros_like(x)
         total = torch.zeros_like(x)
-        for z0 in _window_starts(shape[0], window[0]):
-            for y0 in _window_starts(shape[1], window[1]):
-                for x0 in _window_starts(shape[2], window[2]):
-                    sl = (
-                        ...,
-                        slice(z0, z0 + window[0]),
-                        slice(y0, y0 + window[1]),
-                        slice(x0, x0 + window[2]),
-                    )
-                    removal[sl] += removal_of(sl) * weight
-                    total[sl] += weight
+        windows = [
+            (..., slice(z0, z0 + window[0]), slice(y0, y0 + window[1]), slice(x0, x0 + window[2]))
+            for z0 in _window_starts(shape[0], window[0])
+            for y0 in _window_starts(shape[1], window[1])
+            for x0 in _window_starts(shape[2], window[2])
+        ]
+        for first in range(0, len(windows), WINDOW_BATCH):
+            chunk = windows[first : first + WINDOW_BATCH]
+            for sl, part in zip(chunk, removal_of(chunk), strict=True):
+                removal[sl] += part[None] * weight
+                total[sl] += weight
         removal = removal / total
     healthy = (x - lung_gate(m, config.gate_dilation) * removal).clamp(0.0, 1.0)
     return healthy[0, 0].cpu().numpy()
