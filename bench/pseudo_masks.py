@@ -79,6 +79,7 @@ def score(binaries: dict[str, np.ndarray], cases) -> dict:
         "healthy_flagged_percent": (float(np.mean(flagged)), float(np.std(flagged)))
         if flagged
         else (0.0, 0.0),
+        "per_case_dice": {c.case_id: float(r["dice"]) for c, r in zip(covid, per_case, strict=True)},
     }
 
 

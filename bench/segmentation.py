@@ -28,6 +28,7 @@ from covidseg.config import SegTrainConfig
 from covidseg.infer import predict_probabilities
 from covidseg.intensity import parse_intensity
 from covidseg.io import read_ct
+from covidseg.losses import SegLossConfig
 from covidseg.masks import remove_small_components, threshold_baseline
 from covidseg.models.segmenters import segmenter_from_config
 from covidseg.stages.make_masks import run_make_masks
@@ -55,6 +56,15 @@ def row(name: str, s: dict) -> str:
         f"| {name} | {s['dice'][0]:.3f} ± {s['dice'][1]:.3f} | {s['pooled_dice']:.3f} | "
         f"{s['sensitivity'][0]:.3f} ± {s['sensitivity'][1]:.3f} | {s['specificity'][0]:.4f} | "
         f"{s['slice_dice'][0]:.3f} ± {s['slice_dice'][1]:.3f} | {s['healthy_flagged_percent'][0]:.2f} |"
+    )
+
+
+def paired(scores: dict, other: dict, label: str) -> str:
+    """Per-volume Dice differences on the same test volumes: mean ± std, and how many are better."""
+    diff = np.array([scores["per_case_dice"][k] - other["per_case_dice"][k] for k in scores["per_case_dice"]])
+    return (
+        f"paired Dice difference {label}: {diff.mean():+.3f} ± {diff.std():.3f} "
+        f"(better on {int((diff > 0).sum())} of {diff.size} volumes)"
     )
 
 
@@ -144,21 +154,28 @@ def main(args: argparse.Namespace) -> tuple[list[str], list[dict]]:
     )
     figures.append(bench_row("baseline mapped HU in (-600, -100): real slices Dice", b["dice"][0]))
     for arch in args.archs.split(","):
-        seg_dir = work / f"seg_{arch}_{args.preset}_{args.steps}_{args.gan}"
+        variant = (f"_{args.lr_schedule}" if args.lr_schedule != "constant" else "") + (
+            f"_beta{args.beta:g}" if args.beta != 1.0 else ""  # names of the runs made when 1 was the default
+        )
+        seg_dir = work / f"seg_{arch}_{args.preset}_{args.steps}{variant}_{args.gan}"
         if not (seg_dir / "manifest.json").exists():
             config = SegTrainConfig(
-                arch=arch, preset=args.preset, steps=args.steps, batch_size=args.batch_size
-            )
+                arch=arch, preset=args.preset, steps=args.steps, batch_size=args.batch_size,
+                lr_schedule=args.lr_schedule,
+            )  # fmt: skip
             run_train_seg(
-                masks_train, seg_dir, config, device=args.device, resume=(seg_dir / "checkpoint.pt").exists()
-            )
+                masks_train, seg_dir, config, SegLossConfig(beta=args.beta), device=args.device,
+                resume=(seg_dir / "checkpoint.pt").exists(),
+            )  # fmt: skip
         model, threshold = load_model(seg_dir / "best.pt")
         model.to(device)
         binaries = {c.case_id: segment_volume(model, threshold, c, device) for c in test_cases}
         scores = score(binaries, test_cases)
-        lines.append(row(f"{arch} ({args.preset}, {args.steps} steps)", scores))
+        lines.append(row(f"{arch} ({args.preset}, {args.steps} steps{variant})", scores))
         figures += _phantom_rows(f"{arch} {args.preset} {args.steps} steps", scores, True)
         print(lines[-1], flush=True)
+        if (pseudo_test / "manifest.json").exists():
+            print(paired(scores, pseudo_scores, f"{arch} - pseudo-masks"), flush=True)
         r = real_slices(model, threshold, device)
         real_lines.append(
             f"| {arch} ({args.preset}) | {r['dice'][0]:.3f} ± {r['dice'][1]:.3f} | {r['pooled_dice']:.3f} |"
@@ -179,6 +196,10 @@ if __name__ == "__main__":
     parser.add_argument("--preset", default="tiny")
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--lr-schedule", default="constant", choices=["constant", "cosine"])
+    parser.add_argument(
+        "--beta", type=float, default=SegLossConfig().beta, help="FN weight, sensitivity loss"
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", action="store_true", help="print the figures as rows of JSON")
     arguments = parser.parse_args()

@@ -373,7 +373,7 @@ def train_seg(
     w_contrastive: Annotated[float, typer.Option(help="Weight of the contrastive loss.")] = 0.1,
     w_mse: Annotated[float, typer.Option(help="Weight of the MSE to the continuous pseudo-mask.")] = 1.0,
     w_sensitivity: Annotated[float, typer.Option(help="Weight of the sensitivity-enhanced BCE.")] = 1.0,
-    beta: Annotated[float, typer.Option(help="β of the sensitivity-enhanced BCE.")] = 1.0,
+    beta: Annotated[float, typer.Option(help="β of the sensitivity-enhanced BCE.")] = 4.0,
     w_dice: Annotated[float, typer.Option(help="Weight of the Dice loss.")] = 0.0,
     no_augment: Annotated[bool, typer.Option("--no-augment", help="Train without augmentation.")] = False,
     eval_every: Annotated[int, typer.Option(help="Validate, checkpoint and plot every N steps.")] = 50,

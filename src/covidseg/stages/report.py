@@ -25,7 +25,7 @@ table { border-collapse: collapse; margin: 0.6em 0; font-size: 0.92em; }
 th, td { border: 1px solid #d0d0d0; padding: 0.3em 0.7em; }
 th { background: #f3f3f5; text-align: left; }
 td.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
-tr.best td { font-weight: 600; }
+tr.ours td { font-weight: 600; }
 img { max-width: 100%; border: 1px solid #e3e3e3; margin: 0.3em 0; }
 .figs { display: flex; flex-wrap: wrap; gap: 1em; }
 .figs figure { margin: 0; flex: 1 1 320px; }
@@ -51,7 +51,8 @@ def fmt_mean_std(stats: dict | None, digits: int = 3) -> str:
 def table(
     headers: list[str], rows: list[list[str]], numeric_from: int = 1, highlight: int | None = None
 ) -> str:
-    """An HTML table; columns from `numeric_from` on are right-aligned; row `highlight` in bold."""
+    """An HTML table; columns from `numeric_from` on are right-aligned; row `highlight` (the model the
+    pipeline delivers, not necessarily the best row) in bold."""
     head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
     body = []
     for i, row in enumerate(rows):
@@ -59,7 +60,7 @@ def table(
             f'<td class="num">{html.escape(c)}</td>' if j >= numeric_from else f"<td>{html.escape(c)}</td>"
             for j, c in enumerate(row)
         )
-        body.append(f'<tr class="best">{cells}</tr>' if i == highlight else f"<tr>{cells}</tr>")
+        body.append(f'<tr class="ours">{cells}</tr>' if i == highlight else f"<tr>{cells}</tr>")
     return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
 
 

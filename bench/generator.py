@@ -1,0 +1,91 @@
+"""Benchmark: the pseudo-healthy generator's windowed inference (what make-masks and train-gan's
+calibration run for every case), batched windows vs one window per call.
+
+One 32x128x128 grid (the preprocess default) through an untrained generator of the given preset,
+in training-crop windows of 16x64x64 with ~50 % overlap (27 windows), on the CPU: the median of a
+few runs with ``WINDOW_BATCH`` windows per call (the default) and with one window per call (the
+slow path of CPU conv3d). The two results must agree (same windows, same latent noise).
+
+    python bench/generator.py            # human-readable
+    python bench/generator.py --json     # the figures as rows (for bench/run_all.py)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import numpy as np
+import torch
+
+from covidseg.models import gan3d
+from covidseg.models.gan3d import GAN_PRESETS, Generator3D, run_generator
+
+GRID = (32, 128, 128)  # voxels (z, y, x)
+WINDOW = (16, 64, 64)  # the CPU training crop
+
+
+def _median_seconds(fn, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main(preset: str = "tiny", repeats: int = 3) -> list[dict]:
+    """Seconds per grid batched and one window at a time, their ratio, and the largest difference."""
+    torch.manual_seed(0)
+    model = Generator3D(GAN_PRESETS[preset].generator).eval()
+    rng = np.random.default_rng(0)
+    image = rng.random(GRID, dtype=np.float32)
+    lung = np.zeros(GRID, np.uint8)
+    lung[2:30, 16:112, 12:60] = 1
+    lung[2:30, 16:112, 68:116] = 1
+
+    def infer() -> np.ndarray:
+        return run_generator(model, image, lung, seed=0, window=WINDOW)
+
+    batched_s = _median_seconds(infer, repeats)
+    batched = infer()
+    default = gan3d.WINDOW_BATCH
+    try:
+        gan3d.WINDOW_BATCH = 1
+        single_s = _median_seconds(infer, repeats)
+        single = infer()
+    finally:
+        gan3d.WINDOW_BATCH = default
+    diff = float(np.abs(batched - single).max())
+    grid = "x".join(map(str, GRID))
+
+    def row(name: str, value: float, unit: str, target: float | None = None, ok: bool | None = None) -> dict:
+        return {"name": name, "value": value, "unit": unit, "target": target, "ratio": None, "ok": ok}
+
+    return [
+        row(
+            f"generator {preset} on a {grid} grid, windows in batches of {default}", round(batched_s, 3), "s"
+        ),
+        row("  same, one window per call", round(single_s, 3), "s"),
+        row("  speed-up of batching", round(single_s / batched_s, 2), "x"),
+        row("  max |difference| batched vs one at a time", diff, "", 1e-5, diff <= 1e-5),
+    ]
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--preset", default="tiny", choices=sorted(GAN_PRESETS))
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--json", action="store_true", help="print the figures as rows of JSON")
+    arguments = parser.parse_args()
+    rows = main(arguments.preset, arguments.repeats)
+    if arguments.json:
+        print(json.dumps(rows, indent=1))
+    else:
+        for row in rows:
+            print(f"{row['name']}: {row['value']} {row['unit']}")
