@@ -308,7 +308,7 @@ def _numbers(methods: list[MethodScores]) -> dict:
 def _notes(preset: DemoPreset) -> list[str]:
     gan, seg = preset.run.train_gan, preset.run.train_seg
     return [
-        "Bold: the label-free model that `covidseg predict` runs (not necessarily the best row). "
+        "Bold: the label-free model that covidseg predict runs (not necessarily the best row). "
         "GAN pseudo-masks: what the segmenter learns from (the GAN's pseudo-healthy difference, thresholded "
         "without labels), here made for the test phantoms too. Baseline: every voxel above -600 HU inside "
         "the classical lung mask (it cannot tell vessels from lesions).",
