@@ -2,16 +2,31 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
+import torch
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 LPS = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
 LAS = (-1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)  # NIfTI "RAS+" stored as ITK direction
+
+
+@contextlib.contextmanager
+def one_torch_thread() -> Iterator[None]:
+    """One torch intra-op thread inside the block: on a small shared machine torch's thread pool would
+    fight over the cores, and one thread adds float sums up in the same order every time."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def oblique_direction(degrees: float = 12.0) -> tuple[float, ...]:
@@ -88,8 +103,6 @@ def write_dicom_series(
 def save_untrained_segmenter(path: Path, slice_size=(128, 128), slab_mm: float = 9.0) -> Path:
     """An untrained tiny TransUNet saved as train-seg saves its best.pt (seeded: the same file
     every time); its masks are arbitrary but neither empty nor full."""
-    import torch
-
     from covidseg.models.segmenters import make_segmenter, segmenter_config_dict
     from covidseg.seg_model import MODEL_FORMAT
     from covidseg.slices import SlicePreprocessing

@@ -18,6 +18,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from conftest import one_torch_thread
 from covidseg import distributed
 from covidseg.config import GanTrainConfig, PreprocessConfig, SegTrainConfig
 from covidseg.errors import UsageError
@@ -51,10 +52,8 @@ def work(tmp_path_factory):
 def one_thread():
     """One intra-op thread, as each torchrun process has: float sums then add up in the same order
     (and on a busy 2-core machine OpenMP threads that wait for each other cost many times more)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with one_torch_thread():
+        yield
 
 
 def _torchrun(args: list[str]) -> subprocess.CompletedProcess:

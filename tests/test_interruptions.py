@@ -9,7 +9,6 @@ its name loads completely, and after the rerun no temporary file is left.
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import json
 import os
@@ -25,7 +24,7 @@ import SimpleITK as sitk
 import torch
 from typer.testing import CliRunner
 
-from conftest import save_untrained_segmenter
+from conftest import one_torch_thread, save_untrained_segmenter
 from covidseg.cli import app
 from covidseg.config import GanTrainConfig, PreprocessConfig
 from covidseg.geometry import axis_aligned_geometry
@@ -46,21 +45,11 @@ TIMEOUT_S = 120
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
-@contextlib.contextmanager
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def work(tmp_path_factory) -> Path:
     """synth -> preprocess -> a 2-step tiny GAN -> make-masks: the inputs of the three commands."""
     root = tmp_path_factory.mktemp("kill")
-    with _one_thread():
+    with one_torch_thread():
         run_synth(root / "synth", 2, 2, seed=5, shape_zyx=SHAPE, spacing_zyx=SPACING)
         s = root / "synth"
         run_preprocess(root / "pre", s / "healthy", s / "covid", None, PreprocessConfig(grid=GRID))

@@ -8,7 +8,6 @@ asks for the documented identifiers in the case JSON.
 
 from __future__ import annotations
 
-import contextlib
 import gzip
 import json
 import socket
@@ -16,10 +15,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from typer.testing import CliRunner
 
-from conftest import save_untrained_segmenter, write_dicom_series
+from conftest import one_torch_thread, save_untrained_segmenter, write_dicom_series
 from covidseg.cli import app
 from covidseg.geometry import axis_aligned_geometry
 from covidseg.io import DICOM_IDENTIFIERS, read_ct, write_array
@@ -39,16 +37,6 @@ PATIENT = {  # DICOM tag -> value; none of these may leave the input unless aske
 SECRETS = [b"quartermaine", b"zebedee", b"pid-77812345", b"19480229", b"acc99887766"]
 SERIES_UID = "1.2.826.0.1.3680043.2.1125.42"
 STUDY_UID = "1.2.826.0.1.3680043.2.1125.99"  # what write_dicom_series writes
-
-
-@contextlib.contextmanager
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a small shared machine: torch's thread pool would fight over cores
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _invoke(*args: str):
@@ -82,7 +70,7 @@ def test_the_whole_pipeline_runs_without_network(no_network, tmp_path):
         socket.create_connection(("example.org", 443))
     no_network.clear()
     s, pre, gan, masks, seg = (tmp_path / n for n in ("synth", "pre", "gan", "masks", "seg"))
-    with _one_thread():
+    with one_torch_thread():
         _invoke("synth", "-o", str(s), "--healthy", "2", "--covid", "2", "--seed", "1",
                 "--shape", "28,96,96", "--spacing", "10,3.75,3.75")  # fmt: skip
         _invoke("preprocess", "-o", str(pre), "--healthy", str(s / "healthy"), "--covid", str(s / "covid"),
@@ -138,7 +126,7 @@ def test_the_test_series_carries_the_patient_details(dicom_case):
 
 
 def test_preprocess_and_predict_outputs_hold_no_patient_details(dicom_case, model_pt, tmp_path):
-    with _one_thread():
+    with one_torch_thread():
         _invoke("preprocess", "-o", str(tmp_path / "pre"), "--covid", str(dicom_case.parent))
         _invoke("predict", str(dicom_case.parent), "-o", str(tmp_path / "pred"), "--model", str(model_pt),
                 "--probabilities", "--snapshots", "--device", "cpu")  # fmt: skip
@@ -160,7 +148,7 @@ def test_keep_metadata_copies_the_documented_identifiers_into_the_case_json(dico
         inputs / "plain.nii.gz", hu, axis_aligned_geometry(SHAPE, SPACING, centred_origin(SHAPE, SPACING))
     )
     out = tmp_path / "pred"
-    with _one_thread():
+    with one_torch_thread():
         _invoke("predict", str(inputs), "-o", str(out), "--model", str(model_pt), "--keep-metadata",
                 "--device", "cpu")  # fmt: skip
     record = json.loads((out / "series.json").read_text())

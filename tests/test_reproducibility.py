@@ -8,7 +8,6 @@ the folder name itself are set aside.
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import io
 import json
@@ -19,7 +18,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from conftest import save_untrained_segmenter
+from conftest import one_torch_thread, save_untrained_segmenter
 from covidseg.config import GanTrainConfig, PreprocessConfig
 from covidseg.stages.make_masks import run_make_masks
 from covidseg.stages.predict import PredictOptions, collect_cases, run_predict
@@ -30,16 +29,6 @@ from covidseg.training import load_checkpoint
 
 SHAPE, SPACING = (28, 96, 96), (10.0, 3.75, 3.75)  # small phantoms: a second each
 TIMINGS = ("seconds", "seconds_per_case")  # JSON keys and CSV columns that hold wall-clock times
-
-
-@contextlib.contextmanager
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a small shared machine: torch's thread pool would fight over cores
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _pipeline(root: Path, model: Path) -> None:
@@ -60,7 +49,7 @@ def _pipeline(root: Path, model: Path) -> None:
 def runs(tmp_path_factory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("repro")
     model = save_untrained_segmenter(root / "model" / "best.pt")
-    with _one_thread():
+    with one_torch_thread():
         for name in ("a", "b"):
             _pipeline(root / name, model)
     return root / "a", root / "b"
