@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 import platform
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -83,17 +83,8 @@ QUICK = DemoPreset(
     run=RunConfig(
         preprocess=PreprocessConfig(grid=(16, 64, 64)),
         workers=2,
-        train_gan=GanTrainConfig(
-            preset="tiny",
-            steps=100,
-            crop=(16, 64, 64),
-            w_adv=0.0,
-            lr_g=5e-4,
-            lr_d=5e-4,
-            checkpoint_every=100,
-            sample_every=100,
-        ),
-        train_seg=SegTrainConfig(preset="tiny", steps=300, batch_size=8, eval_every=100),
+        train_gan=replace(DEFAULT.run.train_gan, steps=100, sample_every=100),
+        train_seg=replace(DEFAULT.run.train_seg, steps=300, batch_size=8),
     ),
     overlay_cases=2,
 )
