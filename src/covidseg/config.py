@@ -34,7 +34,7 @@ class PreprocessConfig:
             grid=tuple(int(v) for v in data["grid"]),
             hu_window=tuple(float(v) for v in data["hu_window"]),
             margin_mm=float(data["margin_mm"]),
-            lungs=LungParams(**data["lungs"]),
+            lungs=LungParams.from_json(data["lungs"]),
         )
 
 

@@ -1,17 +1,24 @@
-"""Classical lung segmentation on a canonical CT in HU.
+"""Classical lung segmentation on a canonical CT in HU, made for hospital scans.
 
-The method (threshold, components, closing) is the textbook one, with two choices made for COVID:
+The method is the textbook one (threshold, components, closing), with the steps real scans need:
 
-1. Air-like voxels are those below ``air_hu`` (default -300 HU), so ground-glass opacities
+1. **Where the patient is** (:mod:`covidseg.body`): the torso per axial slice, without the table,
+   mattress, blankets and arms; lungs can only lie inside its convex hull. Air enclosed in the
+   table shell or between an arm and the chest wall is never lung.
+2. Air-like voxels are those below ``air_hu`` (default -300 HU), so ground-glass opacities
    (-700..-300 HU) are lung from the start.
-2. Dense lesions (consolidation, -100..+50 HU) look like the chest wall. Each lung is closed
+3. **Trachea and main bronchi** (:mod:`covidseg.airways`) are traced from the neck down and left
+   out, as in lungmask and TotalSegmentator masks; bronchi inside the lung stay lung (hole filling).
+4. **Lungs among the air pockets**: bowel and stomach gas are pure air (median below ``gas_hu``)
+   and, when the trachea is in view, do not touch the airway; the lungs do.
+5. Dense lesions (consolidation, -100..+50 HU) look like the chest wall. Each lung is closed
    in-plane with a large structuring element (``closing_mm``, default 12 mm radius) and its holes
    are filled, which brings subpleural consolidations back **inside** the lung mask.
 
 It works on a coarser copy (about ``work_mm`` mm voxels) for speed: a 512x512x300 CT becomes
-~256x256x150. Outside air is air that touches the border of an axial slice and averages below
-``outside_hu`` (true air); a lung cut by a tight crop (common in CTA crops) averages ~-850 HU
-and is kept.
+~256x256x150. In slices where the torso touches the image border (a tight crop, common in CTA),
+air that touches the border but averages above ``outside_hu`` (a lung cut by the crop, ~-850 HU)
+is lung too; true outside air (~-1000 HU) is not.
 """
 
 from __future__ import annotations
@@ -23,6 +30,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy import ndimage
+
+from covidseg.airways import AirwayParams, trace_airway
+from covidseg.body import disk, fill_holes_per_slice, torso
 
 # 2D (in-plane) 4-connectivity expressed as a 3D structure: no links between slices.
 _IN_PLANE = np.array(
@@ -45,6 +55,19 @@ class LungParams:
     min_fraction: float = 0.05  # ... nor smaller than this fraction of the largest component
     max_hole_cm2: float = 10.0  # in-slice holes up to this area are filled (cm²); larger ones only
     # when enclosed in 3D, so a diaphragm dome seen as an island in one slice stays out
+    open_mm: float = 5.0  # in-plane opening radius that parts table shell, blankets and clothing
+    # folds (thinner than ~2x this) from the torso (mm)
+    gas_hu: float = -970.0  # an air pocket whose median is darker than this is gas, not lung (HU)
+    airway_fraction: float = 0.25  # with the trachea in view, an air pocket that does not touch
+    # the airway is lung only if it holds at least this share of the largest pocket
+    airway_rim_mm: float = 3.0  # the traced airway lumen grown by this much in-plane is not lung (mm)
+    airway: AirwayParams = AirwayParams()
+
+    @classmethod
+    def from_json(cls, data: dict) -> LungParams:
+        """From :func:`dataclasses.asdict` output; keys a file lacks (older versions) take defaults."""
+        fields = {k: float(v) for k, v in data.items() if k != "airway"}
+        return cls(**fields, airway=AirwayParams(**{k: float(v) for k, v in data.get("airway", {}).items()}))
 
 
 @dataclass
@@ -93,18 +116,41 @@ def _downsample_mean(hu: np.ndarray, factors: tuple[int, int, int]) -> np.ndarra
     return t[0, 0].numpy()
 
 
-def _outside_air(air: np.ndarray, hu: np.ndarray, outside_hu: float) -> np.ndarray:
-    """Air outside the body: per axial slice, air components that touch the slice border and whose
-    mean is below `outside_hu` (true air, ~-1000 HU; a lung cut by a crop averages ~-850 HU)."""
-    labels, n = ndimage.label(air, structure=_IN_PLANE)
-    if n == 0:
-        return np.zeros_like(air)
-    touches = np.zeros(n + 1, dtype=bool)
-    for face in (labels[:, 0, :], labels[:, -1, :], labels[:, :, 0], labels[:, :, -1]):
-        touches[np.unique(face)] = True
-    touches[0] = False
-    mean_hu = ndimage.mean(hu, labels, index=np.arange(n + 1))
-    return (touches & (np.nan_to_num(mean_hu, nan=0.0) < outside_hu))[labels]
+def _border_air(air: np.ndarray, hu: np.ndarray, outside_hu: float) -> tuple[np.ndarray, np.ndarray]:
+    """Per slice, the air components that touch the image border, split by their mean HU:
+    (true outside air, below `outside_hu`; air-like tissue above it, e.g. a lung cut by a crop)."""
+    outside, tissue = np.zeros_like(air), np.zeros_like(air)
+    for k in range(air.shape[0]):
+        labels, n = ndimage.label(air[k])
+        if n == 0:
+            continue
+        touches = np.zeros(n + 1, dtype=bool)
+        for face in (labels[0, :], labels[-1, :], labels[:, 0], labels[:, -1]):
+            touches[np.unique(face)] = True
+        touches[0] = False
+        dark = np.nan_to_num(ndimage.mean(hu[k], labels, index=np.arange(n + 1)), nan=-1000.0) < outside_hu
+        outside[k], tissue[k] = (touches & dark)[labels], (touches & ~dark)[labels]
+    return outside, tissue
+
+
+def _cropped_slices(body: np.ndarray, outside: np.ndarray, max_outside: float = 0.1) -> np.ndarray:
+    """[z] bool: slices cut by a tight field of view: the torso reaches the image border and true
+    outside air covers less than `max_outside` of the slice (a whole-body field of view has plenty,
+    so the foam of a mattress that reaches the border is never mistaken for a cut lung)."""
+    on_border = body[:, 0, :].any(1) | body[:, -1, :].any(1) | body[:, :, 0].any(1) | body[:, :, -1].any(1)
+    return on_border & (outside.mean(axis=(1, 2)) < max_outside)
+
+
+def lung_region(work: np.ndarray, work_spacing: tuple[float, float, float], params: LungParams) -> np.ndarray:
+    """Where lungs can lie on the working grid: what the torso encloses in each slice, plus a lung
+    cut by a tight field of view. [z, y, x] bool."""
+    open_px = tuple(max(1, int(round(params.open_mm / s))) for s in work_spacing[1:])
+    body = torso(work >= params.air_hu, open_px)
+    region = fill_holes_per_slice(body)
+    outside, cut_lung = _border_air(work < params.air_hu, work, params.outside_hu)
+    cropped = _cropped_slices(body, outside)
+    region[cropped] |= cut_lung[cropped]
+    return region
 
 
 def _bbox_slices(mask: np.ndarray, margins: tuple[int, ...]) -> tuple[slice, ...] | None:
@@ -166,19 +212,39 @@ def _fill_z_gaps(mask: np.ndarray, max_gap: int) -> np.ndarray:
 
 
 def _keep_lung_components(
-    candidates: np.ndarray, voxel_ml: float, params: LungParams, z_extent_mm: float
+    candidates: np.ndarray,
+    work: np.ndarray,
+    airway: np.ndarray,
+    voxel_ml: float,
+    params: LungParams,
+    z_extent_mm: float,
 ) -> np.ndarray:
-    """Connected components big enough to be a lung: boolean mask.
+    """The air pockets that are lung: boolean mask.
 
-    The absolute minimum (`min_lung_ml`) is meant for whole chests; it shrinks in proportion for
-    scans covering less than 100 mm in z (a single slice, a thin slab).
+    A pocket is lung when it is big enough (`min_lung_ml`, shrunk in proportion for scans covering
+    less than 100 mm in z: a single slice, a thin slab), not pure gas (median above `gas_hu`), and
+    either touches the traced airway or holds a large share of the largest pocket
+    (`airway_fraction` with the trachea in view, `min_fraction` without).
     """
     labels, n = ndimage.label(candidates)
     if n == 0:
         return candidates
-    sizes = np.bincount(labels.ravel())[1:] * voxel_ml
+    counts = np.bincount(labels.ravel())[1:]
+    sizes = counts * voxel_ml
+    # median below gas_hu <=> more than half of the voxels below it (a bincount, not a sort)
+    gas_share = np.bincount(labels.ravel(), weights=(work < params.gas_hu).ravel())[1:] / counts
     min_ml = params.min_lung_ml * min(1.0, z_extent_mm / 100.0)
-    keep = (sizes >= min_ml) & (sizes >= params.min_fraction * sizes.max())
+    keep = (sizes >= min_ml) & (gas_share <= 0.5)
+    if not keep.any():
+        return np.zeros_like(candidates)
+    largest = sizes[keep].max()
+    if airway.any():
+        near = ndimage.binary_dilation(airway, iterations=2)
+        touching = np.zeros(n + 1, dtype=bool)
+        touching[np.unique(labels[near])] = True
+        keep &= touching[1:] | (sizes >= params.airway_fraction * largest)
+    else:
+        keep &= sizes >= params.min_fraction * largest
     return np.concatenate([[False], keep])[labels]
 
 
@@ -243,13 +309,15 @@ def segment_lungs(
     work_spacing = tuple(s * f for s, f in zip(spacing_zyx, factors, strict=True))
     voxel_ml = float(np.prod(work_spacing)) / 1000.0
 
-    air = work < params.air_hu
-    outside = _outside_air(air, work, params.outside_hu)
-    inside_air = air & ~outside
-    lungs = _keep_lung_components(inside_air, voxel_ml, params, z_extent_mm=hu.shape[0] * spacing_zyx[0])
+    region = lung_region(work, work_spacing, params)
+    airway = trace_airway(work, region, work_spacing, params.airway)
+    rim_px = tuple(max(1, int(round(params.airway_rim_mm / s))) for s in work_spacing[1:])
+    airway_rim = ndimage.binary_dilation(airway, structure=disk(rim_px))  # lumen + partial-volume wall
+    candidates = (work < params.air_hu) & region & ~airway_rim
+    z_extent_mm = hu.shape[0] * spacing_zyx[0]
+    lungs = _keep_lung_components(candidates, work, airway, voxel_ml, params, z_extent_mm)
     sides = _split_left_right(lungs)
 
-    body = ~outside
     radius_px = tuple(int(round(params.closing_mm / s)) for s in work_spacing[1:])
     gap_px = int(params.z_gap_mm / work_spacing[0])
     max_hole_px = int(params.max_hole_cm2 * 100.0 / (work_spacing[1] * work_spacing[2]))
@@ -262,8 +330,8 @@ def segment_lungs(
         # margins the crop sees the same holes and closing context as the whole volume: the same
         # result, in half the time
         lung = sides[box] == value
-        closed = _close_2d(lung, radius_px) | _fill_z_gaps(lung, gap_px)
-        closed = _fill_holes(closed, max_hole_px) & body[box]
-        region = labels[box]
-        region[closed & (region == 0)] = value
+        closed = (_close_2d(lung, radius_px) | _fill_z_gaps(lung, gap_px)) & ~airway_rim[box]
+        closed = _fill_holes(closed, max_hole_px) & region[box]
+        target = labels[box]
+        target[closed & (target == 0)] = value
     return LungMask(labels=labels, factors=factors, shape=tuple(hu.shape))

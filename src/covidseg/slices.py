@@ -56,7 +56,7 @@ class SlicePreprocessing:
             slab_mm=float(data["slab_mm"]),
             margin_mm=float(data["margin_mm"]),
             threshold=float(data["threshold"]),
-            lungs=LungParams(**data["lungs"]),
+            lungs=LungParams.from_json(data["lungs"]),
         )
 
 

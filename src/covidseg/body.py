@@ -1,0 +1,59 @@
+"""Where the patient is, on a coarse canonical CT in HU: the torso and the region it encloses.
+
+Hospital scans hold more than the patient: the table (a thin curved shell with air inside),
+mattress and blankets, clothing folds, arms beside the chest. Air enclosed by any of these looks
+like lung to a threshold. The torso is found per axial slice as the largest component of tissue
+(``>= air_hu``) after an in-plane opening that cuts thin shells and folds (``open_mm``) away from
+it; arms, table and folds are other components. Lungs can only lie in the torso's **convex hull**:
+the table and the air inside it lie under the back, arms and the air beside them lie outside the
+chest wall, and the hull still holds a lung whose chest wall a tight field of view has cut.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage
+
+
+def disk(radius_px: tuple[int, int]) -> np.ndarray:
+    """An in-plane elliptical structuring element [1, 2ry+1, 2rx+1] (radii in pixels)."""
+    ry, rx = (max(0, int(r)) for r in radius_px)
+    y, x = np.ogrid[-ry : ry + 1, -rx : rx + 1]
+    inside = (y / max(ry, 0.5)) ** 2 + (x / max(rx, 0.5)) ** 2 <= 1.0
+    return inside[None]
+
+
+def _largest_per_slice(mask: np.ndarray) -> np.ndarray:
+    """Per axial slice, the largest 8-connected component of `mask` [z, y, x] bool."""
+    out = np.zeros_like(mask)
+    for k in range(mask.shape[0]):
+        labels, n = ndimage.label(mask[k], structure=np.ones((3, 3), dtype=bool))
+        if n:
+            sizes = np.bincount(labels.ravel())
+            sizes[0] = 0
+            out[k] = labels == int(np.argmax(sizes))
+    return out
+
+
+def torso(tissue: np.ndarray, open_px: tuple[int, int]) -> np.ndarray:
+    """The patient's torso: per slice the largest tissue component after an in-plane opening.
+
+    Args:
+        tissue: [z, y, x] bool, voxels at or above the air threshold (HU).
+        open_px: in-plane opening radius (y, x) in pixels: structures thinner than about twice
+            this (table shell, blanket, clothing folds) come apart from the torso.
+
+    Returns:
+        [z, y, x] bool: the opened torso. It is not grown back to the raw outline: that would
+        re-attach the shell or fold that touches the skin and close the air under it.
+    """
+    opened = ndimage.binary_opening(tissue, structure=disk(open_px))
+    return _largest_per_slice(opened)
+
+
+def fill_holes_per_slice(mask: np.ndarray) -> np.ndarray:
+    """Per axial slice, `mask` [z, y, x] bool with the holes it encloses in-plane filled."""
+    out = np.empty_like(mask)
+    for k in range(mask.shape[0]):
+        out[k] = ndimage.binary_fill_holes(mask[k])
+    return out
