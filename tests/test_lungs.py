@@ -77,3 +77,57 @@ def test_cropped_cta_lungs_cut_by_the_field_of_view_are_kept(shared_data, name):
     for label in (1, 2):
         assert (labels == label).sum() * voxel_ml > 300.0
     assert np.median(volume.hu[labels > 0]) < -700
+
+
+def _hospital_scene(table_touches: bool) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+    """A hand-drawn 2.5x2x2 mm chest scene [z, y, x]: torso with two lungs, a trachea from the top
+    slice down to the lungs, a table shell with air inside under the back (touching it or not), an
+    arm beside the chest with air between, and a gas pocket under the lungs. Returns the HU volume,
+    the lung truth and the masks of the things that must stay out."""
+    nz, ny, nx = 60, 128, 128
+    z, y, x = np.mgrid[0:nz, 0:ny, 0:nx].astype(np.float32)
+    hu = np.full((nz, ny, nx), -1000.0, dtype=np.float32)
+    torso = ((x - 64) / 50) ** 2 + ((y - 60) / 36) ** 2 <= 1
+    hu[torso] = 40.0
+    lungs = np.zeros(hu.shape, dtype=bool)
+    for cx in (40, 88):  # right lung at small x, left at large x
+        lungs |= (((x - cx) / 17) ** 2 + ((y - 58) / 24) ** 2 <= 1) & (z >= 12) & (z <= 50)
+    hu[lungs] = -850.0
+    trachea = (((x - 64) / 4) ** 2 + ((y - 48) / 4) ** 2 <= 1) & (z >= 30)
+    for side in (-1, 1):  # main bronchi: from the carina (z 30) sideways into each lung
+        t = np.clip((30 - z) / 6.0, 0, 1)
+        bronchus = (((x - 64 - side * 14 * t) / 3) ** 2 + ((y - 48) / 3) ** 2 <= 1) & (z >= 24) & (z <= 30)
+        trachea |= bronchus & ~lungs
+    hu[trachea] = -1000.0
+    back = 60 + 36  # lowest torso row
+    top = back + (0 if table_touches else 3)
+    shell_out = (y >= top) & (y <= top + 10) & (np.abs(x - 64) <= 56)
+    shell_in = (y >= top + 2) & (y <= top + 8) & (np.abs(x - 64) <= 54)
+    hu[shell_out & ~torso] = 300.0
+    hu[shell_in] = -1000.0
+    arm = ((x - 121) / 4) ** 2 + ((y - 60) / 10) ** 2 <= 1  # 3 px of air from the torso
+    hu[arm] = 40.0
+    gas = (((x - 76) / 18) ** 2 + ((y - 56) / 12) ** 2 + ((z - 6) / 5) ** 2) <= 1  # ~45 mL
+    hu[gas] = -1000.0
+    return hu, lungs, {"table air": shell_in, "trachea": trachea & (z >= 30), "gas": gas}
+
+
+@pytest.mark.parametrize("table_touches", [False, True])
+def test_table_trachea_and_bowel_gas_are_not_lung(table_touches):
+    hu, truth, outside = _hospital_scene(table_touches)
+    labels = segment_lungs(hu, (2.5, 2.0, 2.0)).full()
+    assert _dice(labels, truth) >= 0.95
+    for name, region in outside.items():
+        assert (labels[region] > 0).mean() < 0.02, name
+    assert np.nonzero(labels == 1)[2].mean() < np.nonzero(labels == 2)[2].mean()
+
+
+def test_lung_params_from_an_older_sidecar_take_the_new_defaults():
+    from dataclasses import asdict
+
+    from covidseg.lungs import LungParams
+
+    old = {k: v for k, v in asdict(LungParams(air_hu=-320.0)).items() if k in ("air_hu", "outside_hu", "work_mm")}
+    params = LungParams.from_json(old)
+    assert params.air_hu == -320.0 and params.airway == LungParams().airway
+    assert LungParams.from_json(asdict(params)) == params

@@ -55,12 +55,12 @@ class LungParams:
     min_fraction: float = 0.05  # ... nor smaller than this fraction of the largest component
     max_hole_cm2: float = 10.0  # in-slice holes up to this area are filled (cm²); larger ones only
     # when enclosed in 3D, so a diaphragm dome seen as an island in one slice stays out
-    open_mm: float = 5.0  # in-plane opening radius that parts table shell, blankets and clothing
-    # folds (thinner than ~2x this) from the torso (mm)
+    open_mm: float = 3.0  # in-plane opening radius that parts table shell, blankets and clothing
+    # folds (thinner than ~2x this) from the torso (mm); a chest wall must be thicker than that
     gas_hu: float = -970.0  # an air pocket whose median is darker than this is gas, not lung (HU)
     airway_fraction: float = 0.25  # with the trachea in view, an air pocket that does not touch
     # the airway is lung only if it holds at least this share of the largest pocket
-    airway_rim_mm: float = 3.0  # the traced airway lumen grown by this much in-plane is not lung (mm)
+    airway_rim_mm: float = 5.0  # the traced airway lumen grown by this much in-plane is not lung (mm)
     airway: AirwayParams = AirwayParams()
 
     @classmethod
@@ -211,6 +211,23 @@ def _fill_z_gaps(mask: np.ndarray, max_gap: int) -> np.ndarray:
     return mask | ((above - below - 1) <= max_gap)
 
 
+def _gas_sections(candidates: np.ndarray, work: np.ndarray, gas_hu: float) -> np.ndarray:
+    """Per slice, the in-plane air sections that are mostly pure gas (more than half of their voxels
+    below `gas_hu`): bowel or stomach gas. A slice through the diaphragm can join gas under it to
+    the lung base in 3D (partial volume on thick slices); in-plane the two stay apart. A bulla is
+    part of its lung's section, so it stays."""
+    gas = np.zeros_like(candidates)
+    for k in range(candidates.shape[0]):
+        labels, n = ndimage.label(candidates[k])
+        if n == 0:
+            continue
+        counts = np.maximum(np.bincount(labels.ravel()), 1)
+        share = np.bincount(labels.ravel(), weights=(work[k] < gas_hu).ravel()) / counts
+        share[0] = 0.0
+        gas[k] = (share > 0.5)[labels]
+    return gas
+
+
 def _keep_lung_components(
     candidates: np.ndarray,
     work: np.ndarray,
@@ -226,6 +243,7 @@ def _keep_lung_components(
     either touches the traced airway or holds a large share of the largest pocket
     (`airway_fraction` with the trachea in view, `min_fraction` without).
     """
+    candidates = candidates & ~_gas_sections(candidates, work, params.gas_hu)
     labels, n = ndimage.label(candidates)
     if n == 0:
         return candidates
