@@ -164,17 +164,26 @@ def _bbox_slices(mask: np.ndarray, margins: tuple[int, ...]) -> tuple[slice, ...
     return tuple(box)
 
 
-def _fill_holes(mask: np.ndarray, max_hole_px: int) -> np.ndarray:
-    """Fill holes enclosed in 3D, and in-slice holes of at most `max_hole_px` pixels."""
-    filled = ndimage.binary_fill_holes(mask) if mask.shape[0] > 1 else mask
-    labels, n = ndimage.label(~mask, structure=_IN_PLANE)
-    if n == 0:
-        return filled
-    small = np.bincount(labels.ravel()) <= max_hole_px
-    for face in (labels[:, 0, :], labels[:, -1, :], labels[:, :, 0], labels[:, :, -1]):
-        small[np.unique(face)] = False  # touches the slice border: not a hole
-    small[0] = False  # label 0 is the mask itself
-    return filled | small[labels]
+def _fill_holes(mask: np.ndarray, max_hole_px: int, min_support: float = 0.5) -> np.ndarray:
+    """Fill holes enclosed in 3D, and in-slice holes of at most `max_hole_px` pixels that rest on
+    lung: at least `min_support` of the hole's footprint in the slice below is lung (or a hole
+    filled there). A lesion is lung above and below; a diaphragm dome cut by a slice is an island
+    too, but under it lies liver or spleen, so it stays out. Slices go from the bottom (z = 0) up."""
+    out = ndimage.binary_fill_holes(mask) if mask.shape[0] > 1 else mask.copy()
+    for k in range(mask.shape[0]):
+        labels, n = ndimage.label(~mask[k], structure=_IN_PLANE[1])
+        if n == 0:
+            continue
+        sizes = np.bincount(labels.ravel())
+        small = sizes <= max_hole_px
+        for face in (labels[0, :], labels[-1, :], labels[:, 0], labels[:, -1]):
+            small[np.unique(face)] = False  # touches the slice border: not a hole
+        small[0] = False  # label 0 is the mask itself
+        if k > 0 and small.any():
+            support = np.bincount(labels.ravel(), weights=out[k - 1].ravel(), minlength=n + 1)
+            small &= support >= min_support * sizes
+        out[k] |= small[labels]
+    return out
 
 
 def _close_2d(mask: np.ndarray, radius_px: tuple[int, int]) -> np.ndarray:
