@@ -9,6 +9,7 @@ Figures (each measured run in a fresh child process, so its peak RSS is its own)
 * ONNX Runtime / torch eager throughput (slices/s) on the same model and slices: target >= 1.3.
 * predict wall / (read the input + write a mask of its size): target <= 3.
 * peak RSS predicting a 512x512x600 scan: target <= 3 GB.
+* the `--snapshots` PNG of a 512x512x300 scan (slice choice + drawing + writing): target <= 0.5 s.
 * on a GPU (when one is usable): seconds per 512x512x300 scan and scans per minute over 20 scans.
 
 `--model` takes a train-seg best.pt (default: an untrained tiny TransUNet, the default preset:
@@ -31,6 +32,7 @@ TARGET_SECONDS = 10.0
 TARGET_ORT_SPEEDUP = 1.3
 TARGET_IO_RATIO = 3.0
 TARGET_RSS_GB = 3.0
+TARGET_SNAPSHOT_SECONDS = 0.5
 SPACING = (1.0, 0.7, 0.7)  # mm, z y x: a typical thin-slice chest CT
 
 
@@ -83,6 +85,25 @@ def _child_io(image: Path, mask: Path, out_dir: Path) -> None:
     read_ct(image)
     write_image(out_dir / "floor.nii.gz", labels)
     print(json.dumps({"seconds": time.perf_counter() - start}))
+
+
+def _child_snapshot(image: Path, out_dir: Path, repeats: int = 3) -> None:
+    """Seconds of one overlay montage (predict --snapshots) of the CT, with its classical lung mask
+    and a lesion-like mask (lung voxels above -700 HU), median of `repeats`."""
+    from covidseg.io import read_ct
+    from covidseg.lungs import segment_lungs
+    from covidseg.plots import overlay_montage
+
+    volume, _ = read_ct(image)
+    lungs = segment_lungs(volume.hu, volume.spacing_zyx).full()
+    lesion = (volume.hu > -700) & (lungs > 0)
+    times = []
+    for k in range(repeats):
+        start = time.perf_counter()
+        overlay_montage(volume.hu, lesion, lungs, out_dir / f"s{k}.png", title="bench",
+                        spacing_zyx=volume.spacing_zyx)  # fmt: skip
+        times.append(time.perf_counter() - start)
+    print(json.dumps({"seconds": statistics.median(times)}))
 
 
 def _child_throughput(model: Path, onnx_model: Path, n_slices: int = 64, repeats: int = 5) -> None:
@@ -160,6 +181,7 @@ def main(model: Path | None = None, repeats: int = 3) -> list[dict]:
         seconds = statistics.median(r["seconds"] for r in runs)
         floor = statistics.median(r["seconds"] for r in floors)
         speed = _run_child("throughput", str(model), str(onnx_model))
+        snapshot = _run_child("snapshot", str(ct300), str(tmp))
 
         _write_ct(ct600, (600, 512, 512))
         big = _run_child("predict", str(ct600), str(onnx_model), str(tmp / "p600"), "onnx", "cpu")
@@ -177,6 +199,7 @@ def main(model: Path | None = None, repeats: int = 3) -> list[dict]:
             _row("  read + write a mask", floor, "s"),
             _row("peak RSS, predict 512x512x600", big["rss_gb"], "GB", TARGET_RSS_GB),
             _row("  wall, 512x512x600", big["seconds"], "s"),
+            _row("--snapshots PNG of a 512x512x300 scan", snapshot["seconds"], "s", TARGET_SNAPSHOT_SECONDS),
         ]  # fmt: skip
 
         if _gpu_usable():
@@ -219,6 +242,8 @@ if __name__ == "__main__":
             _child_predict(Path(args[0]), Path(args[1]), Path(args[2]), args[3], args[4])
         elif kind == "io":
             _child_io(Path(args[0]), Path(args[1]), Path(args[2]))
+        elif kind == "snapshot":
+            _child_snapshot(Path(args[0]), Path(args[1]))
         else:
             _child_throughput(Path(args[0]), Path(args[1]))
         sys.exit(0)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import csv
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -262,6 +264,49 @@ def test_model_home_names(model_pt, phantom, tmp_path, monkeypatch):
     assert found["onnxruntime_providers"]["CPUExecutionProvider"] == "usable"
     assert [m["name"] for m in found["home"]["models"]] == ["mine"]
     assert found["home"]["models"][0]["status"] == "ok"
+
+
+def test_an_implausible_lung_volume_is_a_warning_not_a_grade(model_onnx, phantom, tmp_path):
+    """Whole lungs in view (two slices of soft tissue added below and above) of 20 L and of
+    0.9 L are warned about and not graded; the same lungs at a plausible size are graded, and a
+    scan that cuts the lungs (the phantom itself ends inside them) is graded at 0.9 L. The batch
+    still exits 0."""
+    yy, xx = np.mgrid[: SHAPE[1], : SHAPE[2]]
+    tissue = np.where((yy - 48) ** 2 + (xx - 48) ** 2 < 40**2, 40, -1000)[None].astype(np.int16)
+    whole = np.concatenate([tissue, tissue, phantom.hu.astype(np.int16), tissue, tissue])
+    inputs = tmp_path / "in"
+    cases = {
+        "plausible": (whole, SPACING),
+        "huge": (whole, (10.0, 7.5, 7.5)),  # 4x the voxel volume: ~21 L
+        "small": (whole, (10.0, 1.5, 1.5)),  # ~0.9 L
+        "cut": (phantom.hu.astype(np.int16), (10.0, 1.5, 1.5)),
+    }
+    for name, (hu, spacing) in cases.items():
+        write_array(inputs / f"{name}.nii.gz", hu, _lps_geometry(hu.shape, spacing))
+    out = tmp_path / "out"
+    args = ["predict", str(inputs), "-o", str(out), "--model", str(model_onnx), "--snapshots"]
+    result = _invoke(*args, "--no-progress")
+    assert result.exit_code == 0, result.output
+    records = {name: json.loads((out / f"{name}.json").read_text()) for name in cases}
+    for name in ("plausible", "cut"):
+        assert records[name]["severity"].startswith("CT-") and records[name]["warnings"] == []
+    assert records["plausible"]["lung_ml"] > 1500 and records["cut"]["lung_ml"] < 1500
+    for name, shown in (("huge", "outside 1.5-9 L"), ("small", "outside 1.5-9 L")):
+        assert records[name]["severity"] is None and records[name]["status"] == "ok"
+        assert len(records[name]["warnings"]) == 1 and shown in records[name]["warnings"][0]
+        assert f"warning: {name}: lung volume" in result.output
+        assert (out / f"{name}.png").is_file() and (out / f"{name}.nii.gz").is_file()
+    assert "2 not graded" in result.output and "0 failed" in result.output
+    rows = {r["case_id"]: r for r in csv.DictReader(io.StringIO((out / "summary.csv").read_text()))}
+    assert rows["huge"]["severity"] == "not graded" and "not graded" in rows["huge"]["warnings"]
+    assert rows["plausible"]["severity"].startswith("CT-") and rows["plausible"]["warnings"] == ""
+    report = json.loads((out / "report.json").read_text())
+    assert sorted(report["not_graded"]) == ["huge", "small"] and report["failed"] == []
+    assert {r["case_id"]: r["severity"] for r in report["results"]}["small"] is None
+
+    # --continue reads the not-graded cases back as done and says so again
+    again = _invoke(*args, "--continue", "--no-progress")
+    assert again.exit_code == 0 and "4 already done" in again.output and "2 not graded" in again.output
 
 
 # --- small pieces -------------------------------------------------------------------------------

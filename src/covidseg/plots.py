@@ -1,4 +1,4 @@
-"""Figures (PNG): overlay montages of axial CT slices with lesion and lung outlines.
+"""Figures (PNG): overlay montages of CT slices with lesion and lung outlines, loss curves, panels.
 
 matplotlib is imported inside the functions (Agg backend, no display needed), so importing this
 module is cheap.
@@ -32,33 +32,126 @@ def _save(fig, path: str | Path, dpi: int) -> None:
 
 
 LUNG_WINDOW_HU = (-1350.0, 150.0)  # width 1500, level -600
+LESION_RGBA = (255, 0, 0, 0.35)  # lesion fill: red, 35 % opaque; outlined in opaque red
+LUNG_RGB = (255, 255, 0)  # lung outline
+MARK_RGB = (0, 200, 255)  # ticks on the coronal view at the axial slices shown
+PANEL_PX = 400  # width of an axial panel in the montage (pixels)
+
+
+def _per_slice(mask: np.ndarray, within: np.ndarray | None = None, index=None) -> np.ndarray:
+    """Non-zero voxels of the axial slices `index` (default all) of `mask`, inside the non-zero
+    voxels of `within` if given; slice by slice, so no temporary as large as the volume."""
+    index = range(len(mask)) if index is None else index
+    if within is None:
+        return np.array([np.count_nonzero(mask[k]) for k in index], dtype=np.int64)
+    return np.array([np.count_nonzero(np.logical_and(mask[k], within[k])) for k in index], dtype=np.int64)
+
+
+def _spread(
+    chosen: list[int], candidates: np.ndarray, area: np.ndarray, n: int, gap: int, ends: tuple[int, int]
+) -> None:
+    """Add candidates to `chosen` (in place) up to `n`, each the one farthest from those chosen and
+    from the ends of the range ``ends[0]..ends[1]`` (ties: more `area`), at least `gap` apart."""
+    if candidates.size == 0:
+        return
+    tie_break = 0.5 * area[candidates] / (float(area[candidates].max()) + 1.0)
+    while len(chosen) < n:
+        points = np.array([*chosen, ends[0] - 1, ends[1] + 1])
+        distance = np.abs(candidates[:, None] - points[None, :]).min(axis=1)
+        score = np.where(distance >= gap, distance + tie_break, -1.0)
+        best = int(np.argmax(score))
+        if score[best] < 0:
+            return
+        chosen.append(int(candidates[best]))
 
 
 def montage_slices(
     lesion_zyx: np.ndarray | None, lung_zyx: np.ndarray | None, n_slices: int, depth: int
 ) -> list[int]:
-    """Axial slice indices to show, ascending: most lesion first, else evenly through the lungs.
+    """Axial slice indices to show, ascending: the largest lesions inside the lungs, then the lungs.
 
-    Slices with lesion are ranked by lesion voxel count; if there are fewer than `n_slices`, the
-    rest are spread evenly over the slices holding lung (or over the whole volume).
+    Slices are ranked by lesion area inside the lung mask and taken best first, each at least
+    ``gap`` slices from those already taken (``gap`` = the lungs' height / (2 `n_slices`), at
+    least 2: no neighbours). Free places go to slices spread evenly over the part of the lungs
+    where a slice holds at least half the largest lung area, then over all slices with lung, and
+    only then are neighbours allowed. With a lung mask no slice without lung is shown; without one
+    (or an empty one) lesion area anywhere ranks and the whole volume is the lungs' extent.
     """
     n_slices = max(1, min(int(n_slices), depth))
+    lung = None if lung_zyx is None else np.asarray(lung_zyx)
+    area = None if lung is None else _per_slice(lung)
+    if area is None or not area.any():
+        lung, area = None, np.ones(depth, np.int64)
+    with_lung = np.flatnonzero(area > 0)
+    lo, hi = int(with_lung[0]), int(with_lung[-1])
+    gap = max(2, int(round((hi - lo + 1) / (2 * n_slices))))
+
     chosen: list[int] = []
     if lesion_zyx is not None:
-        counts = np.count_nonzero(lesion_zyx.reshape(depth, -1), axis=1)
-        ranked = [int(k) for k in np.argsort(-counts, kind="stable") if counts[k] > 0]
-        chosen = sorted(ranked[:n_slices])
-    if len(chosen) < n_slices:
-        if lung_zyx is not None and np.any(lung_zyx):
-            has_lung = np.flatnonzero(np.any(lung_zyx.reshape(depth, -1), axis=1))
-            lo, hi = int(has_lung[0]), int(has_lung[-1])
-        else:
-            lo, hi = 0, depth - 1
-        for k in np.linspace(lo, hi, n_slices + 2)[1:-1].round().astype(int):
-            if len(chosen) < n_slices and int(k) not in chosen:
+        lesion = np.asarray(lesion_zyx)
+        counts = _per_slice(lesion)
+        if lung is not None:
+            has = np.flatnonzero(counts)
+            counts[has] = _per_slice(lesion, lung, has)
+        for k in np.argsort(-counts, kind="stable"):
+            if len(chosen) == n_slices or counts[k] == 0:
+                break
+            if all(abs(int(k) - c) >= gap for c in chosen):
                 chosen.append(int(k))
-        chosen = sorted(chosen)
-    return chosen
+    large = with_lung[area[with_lung] >= 0.5 * area.max()]
+    _spread(chosen, large, area, n_slices, gap, (int(large[0]), int(large[-1])))
+    _spread(chosen, with_lung, area, n_slices, gap, (lo, hi))
+    _spread(chosen, with_lung, area, n_slices, 1, (lo, hi))
+    return sorted(chosen)
+
+
+def coronal_slice(lesion_zyx: np.ndarray | None, lung_zyx: np.ndarray | None) -> int | None:
+    """The coronal (``y``) index to show: among the coronal slices holding at least half the largest
+    lung area, the one with the most lesion inside the lungs (the most lung when there is none).
+    None without lungs. Counted on about 64 axial slices and 256 columns (a view, not a measure)."""
+    if lung_zyx is None:
+        return None
+    depth, _, width = np.shape(lung_zyx)
+    sample = (slice(None, None, max(1, depth // 64)), slice(None), slice(None, None, max(1, width // 256)))
+    lung = np.asarray(lung_zyx)[sample] != 0
+    area = np.count_nonzero(lung, axis=(0, 2))
+    if not area.any():
+        return None
+    score = area / area.max()  # in (0, 1]: decides only where there is no lesion
+    if lesion_zyx is not None:
+        score += 2.0 * np.count_nonzero(np.logical_and(np.asarray(lesion_zyx)[sample], lung), axis=(0, 2))
+    score[area < 0.5 * area.max()] = -1.0
+    return int(np.argmax(score))
+
+
+def _outline(labels: np.ndarray) -> np.ndarray:
+    """Pixels of a label image that are > 0 with a 4-neighbour of another label (or the border)."""
+    padded = np.pad(labels, 1)
+    centre = padded[1:-1, 1:-1]
+    edge = (padded[:-2, 1:-1] != centre) | (padded[2:, 1:-1] != centre)
+    edge |= (padded[1:-1, :-2] != centre) | (padded[1:-1, 2:] != centre)
+    return edge & (centre != 0)
+
+
+def _render(
+    hu: np.ndarray, lesion: np.ndarray | None, lung: np.ndarray | None, size: tuple[int, int]
+) -> np.ndarray:
+    """One 2D panel as uint8 RGB of `size` (h, w) pixels: nearest-neighbour resampled, lung window,
+    lesion filled and outlined, lungs outlined (outlines 1 pixel at the output size)."""
+    rows = ((np.arange(size[0]) + 0.5) * hu.shape[0] / size[0]).astype(np.intp)
+    cols = ((np.arange(size[1]) + 0.5) * hu.shape[1] / size[1]).astype(np.intp)
+    grid = np.ix_(rows, cols)
+    lo, hi = LUNG_WINDOW_HU
+    gray = np.clip((np.asarray(hu[grid], dtype=np.float32) - lo) * (255.0 / (hi - lo)), 0.0, 255.0)
+    rgb = np.repeat(gray[:, :, None], 3, axis=2)
+    if lung is not None:
+        rgb[_outline(np.asarray(lung[grid]))] = LUNG_RGB
+    if lesion is not None:
+        shown = np.asarray(lesion[grid]) != 0
+        alpha = LESION_RGBA[3]
+        rgb[shown] = rgb[shown] * (1.0 - alpha) + np.array(LESION_RGBA[:3], np.float32) * alpha
+        rgb[_outline(shown)] = LESION_RGBA[:3]
+    return rgb.astype(np.uint8)
 
 
 def overlay_montage(
@@ -69,62 +162,126 @@ def overlay_montage(
     n_slices: int = 6,
     title: str | None = None,
     spacing_zyx: tuple[float, float, float] | None = None,
+    coronal: bool = True,
 ) -> list[int]:
-    """Write a PNG montage of axial slices in a lung window (-1350..150 HU), atomically.
+    """Write a PNG montage of axial slices (and a coronal one) in a lung window, atomically.
 
-    `hu_zyx` is a canonical ``[z, y, x]`` CT in HU (anterior at the top of each panel, the
-    patient's left on the right); `lesion_zyx` (filled in semi-transparent red, outlined) and
-    `lung_zyx` (thin yellow contour) are masks of the same shape, either may be None.
-    `spacing_zyx` (mm) sets the pixel aspect ratio. `path` (required) is the PNG to write.
-    Returns the slice indices shown.
+    `hu_zyx` is a canonical ``[z, y, x]`` CT in HU (anterior at the top of each axial panel, the
+    patient's left on the right; the coronal panel has the head at the top); `lesion_zyx` (filled
+    in semi-transparent red, outlined) and `lung_zyx` (thin yellow outline of each lung label) are
+    masks of the same shape, either may be None. The axial slices are those of
+    :func:`montage_slices`; with `coronal` and lungs over at least 4 slices, the coronal slice of
+    :func:`coronal_slice` (cropped to the lungs' height) is drawn on the right, with cyan ticks
+    at the axial slices shown. `spacing_zyx` (mm) sets the pixel aspect ratio. `path` (required)
+    is the PNG to write. Returns the axial slice indices shown.
+
+    The panels are composed in numpy at their output size and matplotlib only adds the text, so a
+    512 x 512 x 300 CT costs a few tenths of a second.
     """
     if path is None:
         raise ValueError("overlay_montage needs the path of the PNG to write")
-    plt = _pyplot()
-
     hu = np.asarray(hu_zyx)
     if hu.ndim != 3:
         raise ValueError(f"expected a [z, y, x] volume, got shape {hu.shape}")
     for name, mask in (("lesion", lesion_zyx), ("lung", lung_zyx)):
         if mask is not None and np.shape(mask) != hu.shape:
             raise ValueError(f"{name} mask shape {np.shape(mask)} differs from the image {hu.shape}")
-    slices = montage_slices(lesion_zyx, lung_zyx, n_slices, hu.shape[0])
+    lesion = None if lesion_zyx is None else np.asarray(lesion_zyx)
+    lung = None if lung_zyx is None else np.asarray(lung_zyx)
+    depth, height, width = hu.shape
+    sz, sy, sx = (1.0, 1.0, 1.0) if spacing_zyx is None else (float(v) for v in spacing_zyx)
+    slices = montage_slices(lesion, lung, n_slices, depth)
+
+    pad, label_h, line_h = 8, 18, 20
+    title_lines = title.splitlines() if title else []
+    top = pad + line_h * len(title_lines)
+    panel_w = PANEL_PX
+    panel_h = int(round(np.clip(panel_w * height * sy / (width * sx), panel_w / 4, 2 * panel_w)))
     ncols = min(len(slices), 3)
     nrows = math.ceil(len(slices) / ncols)
-    aspect = 1.0 if spacing_zyx is None else float(spacing_zyx[1]) / float(spacing_zyx[2])
-    panel = 4.0
-    fig, axes = plt.subplots(
-        nrows,
-        ncols,
-        figsize=(panel * ncols, panel * nrows * aspect * hu.shape[1] / hu.shape[2] + 0.4),
-        squeeze=False,
-    )
-    red = np.zeros((*hu.shape[1:], 4), dtype=np.float32)
-    for ax, k in zip(axes.ravel(), slices, strict=False):
-        ax.imshow(
+    cell_h = label_h + panel_h
+    grid_w, grid_h = ncols * panel_w + (ncols - 1) * pad, nrows * cell_h + (nrows - 1) * pad
+
+    view = None  # (y index, z0, z1, panel height, panel width) of the coronal panel
+    y_index = coronal_slice(lesion, lung) if coronal else None
+    if y_index is not None:
+        with_lung = np.flatnonzero(_per_slice(lung))
+        z_lo, z_hi = int(with_lung[0]), int(with_lung[-1])
+        if z_hi - z_lo + 1 >= 4:
+            margin = max(1, int(round(0.05 * (z_hi - z_lo + 1))))
+            z0, z1 = max(0, z_lo - margin), min(depth, z_hi + margin + 1)
+            ratio = (width * sx) / ((z1 - z0) * sz)  # width / height of the coronal view
+            c_h = grid_h - label_h
+            c_w = max(16, min(int(round(c_h * ratio)), int(1.25 * panel_w)))
+            c_h = max(1, min(c_h, int(round(c_w / ratio))))
+            view = (y_index, z0, z1, c_h, c_w)
+
+    canvas_w = pad + grid_w + pad + (view[4] + 2 * pad if view else 0)
+    canvas_h = top + max(grid_h, label_h + view[3] if view else 0) + pad
+    canvas = np.full((canvas_h, canvas_w, 3), 255, dtype=np.uint8)
+    labels: list[tuple[float, float, str]] = []  # (x, y) pixel centre, text
+    for i, k in enumerate(slices):
+        x0 = pad + (i % ncols) * (panel_w + pad)
+        y0 = top + (i // ncols) * (cell_h + pad)
+        canvas[y0 + label_h : y0 + cell_h, x0 : x0 + panel_w] = _render(
             hu[k],
-            cmap="gray",
-            vmin=LUNG_WINDOW_HU[0],
-            vmax=LUNG_WINDOW_HU[1],
-            aspect=aspect,
-            interpolation="nearest",
+            None if lesion is None else lesion[k],
+            None if lung is None else lung[k],
+            (panel_h, panel_w),
         )
-        if lung_zyx is not None and np.any(lung_zyx[k]):
-            ax.contour(np.asarray(lung_zyx[k]) > 0, levels=[0.5], colors="yellow", linewidths=0.5)
-        if lesion_zyx is not None and np.any(lesion_zyx[k]):
-            lesion = np.asarray(lesion_zyx[k]) > 0
-            red[:] = 0.0
-            red[lesion] = (1.0, 0.0, 0.0, 0.35)
-            ax.imshow(red, aspect=aspect, interpolation="nearest")
-            ax.contour(lesion, levels=[0.5], colors="red", linewidths=0.8)
-        ax.set_title(f"z = {k}", fontsize=8)
-    for ax in axes.ravel():
-        ax.set_axis_off()
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    _save(fig, path, dpi=100)
+        labels.append((x0 + panel_w / 2, y0 + label_h / 2, f"z = {k}"))
+    if view:
+        y_index, z0, z1, c_h, c_w = view
+        x0, y0 = pad + grid_w + 2 * pad, top + label_h
+        flip = slice(z1 - 1, None if z0 == 0 else z0 - 1, -1)  # the head at the top
+        canvas[y0 : y0 + c_h, x0 : x0 + c_w] = _render(
+            hu[flip, y_index],
+            None if lesion is None else lesion[flip, y_index],
+            lung[flip, y_index],
+            (c_h, c_w),
+        )
+        for k in slices:
+            if z0 <= k < z1:
+                row = y0 + min(c_h - 1, int((z1 - 1 - k + 0.5) * c_h / (z1 - z0)))
+                canvas[max(row - 1, y0) : row + 1, x0 - pad : x0] = MARK_RGB
+                canvas[max(row - 1, y0) : row + 1, x0 + c_w : x0 + c_w + pad] = MARK_RGB
+        labels.append((x0 + c_w / 2, top + label_h / 2, f"coronal, y = {y_index}"))
+
+    _write_png(canvas, labels, title_lines, pad, line_h, path)
     return slices
+
+
+def _write_png(
+    canvas: np.ndarray,
+    labels: list[tuple[float, float, str]],
+    title_lines: list[str],
+    pad: int,
+    line_h: int,
+    path: str | Path,
+) -> None:
+    """`canvas` (uint8 RGB on white) with the texts drawn by matplotlib, as PNG, atomically.
+
+    matplotlib only draws the text on a white figure of the canvas's size; the panels are laid in
+    with a minimum (white on one is the other's content), and PIL writes the PNG with light zlib
+    compression: drawing and deflating big images is what made a montage slow."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from PIL import Image
+
+    h, w = canvas.shape[:2]
+    dpi = 100
+    fig = Figure(figsize=(w / dpi, h / dpi), dpi=dpi, facecolor="white")
+    agg = FigureCanvasAgg(fig)
+    for x, y, text in labels:
+        fig.text(x / w, 1.0 - y / h, text, ha="center", va="center", fontsize=8)
+    for j, line in enumerate(title_lines):
+        fig.text(0.5, 1.0 - (pad / 2 + line_h * (j + 0.5)) / h, line, ha="center", va="center", fontsize=10)
+    agg.draw()
+    text = np.asarray(agg.buffer_rgba())[:h, :w, :3]
+    image = canvas.copy()
+    np.minimum(image[: text.shape[0], : text.shape[1]], text, out=image[: text.shape[0], : text.shape[1]])
+    with atomic_path(path) as tmp:
+        Image.fromarray(image).save(tmp, format="PNG", compress_level=3)
 
 
 def loss_curves(rows: list[dict], columns: list[str], path: str | Path, title: str | None = None) -> None:

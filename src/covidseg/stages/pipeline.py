@@ -436,6 +436,8 @@ def _run_predict(ctx: _Context, resume: bool) -> dict:
         "predicted": report["predicted"],
         "skipped": len(result.skipped),
         "failed": [f["error"] for f in result.failures],
+        "not_graded": report["not_graded"],
+        "warnings": result.warnings,
         "runs_on": report["runs_on"],
         "seconds_per_case": report["seconds_per_case"],
     }

@@ -4,17 +4,38 @@ Per case, in the output folder::
 
     <id>.nii.gz               lesion mask (uint8 0/1), the input's exact size, spacing, origin, direction
     <id>_probability.nii.gz   lesion probability (float32), with --probabilities
-    <id>.png                  overlay montage, with --snapshots
+    <id>.png                  overlay montage, with --snapshots: the axial slices with the largest
+                              lesion area inside the lungs (not neighbours), filled up with slices
+                              spread over the lungs, and a coronal view; lesions red, lungs outlined
     <id>.json                 read-out: lesion/lung mL, % of lung involved (per lung too), CT-0..CT-4;
                               written last: a case whose JSON exists is complete; no patient data
                               from DICOM headers unless asked (--keep-metadata: "dicom")
 
 and for the batch ``summary.csv`` (one row per case) and ``report.json`` (versions, model,
-backend and the provider that really ran, per-case timings and outputs, failures).
+backend and the provider that really ran, per-case timings, outputs, severity and warnings,
+failures).
+
+``<id>.json`` of a finished case::
+
+    case_id, status ("ok"), source, series_uid, note
+    lesion_ml, lung_ml, involvement_pct   both lungs (mL, mL, % of lung)
+    severity                              "CT-0".."CT-4", or null: not graded (see warnings)
+    warnings                              list of one-line reasons, [] for most cases; today only
+                                          an implausible lung volume (see covidseg.readout:
+                                          under MIN_LUNG_ML for whole lungs in view, over
+                                          MAX_LUNG_ML for any scan), which leaves the case
+                                          not graded; the case still counts as done (exit 0)
+    right, left                           {lesion_ml, lung_ml, involvement_pct} per lung
+    geometry, lung_box_zyx, network_slices, threshold, outputs, seconds (read_wait, compute,
+    write, total), covidseg_version, model_sha256, [dicom with --keep-metadata]
+
+``summary.csv`` has the columns of :data:`SUMMARY_COLUMNS`; ``severity`` is "not graded" where the
+JSON has null, ``warnings`` joins the case's warnings with "; " (empty for none), and a failed case
+fills only ``case_id, status, source, error``.
 
 The model is loaded once; the next case is read in a background thread while the current one is
 computed (SimpleITK releases the GIL while reading). A failing case is reported and the batch goes
-on; the exit code is 1 when any case failed.
+on; the exit code is 1 when any case failed. A case with warnings is not a failure.
 """
 
 from __future__ import annotations
@@ -37,14 +58,14 @@ from covidseg.errors import CovidsegError, InputError, UsageError
 from covidseg.home import resolve_model
 from covidseg.intensity import IntensityMapping
 from covidseg.io import CTVolume, find_cases, read_ct, write_array
-from covidseg.readout import read_out
+from covidseg.readout import NOT_GRADED, read_out
 from covidseg.runners import OnnxRunner, TorchRunner
 from covidseg.seg_model import SegModelFile, open_seg_model
 from covidseg.slices import segment_ct
 
 SUMMARY_COLUMNS = [
     "case_id", "status", "lesion_ml", "lung_ml", "involvement_pct", "right_involvement_pct",
-    "left_involvement_pct", "severity", "seconds", "source", "error",
+    "left_involvement_pct", "severity", "warnings", "seconds", "source", "error",
 ]  # fmt: skip
 
 
@@ -73,6 +94,7 @@ class PredictResult:
     report: dict
     failures: list[dict] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # "<case id>: <warning>", in case order
 
 
 def case_outputs(out_dir: Path, case_id: str, options: PredictOptions) -> dict[str, Path]:
@@ -165,9 +187,11 @@ def _write_images(
         from covidseg.plots import overlay_montage
 
         box = result.box.slices
+        grade = readout["severity"] or NOT_GRADED
+        headline = f"{case_id}: {readout['involvement_pct']:.1f} % of lung, {grade}"
+        title = "\n".join([headline, *readout["warnings"]])
         overlay_montage(
-            volume.hu[box], result.lesion, result.lungs, files["snapshot"],
-            title=f"{case_id}: {readout['involvement_pct']:.1f} % of lung, {readout['severity']}",
+            volume.hu[box], result.lesion, result.lungs, files["snapshot"], title=title,
             spacing_zyx=volume.spacing_zyx,
         )  # fmt: skip
 
@@ -188,7 +212,11 @@ def predict_volume(
     )
     if result is None:
         raise InputError(volume.source, "no lungs found (is this a chest CT, and in HU?)")
-    readout = read_out(result.lesion, result.lungs, volume.geometry.voxel_volume_ml)
+    box = result.box
+    readout = read_out(
+        result.lesion, result.lungs, volume.geometry.voxel_volume_ml,
+        offset_zyx=(box.z0, box.y0, box.x0), scan_shape=result.canonical_shape,
+    )  # fmt: skip
     compute_s = time.perf_counter() - started
 
     started = time.perf_counter()
@@ -233,7 +261,8 @@ def _summary_row(record: dict) -> dict:
         "involvement_pct": record["involvement_pct"],
         "right_involvement_pct": record["right"]["involvement_pct"],
         "left_involvement_pct": record["left"]["involvement_pct"],
-        "severity": record["severity"],
+        "severity": record["severity"] or NOT_GRADED,
+        "warnings": "; ".join(record.get("warnings") or []),
         "seconds": record.get("seconds", {}).get("total", ""),
         "source": record["source"],
         "error": "",
@@ -333,7 +362,8 @@ def run_predict(
     report = _report(seg, runner, cases, all_records, skipped, time.perf_counter() - batch_started)
     report["part"] = {"num_parts": options.num_parts, "part_id": options.part_id}
     write_json(out_dir / f"report{suffix}.json", report)
-    return PredictResult(report=report, failures=failures, skipped=skipped)
+    warnings = [f"{r['case_id']}: {w}" for r in all_records for w in r.get("warnings") or []]
+    return PredictResult(report=report, failures=failures, skipped=skipped, warnings=warnings)
 
 
 def _report(
@@ -364,6 +394,7 @@ def _report(
         "predicted": len(done),
         "skipped_complete": skipped,
         "failed": [r for r in records if r.get("status") != "ok"],
+        "not_graded": [r["case_id"] for r in records if r.get("status") == "ok" and not r.get("severity")],
         "seconds": round(seconds, 3),
         "seconds_per_case": round(seconds / len(done), 3) if done else None,
         "results": [
@@ -373,6 +404,7 @@ def _report(
                 "outputs": r.get("outputs"),
                 "seconds": r.get("seconds"),
                 "severity": r.get("severity"),
+                "warnings": r.get("warnings", []),
             }
             for r in records
         ],
@@ -425,6 +457,7 @@ def merge_reports(out_dir: Path) -> dict:
         "predicted": sum(p["predicted"] for p in parts),
         "skipped_complete": [c for p in parts for c in p["skipped_complete"]],
         "failed": [f for p in parts for f in p["failed"]],
+        "not_graded": sorted(c for p in parts for c in p.get("not_graded", [])),
         "parts": [
             {k: p.get(k) for k in ("part", "runs_on", "warning", "cases", "predicted", "seconds")}
             for p in parts
