@@ -165,7 +165,8 @@ def picture(scan: str, arrays: dict, rows: dict, path: Path) -> None:
 
     hu, lungs, masks, labels, spacing = (arrays[k] for k in ("hu", "lungs", "masks", "labels", "spacing"))
     colours = {"baseline": (0.2, 0.6, 1.0)} | {
-        name: c for name, c in zip([n for n in masks if n != "baseline"], [(1, 0.1, 0.1), (1, 0.8, 0), (0.2, 1, 0.2)])
+        name: c
+        for name, c in zip([n for n in masks if n != "baseline"], [(1, 0.1, 0.1), (1, 0.8, 0), (0.2, 1, 0.2)])
     }
     window = np.clip((hu + 1350.0) / 1500.0, 0, 1)
     lung_z = np.flatnonzero(lungs.any(axis=(1, 2)))
@@ -210,7 +211,9 @@ def picture(scan: str, arrays: dict, rows: dict, path: Path) -> None:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--data", type=Path, default=Path("bench-work/covid_ct_md"),
                         help="folder made by ../shared/tools/get_covid_ct_md.sh")  # fmt: skip
     parser.add_argument("--model", action="append", default=[], metavar="NAME=MODEL",
@@ -219,7 +222,10 @@ def main() -> int:
     parser.add_argument("--json", action="store_true", help="print the figures as rows of JSON")
     args = parser.parse_args()
     if not all((args.data / s).is_dir() for s in SCANS):
-        print(f"no COVID-CT-MD scans in {args.data}: run ../shared/tools/get_covid_ct_md.sh first", file=sys.stderr)
+        print(
+            f"no COVID-CT-MD scans in {args.data}: run ../shared/tools/get_covid_ct_md.sh first",
+            file=sys.stderr,
+        )
         if args.json:
             print("[]")
         return 0

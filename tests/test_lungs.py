@@ -127,7 +127,9 @@ def test_lung_params_from_an_older_sidecar_take_the_new_defaults():
 
     from covidseg.lungs import LungParams
 
-    old = {k: v for k, v in asdict(LungParams(air_hu=-320.0)).items() if k in ("air_hu", "outside_hu", "work_mm")}
+    old = {
+        k: v for k, v in asdict(LungParams(air_hu=-320.0)).items() if k in ("air_hu", "outside_hu", "work_mm")
+    }
     params = LungParams.from_json(old)
     assert params.air_hu == -320.0 and params.airway == LungParams().airway
     assert LungParams.from_json(asdict(params)) == params

@@ -4,9 +4,8 @@ Hospital scans hold more than the patient: the table (a thin curved shell with a
 mattress and blankets, clothing folds, arms beside the chest. Air enclosed by any of these looks
 like lung to a threshold. The torso is found per axial slice as the largest component of tissue
 (``>= air_hu``) after an in-plane opening that cuts thin shells and folds (``open_mm``) away from
-it; arms, table and folds are other components. Lungs can only lie in the torso's **convex hull**:
-the table and the air inside it lie under the back, arms and the air beside them lie outside the
-chest wall, and the hull still holds a lung whose chest wall a tight field of view has cut.
+it; arms, table and folds are other components. Lungs lie in what the torso encloses in each
+slice; the air inside the table shell, beside an arm or under a blanket fold does not.
 """
 
 from __future__ import annotations
@@ -23,8 +22,17 @@ def disk(radius_px: tuple[int, int]) -> np.ndarray:
     return inside[None]
 
 
-def _largest_per_slice(mask: np.ndarray) -> np.ndarray:
-    """Per axial slice, the largest 8-connected component of `mask` [z, y, x] bool."""
+def open_in_plane(tissue: np.ndarray, open_px: tuple[int, int]) -> np.ndarray:
+    """In-plane opening of `tissue` [z, y, x] bool (voxels at or above the air threshold) with an
+    elliptical element of radii `open_px` (y, x) pixels: structures thinner than about twice that
+    (table shell, blanket, clothing folds) vanish or come apart from the torso."""
+    return ndimage.binary_opening(tissue, structure=disk(open_px))
+
+
+def largest_per_slice(mask: np.ndarray) -> np.ndarray:
+    """Per axial slice, the largest 8-connected component of `mask` [z, y, x] bool: applied to the
+    opened tissue, the torso. It is not grown back to the raw outline: that would re-attach the
+    shell or fold that touches the skin and close the air under it."""
     out = np.zeros_like(mask)
     for k in range(mask.shape[0]):
         labels, n = ndimage.label(mask[k], structure=np.ones((3, 3), dtype=bool))
@@ -33,22 +41,6 @@ def _largest_per_slice(mask: np.ndarray) -> np.ndarray:
             sizes[0] = 0
             out[k] = labels == int(np.argmax(sizes))
     return out
-
-
-def torso(tissue: np.ndarray, open_px: tuple[int, int]) -> np.ndarray:
-    """The patient's torso: per slice the largest tissue component after an in-plane opening.
-
-    Args:
-        tissue: [z, y, x] bool, voxels at or above the air threshold (HU).
-        open_px: in-plane opening radius (y, x) in pixels: structures thinner than about twice
-            this (table shell, blanket, clothing folds) come apart from the torso.
-
-    Returns:
-        [z, y, x] bool: the opened torso. It is not grown back to the raw outline: that would
-        re-attach the shell or fold that touches the skin and close the air under it.
-    """
-    opened = ndimage.binary_opening(tissue, structure=disk(open_px))
-    return _largest_per_slice(opened)
 
 
 def fill_holes_per_slice(mask: np.ndarray) -> np.ndarray:

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from scipy import ndimage
 
 from covidseg.airways import AirwayParams, trace_airway
-from covidseg.body import disk, fill_holes_per_slice, torso
+from covidseg.body import disk, fill_holes_per_slice, largest_per_slice, open_in_plane
 
 # 2D (in-plane) 4-connectivity expressed as a 3D structure: no links between slices.
 _IN_PLANE = np.array(
@@ -54,7 +54,9 @@ class LungParams:
     min_lung_ml: float = 5.0  # components smaller than this are not lung (mL; area-based for 1 slice)
     min_fraction: float = 0.05  # ... nor smaller than this fraction of the largest component
     max_hole_cm2: float = 10.0  # in-slice holes up to this area are filled (cm²); larger ones only
-    # when enclosed in 3D, so a diaphragm dome seen as an island in one slice stays out
+    # when enclosed in 3D or resting on lung in the slice below, so a diaphragm dome seen as an
+    # island in one slice stays out
+    vessel_cm2: float = 2.0  # in-slice holes up to this area are always filled (vessels; cm²)
     open_mm: float = 3.0  # in-plane opening radius that parts table shell, blankets and clothing
     # folds (thinner than ~2x this) from the torso (mm); a chest wall must be thicker than that
     gas_hu: float = -970.0  # an air pocket whose median is darker than this is gas, not lung (HU)
@@ -142,14 +144,20 @@ def _cropped_slices(body: np.ndarray, outside: np.ndarray, max_outside: float = 
 
 
 def lung_region(work: np.ndarray, work_spacing: tuple[float, float, float], params: LungParams) -> np.ndarray:
-    """Where lungs can lie on the working grid: what the torso encloses in each slice, plus a lung
-    cut by a tight field of view. [z, y, x] bool."""
+    """Where lungs can lie on the working grid, [z, y, x] bool: what the torso encloses in each slice.
+
+    In a slice cut by a tight field of view (a CTA crop: no table, hardly any outside air) the
+    chest wall may be cut off the torso or thinned by the crop; there it is what any tissue
+    encloses, plus the air that touches the border but is not outside air (a lung cut by the crop,
+    ~-850 HU).
+    """
     open_px = tuple(max(1, int(round(params.open_mm / s))) for s in work_spacing[1:])
-    body = torso(work >= params.air_hu, open_px)
+    tissue = work >= params.air_hu
+    body = largest_per_slice(open_in_plane(tissue, open_px))
     region = fill_holes_per_slice(body)
-    outside, cut_lung = _border_air(work < params.air_hu, work, params.outside_hu)
+    outside, cut_lung = _border_air(~tissue, work, params.outside_hu)
     cropped = _cropped_slices(body, outside)
-    region[cropped] |= cut_lung[cropped]
+    region[cropped] = fill_holes_per_slice(tissue[cropped]) | cut_lung[cropped]
     return region
 
 
@@ -164,11 +172,12 @@ def _bbox_slices(mask: np.ndarray, margins: tuple[int, ...]) -> tuple[slice, ...
     return tuple(box)
 
 
-def _fill_holes(mask: np.ndarray, max_hole_px: int, min_support: float = 0.5) -> np.ndarray:
-    """Fill holes enclosed in 3D, and in-slice holes of at most `max_hole_px` pixels that rest on
-    lung: at least `min_support` of the hole's footprint in the slice below is lung (or a hole
-    filled there). A lesion is lung above and below; a diaphragm dome cut by a slice is an island
-    too, but under it lies liver or spleen, so it stays out. Slices go from the bottom (z = 0) up."""
+def _fill_holes(mask: np.ndarray, max_hole_px: int, vessel_px: int, min_support: float = 0.5) -> np.ndarray:
+    """Fill holes enclosed in 3D, in-slice holes of at most `vessel_px` pixels (vessels, small
+    nodules), and in-slice holes of at most `max_hole_px` pixels that rest on lung: at least
+    `min_support` of the hole's footprint in the slice below is lung (or a hole filled there). A
+    lesion has lung above and below; a diaphragm dome cut by a slice is an island too, but under it
+    lies liver or spleen, so it stays out. Slices go from the bottom (z = 0) up."""
     out = ndimage.binary_fill_holes(mask) if mask.shape[0] > 1 else mask.copy()
     for k in range(mask.shape[0]):
         labels, n = ndimage.label(~mask[k], structure=_IN_PLANE[1])
@@ -181,7 +190,7 @@ def _fill_holes(mask: np.ndarray, max_hole_px: int, min_support: float = 0.5) ->
         small[0] = False  # label 0 is the mask itself
         if k > 0 and small.any():
             support = np.bincount(labels.ravel(), weights=out[k - 1].ravel(), minlength=n + 1)
-            small &= support >= min_support * sizes
+            small &= (support >= min_support * sizes) | (sizes <= vessel_px)
         out[k] |= small[labels]
     return out
 
@@ -347,7 +356,10 @@ def segment_lungs(
 
     radius_px = tuple(int(round(params.closing_mm / s)) for s in work_spacing[1:])
     gap_px = int(params.z_gap_mm / work_spacing[0])
-    max_hole_px = int(params.max_hole_cm2 * 100.0 / (work_spacing[1] * work_spacing[2]))
+    pixel_mm2 = work_spacing[1] * work_spacing[2]
+    max_hole_px, vessel_px = (
+        int(cm2 * 100.0 / pixel_mm2) for cm2 in (params.max_hole_cm2, params.vessel_cm2)
+    )
     labels = np.zeros_like(sides)
     for value in (1, 2):  # close each lung on its own so the two never merge across the mediastinum
         box = _bbox_slices(sides == value, margins=(1, 2 * radius_px[0] + 1, 2 * radius_px[1] + 1))
@@ -358,7 +370,7 @@ def segment_lungs(
         # result, in half the time
         lung = sides[box] == value
         closed = (_close_2d(lung, radius_px) | _fill_z_gaps(lung, gap_px)) & ~airway_rim[box]
-        closed = _fill_holes(closed, max_hole_px) & region[box]
+        closed = _fill_holes(closed, max_hole_px, vessel_px) & region[box]
         target = labels[box]
         target[closed & (target == 0)] = value
     return LungMask(labels=labels, factors=factors, shape=tuple(hu.shape))
