@@ -132,9 +132,10 @@ def print_table(results: dict[str, dict]) -> None:
           f"{'slice AUC':>9} {'sens':>6} {'spec':>6}")  # fmt: skip
     for scan, rows in results.items():
         for name, r in rows.items():
-            print(f"{scan:<10} {name:<12} {r['lung_ml']:8.0f} {r['lesion_ml']:9.1f} {r['involvement_pct']:7.2f} "
-                  f"{_fmt(r['severity']):>10} {_fmt(r.get('auc')):>9} {_fmt(r.get('sensitivity'), 2):>6} "
-                  f"{_fmt(r.get('specificity'), 2):>6}")  # fmt: skip
+            volumes = f"{r['lung_ml']:8.0f} {r['lesion_ml']:9.1f} {r['involvement_pct']:7.2f}"
+            sens, spec = _fmt(r.get("sensitivity"), 2), _fmt(r.get("specificity"), 2)
+            slices = f"{_fmt(r.get('auc')):>9} {sens:>6} {spec:>6}"
+            print(f"{scan:<10} {name:<12} {volumes} {_fmt(r['severity']):>10} {slices}")
 
 
 def json_rows(results: dict[str, dict]) -> list[dict]:
@@ -150,8 +151,9 @@ def json_rows(results: dict[str, dict]) -> list[dict]:
                             "ok": r["involvement_pct"] <= 1.0})  # fmt: skip
             if r.get("auc") is not None:
                 target = 0.95 if scan == "P002" else None
+                ratio = None if target is None else round(r["auc"] / target, 3)
                 out.append({"name": f"{scan} {name}: slice AUC", "value": round(r["auc"], 3), "unit": "",
-                            "target": target, "ratio": None if target is None else round(r["auc"] / target, 3),
+                            "target": target, "ratio": ratio,
                             "ok": None if target is None else r["auc"] >= target})  # fmt: skip
     return out
 
@@ -164,10 +166,9 @@ def picture(scan: str, arrays: dict, rows: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     hu, lungs, masks, labels, spacing = (arrays[k] for k in ("hu", "lungs", "masks", "labels", "spacing"))
-    colours = {"baseline": (0.2, 0.6, 1.0)} | {
-        name: c
-        for name, c in zip([n for n in masks if n != "baseline"], [(1, 0.1, 0.1), (1, 0.8, 0), (0.2, 1, 0.2)])
-    }
+    learned_colours = [(1.0, 0.1, 0.1), (1.0, 0.8, 0.0), (0.2, 1.0, 0.2)]
+    colours = {"baseline": (0.2, 0.6, 1.0)}
+    colours |= {name: learned_colours[i % 3] for i, name in enumerate(n for n in masks if n != "baseline")}
     window = np.clip((hu + 1350.0) / 1500.0, 0, 1)
     lung_z = np.flatnonzero(lungs.any(axis=(1, 2)))
     learned = [m for n, m in masks.items() if n != "baseline"]
