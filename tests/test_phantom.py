@@ -37,13 +37,13 @@ def _x_mm(n: int, spacing: float) -> np.ndarray:
     return (np.arange(n) - (n - 1) / 2) * spacing
 
 
-def _single_lesion(kind: str, min_ml: float = 10.0) -> tuple[Phantom, Phantom]:
+def _single_lesion(kind: str, min_ml: float = 10.0, **kwargs) -> tuple[Phantom, Phantom]:
     """(covid, healthy) phantoms of the first seed whose only lesion is of `kind` and >= min_ml."""
     for seed in range(200):
-        case = _phantom(seed, covid=True, n_lesions=(1, 1))
+        case = _phantom(seed, covid=True, n_lesions=(1, 1), **kwargs)
         info = case.lesion_info[0]
         if info["kind"] == kind and info["volume_ml"] >= min_ml:
-            return case, _phantom(seed)
+            return case, _phantom(seed, **kwargs)
     raise AssertionError(f"no single {kind} lesion >= {min_ml} mL in 200 seeds")
 
 
@@ -153,7 +153,8 @@ def test_covid_is_the_healthy_case_plus_lesions(covid, healthy):
 
 
 def test_ground_glass_keeps_vessels_and_hu_range():
-    case, healthy = _single_lesion("ggo")
+    # the plain scanner: a sharp kernel's edge enhancement dips next to anything brighter
+    case, healthy = _single_lesion("ggo", surroundings=False)
     lesion = case.lesions > 0
     assert -750.0 <= np.median(case.hu[lesion]) <= -250.0
     # ground glass only raises HU (a max blend): vessels inside it stay as bright as before
@@ -214,10 +215,19 @@ def test_anatomy_does_not_depend_on_resolution():
             assert b["volume_ml"] == pytest.approx(a["volume_ml"], rel=0.2)
 
 
-def test_noise_std_in_homogeneous_tissue(healthy):
-    liver = healthy.hu[0, 40:52, 28:40]  # right upper abdomen, below the dome
-    assert 20.0 < liver.mean() < 90.0
-    assert 12.0 < liver.std() < 30.0
+@pytest.mark.parametrize("surroundings", [False, True])
+def test_noise_std_in_homogeneous_tissue(surroundings):
+    kernels = set()
+    for seed in range(4):
+        case = _phantom(seed, surroundings=surroundings)
+        scanner = case.scene_info["scanner"]
+        kernels.add(scanner["kernel"])
+        liver = case.hu[0, 40:52, 25:36]  # right upper abdomen, below the dome
+        assert 20.0 < liver.mean() < 90.0
+        assert 0.7 * scanner["noise_std_hu"] < liver.std() < 1.3 * scanner["noise_std_hu"]
+        low, high = (10.0, 60.0) if surroundings else (15.0, 25.0)
+        assert low <= scanner["noise_std_hu"] <= high
+    assert kernels == ({"soft", "sharp"} if surroundings else {"standard"})
 
 
 def test_n_lesions_range_is_respected():

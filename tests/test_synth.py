@@ -173,3 +173,33 @@ def test_montage_shows_the_slices_with_most_lesion(tmp_path):
     assert path.read_bytes()[:8] == PNG_MAGIC
     with pytest.raises(ValueError):
         overlay_montage(hu, lesion[:5], None, path=path)
+
+
+def test_surroundings_flag_is_passed_and_recorded(synth_run, tmp_path):
+    _, manifest, _ = synth_run
+    assert manifest["parameters"]["surroundings"] is True
+    scene = manifest["cases"][0]["scene"]
+    assert scene["surroundings"] is True and scene["arms"] in ("down", "up", "none")
+    plain = run_synth(tmp_path / "plain", 0, 1, 7, SHAPE, SPACING, surroundings=False)
+    assert plain["parameters"]["surroundings"] is False
+    case = plain["cases"][0]
+    assert case["scene"]["surroundings"] is False
+    assert case["lesions"] == manifest["cases"][1]["lesions"]  # same ground truth
+    volume, _ = read_ct(tmp_path / "plain" / case["image"])
+    phantom = make_phantom(SHAPE, SPACING, covid=True, seed=case["seed"], surroundings=False)
+    assert np.array_equal(volume.hu, np.rint(phantom.hu))
+
+
+def test_cli_no_surroundings(tmp_path):
+    from typer.testing import CliRunner
+
+    from covidseg.cli import app
+
+    out = tmp_path / "cli"
+    args = ["synth", "-o", str(out), "--healthy", "1", "--covid", "0", "--shape", "16,64,64"]
+    args += ["--spacing", "18,5.25,5.25", "--no-surroundings", "--no-progress"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
+    assert manifest["parameters"]["surroundings"] is False
+    assert manifest["cases"][0]["scene"]["surroundings"] is False

@@ -108,6 +108,14 @@ def synth(
         str, typer.Option(help="Voxel size in mm 'Z,Y,X' (5 mm clinical slices).")
     ] = "5,1.4,1.4",
     montage: Annotated[bool, typer.Option("--montage", help="Also write a PNG montage per case.")] = False,
+    surroundings: Annotated[
+        bool,
+        typer.Option(
+            "--surroundings/--no-surroundings",
+            help="Table, arms, clothing, bowel gas and scanner variety around the patient (default), "
+            "or the plain phantoms.",
+        ),
+    ] = True,
     no_progress: NoProgress = False,
 ) -> None:
     """Make synthetic chest-CT phantoms (HU) with lung and lesion ground truth."""
@@ -118,7 +126,15 @@ def synth(
 
         with _progress(healthy + covid, "synth", not no_progress) as advance:
             manifest = run_synth(
-                output, healthy, covid, seed, shape_zyx, spacing_zyx, montage=montage, progress=advance
+                output,
+                healthy,
+                covid,
+                seed,
+                shape_zyx,
+                spacing_zyx,
+                montage=montage,
+                progress=advance,
+                surroundings=surroundings,
             )
     except CovidsegError as exc:
         _fail(exc)
@@ -547,12 +563,16 @@ def predict(
         _fail(exc)
     for failure in result.failures:
         console.print(f"[red]failed:[/] {escape(failure['error'])}", highlight=False, soft_wrap=True)
+    for warning in result.warnings:
+        console.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False, soft_wrap=True)
     report = result.report
     per_case = report["seconds_per_case"]
     timing = f" in {report['seconds']:.1f} s ({per_case:.2f} s/case)" if per_case else ""
+    not_graded = f", {len(report['not_graded'])} not graded" if report["not_graded"] else ""
     out.print(
         f"predicted {report['predicted']} case(s){timing}, {len(result.skipped)} already done, "
-        f"{len(result.failures)} failed -> {escape(str(output / f'summary{options.part_suffix}.csv'))}",
+        f"{len(result.failures)} failed{not_graded} "
+        f"-> {escape(str(output / f'summary{options.part_suffix}.csv'))}",
         soft_wrap=True,
     )
     if result.failures:
@@ -570,9 +590,10 @@ def merge_reports(
         report = merge(output)
     except CovidsegError as exc:
         _fail(exc)
+    not_graded = f", {len(report['not_graded'])} not graded" if report["not_graded"] else ""
     out.print(
         f"merged {len(report['parts'])} parts: {report['cases']} case(s), {report['predicted']} predicted, "
-        f"{len(report['failed'])} failed -> {escape(str(output / 'summary.csv'))}",
+        f"{len(report['failed'])} failed{not_graded} -> {escape(str(output / 'summary.csv'))}",
         soft_wrap=True,
     )
     if report["failed"]:
@@ -621,7 +642,9 @@ def _stage_text(record: dict) -> str:
         dice = f.get("dice") or {}
         return f"{f.get('cases')} case(s): Dice {dice.get('mean') or 0:.3f} ± {dice.get('std') or 0:.3f}"
     if stage == "predict":
-        return f"{f.get('predicted')} predicted, {f.get('skipped')} already done ({f.get('runs_on')})"
+        not_graded = f", {len(f['not_graded'])} not graded" if f.get("not_graded") else ""
+        done = f"{f.get('predicted')} predicted, {f.get('skipped')} already done{not_graded}"
+        return f"{done} ({f.get('runs_on')})"
     if "cases" in f:
         return f"{f['cases']} case(s), {len(f.get('failed', []))} failed"
     return ""

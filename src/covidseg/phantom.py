@@ -11,7 +11,7 @@ In-plane sizes are those of an adult (body ~330 x 240 mm), shrunk only when the 
 narrower than 350 mm. Along z the lungs fill the field of view (a chest CT is framed on the lungs):
 the apex tapers in the top ~10 % and the diaphragm domes up into the bottom ~20 %.
 
-What is drawn (HU): air outside the body (-1000) and a scanner table; subcutaneous fat (-100) and
+What is drawn (HU): air outside the body (-1000); subcutaneous fat (-100) and
 chest-wall muscle (+40); ribs sloping down toward the front (cortex ~+850, marrow ~+250), costal
 cartilage and sternum; the spine (vertebral bodies ~+300 with a ~+700 cortex, discs, canal and
 posterior arch); mediastinal fat (-80); the heart (+40); aorta (+40..+200: with or without
@@ -20,17 +20,29 @@ a soft-tissue wall); liver and spleen under the diaphragm, with a gastric air bu
 (~-850) with a low-frequency texture and a gravity-dependent gradient, and vessel (+40, radius
 ~5 -> 1 mm) and bronchial trees grown at random from each hilum. COVID-19 lesions are ground glass
 (-700..-300, blended so vessels stay brighter), consolidation (-100..+50) or both (a consolidated
-core in ground glass), mostly subpleural, posterior and basal. The scanner comes last: white noise
-filtered together with the anatomy by a Gaussian point spread function (in-plane sigma 0.6 voxel,
-slice profile with a FWHM of one slice), so the noise has a CT-like grain and the requested std.
+core in ground glass), mostly subpleural, posterior and basal.
+
+Around the patient (``surroundings=True``, the default; :mod:`covidseg.phantom_surroundings`): a
+curved table whose shell encloses air, sometimes a pad, arms down or raised or out of view,
+clothing folds trapping air, and bowel gas under the diaphragm. Without them, a flat table slab
+under the back (+250 HU) as in earlier versions.
+
+The scanner comes last: white noise filtered together with the anatomy by the reconstruction
+kernel, so the noise has a CT-like grain and the requested std after filtering. Slice profile: a
+Gaussian with a FWHM of one slice. In plane, with surroundings a soft, standard or sharp kernel
+(Gaussian sigma 0.8, 0.6 or 0.5 voxel, the sharp one then edge-enhanced), 10-60 HU of noise and
+sometimes streaks across the shoulders; without, the standard kernel and 15-25 HU.
 
 Ground truth: ``lungs`` holds the parenchyma with its vessels and intrapulmonary bronchi (the
 trachea and main bronchi are not lung); ``lesions`` the lesion voxels inside ``lungs``.
 
 Randomness: only ``np.random.default_rng(seed)``, split into independent streams (anatomy, trees,
-lesions, noise). A COVID phantom is therefore the healthy phantom of the same seed plus lesions:
-more than a few voxels from the lesions (partial-volume rim plus the 2-voxel blur kernel) the two
-are bit-identical, and ``lungs`` is the same.
+lesions, noise, surroundings). A COVID phantom is therefore the healthy phantom of the same seed
+plus lesions: more than a few voxels from the lesions (partial-volume rim plus the kernel's reach:
+2 voxels, 3 for the soft one, 2 + 1 for the sharp one) the two are bit-identical, and ``lungs`` is
+the same. The surroundings never change ``lungs``, ``lesions`` or ``lesion_info``: a phantom with
+and without them has the same ground truth, and without them it is bit-identical to the phantom of
+earlier versions (whose four streams come first).
 """
 
 from __future__ import annotations
@@ -41,6 +53,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from scipy import ndimage
+
+from covidseg import phantom_surroundings as surround
 
 RIGHT_LUNG = 1
 LEFT_LUNG = 2
@@ -70,6 +84,7 @@ GGO_HU = (-700.0, -300.0)
 CONSOLIDATION_HU = (-100.0, 50.0)
 HU_RANGE = (-1024.0, 3071.0)  # what a 12-bit CT stores
 
+GAS_MARGIN_MM = 6.0  # bowel gas stays this far below the diaphragm
 REFERENCE_FOV_MM = 350.0  # in-plane field of view below which the anatomy is shrunk
 NOISE_STD_HU = (15.0, 25.0)
 PSF_SIGMA_INPLANE_VOX = 0.6
@@ -86,6 +101,14 @@ class Phantom:
     ``volume_ml`` (its voxels inside the lungs, mL; lesions may overlap), ``hu`` (target HU of its
     ground glass, or of a consolidation), ``core_hu`` (mixed only: its consolidated core) and
     ``envelope_mm`` (semi-axes of its ellipsoidal envelope, the first across the pleura).
+
+    ``scene_info`` (JSON-ready) says what surrounds the patient: ``surroundings`` (bool),
+    ``scanner`` (``kernel``: soft, standard or sharp; ``noise_std_hu`` after filtering; ``streaks``:
+    how many) and, with surroundings, ``table`` (null, or ``gap_mm``, ``pad_mm``, ``pad_hu``,
+    ``top_y_mm``, ``thickness_mm``, ``half_width_mm``, ``wall_mm``, ``wall_hu``, ``core_hu``),
+    ``arms`` (down, up or none), ``arm_gaps_mm`` (right, left; <= 0 touching), ``clothing`` (null,
+    or ``cover``, ``fabric_hu``, ``thickness_mm``, ``body_folds``, ``sheet_folds``) and
+    ``bowel_gas`` (``kind``, ``volume_ml`` per pocket).
     """
 
     hu: np.ndarray  # [z, y, x] float32, HU in [-1024, 3071]
@@ -93,6 +116,7 @@ class Phantom:
     lesions: np.ndarray  # [z, y, x] uint8: 1 lesion (always inside `lungs`), 0 elsewhere
     spacing_zyx: tuple[float, float, float]  # mm
     lesion_info: list[dict] = field(default_factory=list)
+    scene_info: dict = field(default_factory=dict)  # what surrounds the patient, and the scanner
 
     @property
     def voxel_ml(self) -> float:
@@ -106,22 +130,32 @@ def make_phantom(
     covid: bool = False,
     seed: int = 0,
     n_lesions: tuple[int, int] = (1, 10),
+    surroundings: bool = True,
 ) -> Phantom:
     """A synthetic chest CT of `shape_zyx` voxels of `spacing_zyx` mm, in HU.
 
     With `covid`, adds between ``n_lesions[0]`` and ``n_lesions[1]`` lesions (inclusive); a lesion
     that lands no voxel in the lungs is redrawn (20 tries), so only grids too small to hold lungs
-    get fewer. The same arguments always give bit-identical arrays. A default phantom takes about a
-    second, a 512 x 512 x 300 one at 1 mm under 10 s (peak memory ~0.9 GB).
+    get fewer. With `surroundings` (the default) the patient lies on a scanner table, with arms,
+    clothing and bowel gas, and the scanner gets a random kernel, noise level and streaks (see
+    :mod:`covidseg.phantom_surroundings`; ``scene_info`` says what was drawn); without, the plain
+    phantom of earlier versions (a flat table slab, 15-25 HU of noise), bit for bit. `lungs`,
+    `lesions` and `lesion_info` are the same either way.
+
+    The same arguments always give bit-identical arrays. A default phantom takes about a second, a
+    512 x 512 x 300 one at 1 mm under 10 s (peak memory ~0.9 GB).
     """
     shape, spacing = _check_args(shape_zyx, spacing_zyx, n_lesions)
-    streams = np.random.default_rng(seed).spawn(4)
-    anatomy_rng, tree_rng, lesion_rng, noise_rng = streams
+    streams = np.random.default_rng(seed).spawn(5)  # the first four are those of earlier versions
+    anatomy_rng, tree_rng, lesion_rng, noise_rng, scene_rng = streams
     grid = _Grid(shape, spacing)
     anatomy = _draw_anatomy(anatomy_rng, grid)
+    scene = _draw_scene(scene_rng, grid, anatomy) if surroundings else None
     exclusion = _rasterise_mask(grid, _mediastinal_tubes(anatomy), margin_mm=3.0)  # [z, y, x] bool
-    hu, lungs = _paint_static(anatomy_rng, grid, anatomy, exclusion)
+    hu, lungs = _paint_static(anatomy_rng, grid, anatomy, exclusion, flat_table=scene is None)
     del exclusion
+    if scene is not None:
+        _paint_scene(grid, anatomy, scene, hu, lungs)
     _paint_mediastinum(grid, anatomy, hu, lungs)
     airways = _paint_trees(tree_rng, grid, anatomy, hu, lungs)  # [z, y, x] bool, airway lumen
     lesions = np.zeros(shape, dtype=np.uint8)
@@ -129,9 +163,20 @@ def make_phantom(
     if covid:
         info = _add_lesions(lesion_rng, grid, anatomy, hu, lungs, airways, lesions, n_lesions)
     del airways
-    hu = _apply_scanner(noise_rng, grid, hu)
+    if scene is not None:
+        surround.add_streaks(hu, grid.x, grid.y, grid.z, scene.streaks, _pixel_mm(grid))
+    hu, noise_std = _apply_scanner(noise_rng, grid, hu, None if scene is None else scene.kernel)
     np.clip(hu, *HU_RANGE, out=hu)
-    return Phantom(hu=hu, lungs=lungs, lesions=lesions, spacing_zyx=spacing, lesion_info=info)
+    if scene is None:
+        scene_info = {
+            "surroundings": False,
+            "scanner": {"kernel": "standard", "noise_std_hu": round(noise_std, 1)},
+        }
+    else:
+        scene_info = surround.describe(scene)
+    return Phantom(
+        hu=hu, lungs=lungs, lesions=lesions, spacing_zyx=spacing, lesion_info=info, scene_info=scene_info
+    )
 
 
 def _check_args(shape_zyx, spacing_zyx, n_lesions) -> tuple[tuple[int, int, int], tuple[float, float, float]]:
@@ -527,9 +572,9 @@ class _Wall:
     vertebral_body: np.ndarray  # bool
 
 
-def _wall_maps(grid: _Grid, an: _Anatomy, fa: float, fb: float) -> _Wall:
+def _wall_maps(grid: _Grid, an: _Anatomy, fa: float, fb: float, flat_table: bool) -> _Wall:
     """The body wall in an axial plane where the rib cage is scaled by (fa, fb): layers, spine, and
-    where ribs can be."""
+    where ribs can be; with `flat_table`, the plain phantom's table slab under the back."""
     x, y = grid.x[None, :], grid.y[:, None]
     body_a, body_b, body_cy = an.body
     cav_a, cav_b, cav_cy = an.cavity
@@ -537,8 +582,9 @@ def _wall_maps(grid: _Grid, an: _Anatomy, fa: float, fb: float) -> _Wall:
     vb_y, vb_r, canal_y, canal_r = an.spine
     s = an.scale
     base = np.full(grid.shape[1:], AIR_HU, dtype=np.float32)
-    table_y = body_cy + body_b + 14.0 * s
-    base[(y > table_y) & (y < table_y + 8.0 * s) & (np.abs(x) < 0.9 * grid.fov[2] / 2)] = TABLE_HU
+    if flat_table:
+        table_y = body_cy + body_b + 14.0 * s
+        base[(y > table_y) & (y < table_y + 8.0 * s) & (np.abs(x) < 0.9 * grid.fov[2] / 2)] = TABLE_HU
     base[_in_ellipse(x, y, 0.0, body_cy, body_a, body_b)] = FAT_HU
     muscle = _in_ellipse(x, y, 0.0, body_cy, body_a - an.fat_mm, body_b - an.fat_mm)
     base[muscle] = MUSCLE_HU
@@ -630,8 +676,10 @@ def _lerp_indices(coords: np.ndarray, origin: float, cell: float, n: int):
     return lo, hi, (u - lo).astype(np.float32)
 
 
-def _paint_static(rng: np.random.Generator, grid: _Grid, an: _Anatomy, exclusion: np.ndarray):
-    """HU volume of wall, bones, heart, abdomen and lungs, and the lung labels.
+def _paint_static(
+    rng: np.random.Generator, grid: _Grid, an: _Anatomy, exclusion: np.ndarray, flat_table: bool
+):
+    """HU volume of wall, bones, heart, abdomen and lungs (and the flat table), and the lung labels.
 
     Returns ``hu`` [z, y, x] float32 and ``lungs`` [z, y, x] uint8 (before vessels and lesions).
     """
@@ -650,7 +698,8 @@ def _paint_static(rng: np.random.Generator, grid: _Grid, an: _Anatomy, exclusion
         level = round(float(1.0 - _cage_scale(an, z)[0]) * 100.0)
         if level not in walls:
             fa = 1.0 - level / 100.0
-            walls[level] = _wall_maps(grid, an, fa, 1.0 - (1.0 - fa) * CAGE_NARROWING[1] / CAGE_NARROWING[0])
+            fb = 1.0 - (1.0 - fa) * CAGE_NARROWING[1] / CAGE_NARROWING[0]
+            walls[level] = _wall_maps(grid, an, fa, fb, flat_table)
         wall = walls[level]
         plane = wall.base.copy()
         _paint_vertebral_disc(an, wall, plane, z)
@@ -1089,17 +1138,80 @@ def _gaussian_kernel(sigma: float, truncate: float = 4.0) -> np.ndarray:
     return k / k.sum()
 
 
-def _apply_scanner(rng: np.random.Generator, grid: _Grid, hu: np.ndarray) -> np.ndarray:
-    """Add white noise to `hu` (in place), then blur image and noise with the point spread function.
+def _apply_scanner(
+    rng: np.random.Generator, grid: _Grid, hu: np.ndarray, kernel: surround.Kernel | None = None
+) -> tuple[np.ndarray, float]:
+    """Add white noise to `hu` (in place), then filter image and noise with the kernel; returns the
+    filtered volume and the noise std after filtering (HU).
 
-    The noise std before filtering is chosen so that it is 15..25 HU (drawn per phantom) after.
-    Slice profile: a Gaussian with a FWHM of one slice (contiguous slices).
+    Without `kernel`: the plain phantom's Gaussian point spread function (in-plane sigma 0.6 voxel)
+    and a noise std of 15..25 HU drawn here. The noise std before filtering is chosen so that it is
+    the requested one after. Slice profile: a Gaussian with a FWHM of one slice (contiguous slices).
     """
-    sigma = (FWHM_TO_SIGMA, PSF_SIGMA_INPLANE_VOX, PSF_SIGMA_INPLANE_VOX)  # voxels, z y x
-    gain = math.sqrt(math.prod(float((_gaussian_kernel(s) ** 2).sum()) for s in sigma))
-    std = float(rng.uniform(*NOISE_STD_HU)) / gain
+    if kernel is None:
+        sigma = (FWHM_TO_SIGMA, PSF_SIGMA_INPLANE_VOX, PSF_SIGMA_INPLANE_VOX)  # voxels, z y x
+        gain = math.sqrt(math.prod(float((_gaussian_kernel(s) ** 2).sum()) for s in sigma))
+        target = float(rng.uniform(*NOISE_STD_HU))
+    else:
+        gain, target = surround.kernel_gain(kernel, FWHM_TO_SIGMA), kernel.noise_std_hu
+    std = target / gain
     chunk = max(1, 4_000_000 // max(1, grid.shape[1] * grid.shape[2]))
     for k in range(0, grid.shape[0], chunk):
         block = hu[k : k + chunk]
         block += rng.standard_normal(block.shape, dtype=np.float32) * np.float32(std)
-    return ndimage.gaussian_filter(hu, sigma, mode="nearest")
+    if kernel is None:
+        return ndimage.gaussian_filter(hu, sigma, mode="nearest"), target
+    return surround.apply_kernel(hu, kernel, FWHM_TO_SIGMA), target
+
+
+# --------------------------------------------------------------------------------------------
+# Surroundings: table, arms, clothing, bowel gas (drawn by covidseg.phantom_surroundings)
+
+
+def _pixel_mm(grid: _Grid) -> float:
+    """In-plane voxel size (mm): geometric mean of the y and x spacings."""
+    return math.sqrt(grid.spacing[1] * grid.spacing[2])
+
+
+def _draw_scene(rng: np.random.Generator, grid: _Grid, an: _Anatomy) -> surround.Scene:
+    """The surroundings of this patient, from their own random stream."""
+    body_a, body_b, body_cy = an.body
+    body = surround.Body(
+        a=body_a,
+        b=body_b,
+        cy=body_cy,
+        scale=an.scale,
+        z_lo=an.z_lo,
+        z_len=an.z_len,
+        x_max=float(grid.x[-1]),
+        y_max=float(grid.y[-1]),
+        pixel_mm=_pixel_mm(grid),
+    )
+    cav_a, cav_b, cav_cy = an.cavity
+
+    def ceiling(x, y):
+        return _diaphragm_z(an, x, y) - GAS_MARGIN_MM
+
+    return surround.draw_scene(rng, body, surround.Abdomen(a=cav_a, b=cav_b, cy=cav_cy, ceiling=ceiling))
+
+
+def _paint_scene(grid: _Grid, an: _Anatomy, scene: surround.Scene, hu: np.ndarray, lungs: np.ndarray) -> None:
+    """Table, pad, arms and clothing around the body, bowel gas under the diaphragm (in place).
+
+    Nothing lands inside the body outline but the gas, and the gas only in the abdominal cavity
+    below the diaphragm, away from the heart and spine and outside `lungs`.
+    """
+    body_a, body_b, body_cy = an.body
+    x, y = grid.x[None, :], grid.y[:, None]
+    outside = ~_in_ellipse(x, y, 0.0, body_cy, body_a, body_b)  # exactly where _wall_maps left air
+    surround.paint_outside(hu, x, y, grid.z, scene, outside, _pixel_mm(grid))
+    cav_a, cav_b, cav_cy = an.cavity
+
+    def room(box):
+        bx, by, bz = grid.coords(box)
+        ok = bz < _diaphragm_z(an, bx, by) - GAS_MARGIN_MM
+        ok = ok & _in_ellipse(bx, by, 0.0, cav_cy, cav_a - 3.0 * an.scale, cav_b - 3.0 * an.scale)
+        ok &= ~_heart_section(an, bx, by, bz, margin_mm=4.0) & ~_near_spine(an, bx, by)
+        return ok & (lungs[box] == 0)
+
+    surround.paint_gas(hu, grid.x, grid.y, grid.z, scene.gas, room, _pixel_mm(grid))

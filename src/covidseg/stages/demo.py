@@ -50,6 +50,7 @@ class DemoPreset:
     test: tuple[int, int]  # (healthy, COVID) unseen test phantoms
     run: RunConfig
     overlay_cases: int = 4  # test cases shown in the overlay figure
+    surroundings: bool = True  # phantoms with table, arms, clothing, bowel gas, scanner variety
 
 
 DEFAULT = DemoPreset(
@@ -126,6 +127,7 @@ def _synth(folder: Path, counts: tuple[int, int], seed: int, preset: DemoPreset,
         "seed": seed,
         "shape_zyx": list(preset.shape_zyx),
         "spacing_zyx": list(preset.spacing_zyx),
+        "surroundings": preset.surroundings,  # phantoms made before it existed are made again
     }
     if (folder / "manifest.json").is_file():
         parameters = read_manifest(folder, "covidseg.synth")["parameters"]
@@ -138,7 +140,16 @@ def _synth(folder: Path, counts: tuple[int, int], seed: int, preset: DemoPreset,
         done[0] += 1
         progress(name, done[0], sum(counts), message)
 
-    run_synth(folder, counts[0], counts[1], seed, preset.shape_zyx, preset.spacing_zyx, progress=advance)
+    run_synth(
+        folder,
+        counts[0],
+        counts[1],
+        seed,
+        preset.shape_zyx,
+        preset.spacing_zyx,
+        progress=advance,
+        surroundings=preset.surroundings,
+    )
     return True
 
 

@@ -9,6 +9,11 @@ Output folder (paths in the manifest are relative to it)::
     montage/<id>.png            axial overlay montage (only with montage=True)
     manifest.json               written last: parameters and one record per case
 
+With ``surroundings`` (the default) every phantom lies on a scanner table, with arms, clothing,
+bowel gas and a random reconstruction kernel, noise level and streaks, as hospital scans do (see
+:mod:`covidseg.phantom_surroundings`); without, the plain phantoms of earlier versions. The lung and
+lesion ground truth is the same either way.
+
 Case ``covid_003`` is the same whatever the number of cases asked for: each case's seed is drawn
 from ``SeedSequence([seed, kind, index])`` (kind 0 healthy, 1 COVID), so healthy and COVID cases
 never share a seed and another ``seed`` gives unseen cases.
@@ -88,6 +93,7 @@ def _case_record(case_id: str, kind: str, seed: int, phantom: Phantom, files: di
         "lung_ml": round(lung_ml, 3),
         "lesion_percent_of_lung": round(100.0 * lesion_ml / lung_ml, 3) if lung_ml > 0 else 0.0,
         "lesions": phantom.lesion_info,
+        "scene": phantom.scene_info,
     }
 
 
@@ -127,12 +133,15 @@ def run_synth(
     spacing_zyx: tuple[float, float, float],
     montage: bool = False,
     progress: Callable[[str], None] | None = None,
+    surroundings: bool = True,
 ) -> dict:
     """Make `n_healthy` healthy and `n_covid` COVID phantoms in `out_dir`; returns the manifest.
 
     `shape_zyx` (voxels) and `spacing_zyx` (mm) set the grid; `progress` gets one short message per
-    finished case. Raises UsageError for nonsense parameters, before writing anything. Files of
-    an earlier run in `out_dir` are overwritten case by case; the manifest lists this run's only.
+    finished case; `surroundings` puts table, arms, clothing, bowel gas and scanner variety around
+    the patient (False: the plain phantoms). Raises UsageError for nonsense parameters, before
+    writing anything. Files of an earlier run in `out_dir` are overwritten case by case; the
+    manifest lists this run's only.
     """
     shape, spacing = _validate(n_healthy, n_covid, seed, shape_zyx, spacing_zyx)
     out_dir = Path(out_dir)
@@ -145,7 +154,9 @@ def run_synth(
         for index in range(count):
             case_id = f"{kind}_{index:03d}"
             phantom_seed = case_seed(seed, kind, index)
-            phantom = make_phantom(shape, spacing, covid=kind == "covid", seed=phantom_seed)
+            phantom = make_phantom(
+                shape, spacing, covid=kind == "covid", seed=phantom_seed, surroundings=surroundings
+            )
             files = _write_case(out_dir, case_id, kind, phantom, geometry, montage)
             cases.append(_case_record(case_id, kind, phantom_seed, phantom, files))
             if progress is not None:
@@ -161,6 +172,7 @@ def run_synth(
             "shape_zyx": list(shape),
             "spacing_zyx": list(spacing),
             "montage": bool(montage),
+            "surroundings": bool(surroundings),
             "orientation": "LPS",
             "origin_xyz": list(geometry.origin),
             "hu_dtype": "int16",
