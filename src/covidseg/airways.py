@@ -60,7 +60,7 @@ def trace_airway(
 
     Args:
         hu: [z, y, x] coarse CT in HU (canonical: z grows toward the head).
-        inside: [z, y, x] bool, the region the lungs can lie in (the torso's hull).
+        inside: [z, y, x] bool, the region the lungs can lie in (what the torso encloses).
         spacing_zyx: voxel size of `hu` in mm.
         params: thresholds.
 
