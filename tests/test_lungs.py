@@ -133,3 +133,36 @@ def test_lung_params_from_an_older_sidecar_take_the_new_defaults():
     params = LungParams.from_json(old)
     assert params.air_hu == -320.0 and params.airway == LungParams().airway
     assert LungParams.from_json(asdict(params)) == params
+
+
+def _outside_air(hu: np.ndarray) -> np.ndarray:
+    """Per slice, the air (< -500 HU) connected to the image border: outside the body."""
+    from scipy import ndimage
+
+    out = np.zeros(hu.shape, dtype=bool)
+    for k in range(hu.shape[0]):
+        labels, _ = ndimage.label(hu[k] < -500)
+        border = np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))
+        out[k] = np.isin(labels, border[border > 0])
+    return out
+
+
+def test_phantoms_with_table_arms_clothing_and_gas_keep_them_out_of_the_lungs():
+    """Hospital-like phantoms against the same phantom without surroundings: no lung-mask voxel
+    where the plain phantom has outside air (now table, arms, clothing and the air they enclose),
+    nor in the bowel gas drawn into the abdomen."""
+    seen = {"table": 0, "arms": 0, "gas": 0}
+    for seed in range(3):
+        kwargs = {"shape_zyx": (40, 160, 160), "spacing_zyx": (5.0, 2.25, 2.25), "covid": True, "seed": seed}
+        phantom, plain = make_phantom(**kwargs), make_phantom(**kwargs, surroundings=False)
+        scene = phantom.scene_info
+        seen["table"] += scene["table"] is not None
+        seen["arms"] += scene["arms"] != "none"
+        seen["gas"] += bool(scene["bowel_gas"])
+        lungs = segment_lungs(phantom.hu, phantom.spacing_zyx).full() > 0
+        outside = _outside_air(plain.hu)
+        gas = (phantom.hu < -800) & (plain.hu > -300)
+        assert outside.sum() > 0 and gas.sum() > 0
+        assert (lungs & outside).sum() == 0, seed
+        assert (lungs & gas).sum() <= 0.01 * gas.sum(), seed
+    assert min(seen.values()) >= 2, seen
