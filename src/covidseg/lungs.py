@@ -172,6 +172,16 @@ def _bbox_slices(mask: np.ndarray, margins: tuple[int, ...]) -> tuple[slice, ...
     return tuple(box)
 
 
+def _dilate_near(mask: np.ndarray, structure: np.ndarray, iterations: int = 1) -> np.ndarray:
+    """Binary dilation of a small `mask` (the airway) computed inside its bounding box only."""
+    margins = tuple(iterations * (n // 2) + 1 for n in structure.shape)
+    box = _bbox_slices(mask, margins)
+    out = np.zeros_like(mask)
+    if box is not None:
+        out[box] = ndimage.binary_dilation(mask[box], structure=structure, iterations=iterations)
+    return out
+
+
 def _fill_holes(mask: np.ndarray, max_hole_px: int, vessel_px: int, min_support: float = 0.5) -> np.ndarray:
     """Fill holes enclosed in 3D, in-slice holes of at most `vessel_px` pixels (vessels, small
     nodules), and in-slice holes of at most `max_hole_px` pixels that rest on lung: at least
@@ -275,7 +285,7 @@ def _keep_lung_components(
         return np.zeros_like(candidates)
     largest = sizes[keep].max()
     if airway.any():
-        near = ndimage.binary_dilation(airway, iterations=2)
+        near = _dilate_near(airway, ndimage.generate_binary_structure(3, 1), iterations=2)
         touching = np.zeros(n + 1, dtype=bool)
         touching[np.unique(labels[near])] = True
         keep &= touching[1:] | (sizes >= params.airway_fraction * largest)
@@ -348,7 +358,7 @@ def segment_lungs(
     region = lung_region(work, work_spacing, params)
     airway = trace_airway(work, region, work_spacing, params.airway)
     rim_px = tuple(max(1, int(round(params.airway_rim_mm / s))) for s in work_spacing[1:])
-    airway_rim = ndimage.binary_dilation(airway, structure=disk(rim_px))  # lumen + partial-volume wall
+    airway_rim = _dilate_near(airway, disk(rim_px))  # lumen + partial-volume wall
     candidates = (work < params.air_hu) & region & ~airway_rim
     z_extent_mm = hu.shape[0] * spacing_zyx[0]
     lungs = _keep_lung_components(candidates, work, airway, voxel_ml, params, z_extent_mm)
