@@ -13,6 +13,20 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
+#: in-plane 4-connectivity as a 3D structure (no links between slices): one ndimage.label call
+#: on a [z, y, x] volume labels every axial slice on its own
+IN_PLANE_4 = np.zeros((3, 3, 3), dtype=bool)
+IN_PLANE_4[1] = [[0, 1, 0], [1, 1, 1], [0, 1, 0]]
+
+
+def touches_border(labels: np.ndarray, n: int) -> np.ndarray:
+    """[n + 1] bool: which labels of a [y, x] or [z, y, x] label image have a pixel on the in-plane
+    image border (the first or last row or column of a slice); label 0 included as found."""
+    touches = np.zeros(n + 1, dtype=bool)
+    for face in (labels[..., 0, :], labels[..., -1, :], labels[..., :, 0], labels[..., :, -1]):
+        touches[np.unique(face)] = True
+    return touches
+
 
 def disk(radius_px: tuple[int, int]) -> np.ndarray:
     """An in-plane elliptical structuring element [1, 2ry+1, 2rx+1] (radii in pixels)."""
@@ -49,13 +63,9 @@ def fill_holes_per_slice(mask: np.ndarray) -> np.ndarray:
     One labelling of the background with in-plane 4-connectivity (no links between slices): the
     background components that touch an in-plane image border are outside, the others are holes.
     """
-    in_plane = np.zeros((3, 3, 3), dtype=bool)
-    in_plane[1] = [[0, 1, 0], [1, 1, 1], [0, 1, 0]]
-    labels, n = ndimage.label(~mask, structure=in_plane)
+    labels, n = ndimage.label(~mask, structure=IN_PLANE_4)
     if n == 0:
         return mask.copy()
-    outside = np.zeros(n + 1, dtype=bool)
-    for face in (labels[:, 0, :], labels[:, -1, :], labels[:, :, 0], labels[:, :, -1]):
-        outside[np.unique(face)] = True
+    outside = touches_border(labels, n)
     outside[0] = True  # label 0 is the mask itself
     return mask | ~outside[labels]

@@ -9,8 +9,8 @@ The method is the textbook one (threshold, components, closing), with the steps 
    (-700..-300 HU) are lung from the start.
 3. **Trachea and main bronchi** (:mod:`covidseg.airways`) are traced from the neck down and left
    out, as in lungmask and TotalSegmentator masks; bronchi inside the lung stay lung (hole filling).
-4. **Lungs among the air pockets**: bowel and stomach gas are pure air (median below ``gas_hu``)
-   and, when the trachea is in view, do not touch the airway; the lungs do.
+4. **Lungs among the air pockets**: bowel and stomach gas are pure air (in-plane sections mostly
+   below ``gas_hu``) and, when the trachea is in view, do not touch the airway; the lungs do.
 5. Dense lesions (consolidation, -100..+50 HU) look like the chest wall. Each lung is closed
    in-plane with a large structuring element (``closing_mm``, default 12 mm radius) and its holes
    are filled, which brings subpleural consolidations back **inside** the lung mask.
@@ -32,12 +32,13 @@ import torch.nn.functional as F
 from scipy import ndimage
 
 from covidseg.airways import AirwayParams, trace_airway
-from covidseg.body import disk, fill_holes_per_slice, largest_per_slice, open_in_plane
-
-# 2D (in-plane) 4-connectivity expressed as a 3D structure: no links between slices.
-_IN_PLANE = np.array(
-    [[[0, 0, 0], [0, 0, 0], [0, 0, 0]], [[0, 1, 0], [1, 1, 1], [0, 1, 0]], [[0, 0, 0], [0, 0, 0], [0, 0, 0]]],
-    dtype=bool,
+from covidseg.body import (
+    IN_PLANE_4,
+    disk,
+    fill_holes_per_slice,
+    largest_per_slice,
+    open_in_plane,
+    touches_border,
 )
 
 
@@ -59,7 +60,7 @@ class LungParams:
     vessel_cm2: float = 2.0  # in-slice holes up to this area are always filled (vessels; cm²)
     open_mm: float = 3.0  # in-plane opening radius that parts table shell, blankets and clothing
     # folds (thinner than ~2x this) from the torso (mm); a chest wall must be thicker than that
-    gas_hu: float = -970.0  # an air pocket whose median is darker than this is gas, not lung (HU)
+    gas_hu: float = -970.0  # an in-plane air section mostly darker than this is gas, not lung (HU)
     airway_fraction: float = 0.25  # with the trachea in view, an air pocket that does not touch
     # the airway is lung only if it holds at least this share of the largest pocket
     airway_rim_mm: float = 5.0  # the traced airway lumen grown by this much in-plane is not lung (mm)
@@ -121,18 +122,13 @@ def _downsample_mean(hu: np.ndarray, factors: tuple[int, int, int]) -> np.ndarra
 def _border_air(air: np.ndarray, hu: np.ndarray, outside_hu: float) -> tuple[np.ndarray, np.ndarray]:
     """Per slice, the air components that touch the image border, split by their mean HU:
     (true outside air, below `outside_hu`; air-like tissue above it, e.g. a lung cut by a crop)."""
-    outside, tissue = np.zeros_like(air), np.zeros_like(air)
-    for k in range(air.shape[0]):
-        labels, n = ndimage.label(air[k])
-        if n == 0:
-            continue
-        touches = np.zeros(n + 1, dtype=bool)
-        for face in (labels[0, :], labels[-1, :], labels[:, 0], labels[:, -1]):
-            touches[np.unique(face)] = True
-        touches[0] = False
-        dark = np.nan_to_num(ndimage.mean(hu[k], labels, index=np.arange(n + 1)), nan=-1000.0) < outside_hu
-        outside[k], tissue[k] = (touches & dark)[labels], (touches & ~dark)[labels]
-    return outside, tissue
+    labels, n = ndimage.label(air, structure=IN_PLANE_4)
+    if n == 0:
+        return np.zeros_like(air), np.zeros_like(air)
+    touches = touches_border(labels, n)
+    touches[0] = False
+    dark = np.nan_to_num(ndimage.mean(hu, labels, index=np.arange(n + 1)), nan=-1000.0) < outside_hu
+    return (touches & dark)[labels], (touches & ~dark)[labels]
 
 
 def _cropped_slices(body: np.ndarray, outside: np.ndarray, max_outside: float = 0.1) -> np.ndarray:
@@ -190,13 +186,11 @@ def _fill_holes(mask: np.ndarray, max_hole_px: int, vessel_px: int, min_support:
     lies liver or spleen, so it stays out. Slices go from the bottom (z = 0) up."""
     out = ndimage.binary_fill_holes(mask) if mask.shape[0] > 1 else mask.copy()
     for k in range(mask.shape[0]):
-        labels, n = ndimage.label(~mask[k], structure=_IN_PLANE[1])
+        labels, n = ndimage.label(~mask[k], structure=IN_PLANE_4[1])
         if n == 0:
             continue
         sizes = np.bincount(labels.ravel())
-        small = sizes <= max_hole_px
-        for face in (labels[0, :], labels[-1, :], labels[:, 0], labels[:, -1]):
-            small[np.unique(face)] = False  # touches the slice border: not a hole
+        small = (sizes <= max_hole_px) & ~touches_border(labels, n)  # on the slice border: not a hole
         small[0] = False  # label 0 is the mask itself
         if k > 0 and small.any():
             support = np.bincount(labels.ravel(), weights=out[k - 1].ravel(), minlength=n + 1)
@@ -244,16 +238,13 @@ def _gas_sections(candidates: np.ndarray, work: np.ndarray, gas_hu: float) -> np
     below `gas_hu`): bowel or stomach gas. A slice through the diaphragm can join gas under it to
     the lung base in 3D (partial volume on thick slices); in-plane the two stay apart. A bulla is
     part of its lung's section, so it stays."""
-    gas = np.zeros_like(candidates)
-    for k in range(candidates.shape[0]):
-        labels, n = ndimage.label(candidates[k])
-        if n == 0:
-            continue
-        counts = np.maximum(np.bincount(labels.ravel()), 1)
-        share = np.bincount(labels.ravel(), weights=(work[k] < gas_hu).ravel()) / counts
-        share[0] = 0.0
-        gas[k] = (share > 0.5)[labels]
-    return gas
+    labels, n = ndimage.label(candidates, structure=IN_PLANE_4)
+    if n == 0:
+        return np.zeros_like(candidates)
+    counts = np.maximum(np.bincount(labels.ravel()), 1)
+    share = np.bincount(labels.ravel(), weights=(work < gas_hu).ravel()) / counts
+    share[0] = 0.0
+    return (share > 0.5)[labels]
 
 
 def _keep_lung_components(
@@ -266,21 +257,19 @@ def _keep_lung_components(
 ) -> np.ndarray:
     """The air pockets that are lung: boolean mask.
 
-    A pocket is lung when it is big enough (`min_lung_ml`, shrunk in proportion for scans covering
-    less than 100 mm in z: a single slice, a thin slab), not pure gas (median above `gas_hu`), and
-    either touches the traced airway or holds a large share of the largest pocket
-    (`airway_fraction` with the trachea in view, `min_fraction` without).
+    Gas sections (:func:`_gas_sections`) go first, so no pocket left is mostly pure gas. A pocket
+    is lung when it is big enough (`min_lung_ml`, shrunk in proportion for scans covering less than
+    100 mm in z: a single slice, a thin slab) and either touches the traced airway or holds a large
+    share of the largest pocket (`airway_fraction` with the trachea in view, `min_fraction`
+    without).
     """
     candidates = candidates & ~_gas_sections(candidates, work, params.gas_hu)
     labels, n = ndimage.label(candidates)
     if n == 0:
         return candidates
-    counts = np.bincount(labels.ravel())[1:]
-    sizes = counts * voxel_ml
-    # median below gas_hu <=> more than half of the voxels below it (a bincount, not a sort)
-    gas_share = np.bincount(labels.ravel(), weights=(work < params.gas_hu).ravel())[1:] / counts
+    sizes = np.bincount(labels.ravel())[1:] * voxel_ml
     min_ml = params.min_lung_ml * min(1.0, z_extent_mm / 100.0)
-    keep = (sizes >= min_ml) & (gas_share <= 0.5)
+    keep = sizes >= min_ml
     if not keep.any():
         return np.zeros_like(candidates)
     largest = sizes[keep].max()
