@@ -73,7 +73,8 @@ def baseline_mask(hu: np.ndarray, lungs: np.ndarray) -> np.ndarray:
 def run_predict(name: str, model: str, data: Path, out: Path) -> Path:
     """`covidseg predict` over the three scans with `model`; returns its output folder."""
     pred = out / f"pred-{name}"
-    cmd = ["covidseg", "predict", *[str(data / s) for s in SCANS], "-o", str(pred), "--model", model,
+    inputs = [str(data / s) for s in SCANS]
+    cmd = [sys.executable, "-m", "covidseg", "predict", *inputs, "-o", str(pred), "--model", model,
            "--snapshots", "--overwrite", "--no-progress"]  # fmt: skip
     started = time.perf_counter()
     subprocess.run(cmd, check=False)
