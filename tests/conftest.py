@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import locale
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -48,6 +49,23 @@ def ct_like(shape_zyx=(6, 20, 24), seed: int = 0) -> np.ndarray:
     return a
 
 
+@contextlib.contextmanager
+def _locale_kept() -> Iterator[None]:
+    """Restore the process locale after the block (a later subprocess(text=True) decodes with it)."""
+    saved = locale.setlocale(locale.LC_ALL)
+    try:
+        yield
+    finally:
+        locale.setlocale(locale.LC_ALL, saved)
+
+
+@pytest.fixture(autouse=True)
+def _restore_locale() -> Iterator[None]:
+    """Every test leaves the process locale as it found it (GDCM's DICOM writer does not)."""
+    with _locale_kept():
+        yield
+
+
 def write_dicom_series(
     folder: Path,
     hu_zyx: np.ndarray,
@@ -71,32 +89,33 @@ def write_dicom_series(
     writer = sitk.ImageFileWriter()
     writer.KeepOriginalImageUIDOn()
     paths = []
-    for k in range(n):
-        image = sitk.GetImageFromArray(hu[k])
-        image.SetSpacing((spacing_zyx[2], spacing_zyx[1]))
-        position = (origin[0], origin[1], origin[2] + k * spacing_zyx[0])
-        tags = {
-            "0008|0060": "CT",
-            "0008|0016": "1.2.840.10008.5.1.4.1.1.2",
-            "0008|0018": f"{series_uid}.{k + 1}",
-            "0010|0010": patient_name,
-            "0020|000d": "1.2.826.0.1.3680043.2.1125.99",
-            "0020|000e": series_uid,
-            "0020|0013": str(k + 1),
-            "0020|0032": "\\".join(f"{v:.4f}" for v in position),
-            "0020|0037": "1\\0\\0\\0\\1\\0",
-            "0018|0050": str(spacing_zyx[0]),
-            "0028|1052": f"{intercept:g}",
-            "0028|1053": f"{slope:g}",
-            "0028|0030": f"{spacing_zyx[1]}\\{spacing_zyx[2]}",
-            **(extra_tags or {}),
-        }
-        for key, value in tags.items():
-            image.SetMetaData(key, value)
-        path = folder / f"IM{int(order[k]):04d}.dcm"
-        writer.SetFileName(str(path))
-        writer.Execute(image)
-        paths.append(path)
+    with _locale_kept():  # GDCM's writer sets the process locale to "C" and leaves it so
+        for k in range(n):
+            image = sitk.GetImageFromArray(hu[k])
+            image.SetSpacing((spacing_zyx[2], spacing_zyx[1]))
+            position = (origin[0], origin[1], origin[2] + k * spacing_zyx[0])
+            tags = {
+                "0008|0060": "CT",
+                "0008|0016": "1.2.840.10008.5.1.4.1.1.2",
+                "0008|0018": f"{series_uid}.{k + 1}",
+                "0010|0010": patient_name,
+                "0020|000d": "1.2.826.0.1.3680043.2.1125.99",
+                "0020|000e": series_uid,
+                "0020|0013": str(k + 1),
+                "0020|0032": "\\".join(f"{v:.4f}" for v in position),
+                "0020|0037": "1\\0\\0\\0\\1\\0",
+                "0018|0050": str(spacing_zyx[0]),
+                "0028|1052": f"{intercept:g}",
+                "0028|1053": f"{slope:g}",
+                "0028|0030": f"{spacing_zyx[1]}\\{spacing_zyx[2]}",
+                **(extra_tags or {}),
+            }
+            for key, value in tags.items():
+                image.SetMetaData(key, value)
+            path = folder / f"IM{int(order[k]):04d}.dcm"
+            writer.SetFileName(str(path))
+            writer.Execute(image)
+            paths.append(path)
     return paths
 
 

@@ -195,6 +195,8 @@ def test_find_cases_files_and_dicom_folders(tmp_path):
     cases = find_cases(tmp_path)
     assert [c for c, _ in cases] == ["case_001", "case_002", "patient_7"]
     assert case_id_of("x/case_001.nii.gz") == "case_001"
+    uid = "1.3.6.1.4.1.14519.5.2.1.6279.6001.100225287222365663678666836860"
+    assert case_id_of(f"x/{uid}") == uid  # a DICOM file named by its UID: the dots are no extension
 
 
 def test_find_cases_refuses_duplicate_ids(tmp_path):

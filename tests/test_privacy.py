@@ -133,7 +133,7 @@ def test_preprocess_and_predict_outputs_hold_no_patient_details(dicom_case, mode
     assert len(list((tmp_path / "pre").rglob("*.npy"))) == 2
     assert {p.name for p in (tmp_path / "pred").iterdir()} == {
         "series.nii.gz", "series_probability.nii.gz", "series.png", "series.json",
-        "summary.csv", "report.json",
+        "summary.csv", "report.json", ".covidseg-predict.lock",
     }  # fmt: skip
     assert _leaks(tmp_path / "pre") == [] and _leaks(tmp_path / "pred") == []
     assert "dicom" not in json.loads((tmp_path / "pred" / "series.json").read_text())

@@ -109,6 +109,8 @@ def _compare(a: Path, b: Path, stage: str) -> int:
                 assert rows_a == rows_b, rel
         elif name.endswith(".pt"):
             _same_payload(load_checkpoint(pa), load_checkpoint(pb), str(rel))
+        elif name.endswith(".lock"):
+            assert pa.read_text().strip().isdigit(), rel  # the pid of the run that held the folder
         else:
             assert name.endswith(".png"), rel  # plots: pictures of the arrays compared above
     return len(files)

@@ -77,8 +77,8 @@ def test_ablation_switches(pre, tmp_path):
         pre, tmp_path / "g", _config(steps=1, latent_noise="none", w_adv=0.0), device="cpu"
     )
     assert manifest["steps"] == 1
-    with pytest.raises(UsageError, match="--preset"):
-        run_train_gan(pre, tmp_path / "h", _config(preset="huge"), device="cpu")
+    with pytest.raises(ValueError, match='preset = "huge": must be one of tiny, small, base'):
+        _config(preset="huge")  # refused when the settings are made (covidseg.settings)
     with pytest.raises(UsageError, match="multiple"):
         run_train_gan(pre, tmp_path / "i", _config(crop=(8, 30, 32)), device="cpu")
 

@@ -70,6 +70,32 @@ def _pair(text: str, name: str) -> tuple[float, float]:
     return lo, hi
 
 
+def _option_error(exc: ValueError, options: dict[str, str] | None = None) -> UsageError:
+    """A settings rule broken by an option (covidseg.settings.SettingError) as a usage error naming
+    the option: `--lr nan: must be a finite number > 0`. `options` maps fields to options where the
+    option is not the field's name with dashes (lr_g -> --lr)."""
+    from covidseg.settings import SettingError, show
+
+    if not isinstance(exc, SettingError):
+        return UsageError(None, str(exc))
+    option = (options or {}).get(exc.key, "--" + exc.key.replace("_", "-"))
+    return UsageError(None, f"{option} {show(exc.value)}: {exc.cause}")
+
+
+def _check_options(config: object, **extra: float | None) -> None:
+    """Check a settings dataclass built from options (one whose class does not check itself) and
+    optional extra numbers >= 0 (None: not given); a broken rule is a usage error naming the option."""
+    from covidseg.settings import NON_NEGATIVE, SettingError, check_config
+
+    try:
+        check_config(config)
+        for name, value in extra.items():
+            if value is not None and not NON_NEGATIVE.ok(value):
+                raise SettingError(name, value, NON_NEGATIVE.text)
+    except SettingError as exc:
+        raise _option_error(exc) from None
+
+
 @contextlib.contextmanager
 def _progress(total: int, description: str, enabled: bool) -> Iterator[Callable[[str], None]]:
     """A rich progress bar advanced by a callback that takes one message per finished item."""
@@ -173,7 +199,7 @@ def preprocess(
             )
             mapping = parse_intensity(intensity) if intensity else None
         except ValueError as exc:
-            raise UsageError(None, str(exc)) from None
+            raise _option_error(exc) from None
         if workers < 1:
             raise UsageError(None, "--workers must be >= 1")
         from covidseg.stages.preprocess import collect_inputs, run_preprocess
@@ -211,6 +237,14 @@ def evaluate(
         float | None, typer.Option(help="Exit 1 if mean specificity is below.")
     ] = None,
     per_slice: Annotated[bool, typer.Option("--per-slice", help="Also Dice over lesion slices.")] = False,
+    threshold: Annotated[
+        float | None,
+        typer.Option(help="Binarise probability-map predictions: voxel >= T is lesion (default: refuse)."),
+    ] = None,
+    allow_missing: Annotated[
+        bool,
+        typer.Option("--allow-missing", help="Let --min-* pass with references that have no prediction."),
+    ] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a previous report.")] = False,
     no_progress: NoProgress = False,
 ) -> None:
@@ -221,7 +255,7 @@ def evaluate(
         with _progress(0, "evaluate", False) as advance:
             result = run_evaluate(
                 pred, ref, output, min_dice, min_sensitivity, min_specificity, per_slice, progress=advance,
-                overwrite=overwrite,
+                overwrite=overwrite, threshold=threshold, allow_missing=allow_missing,
             )  # fmt: skip
     except CovidsegError as exc:
         _fail(exc)
@@ -272,7 +306,9 @@ def train_gan(
                 checkpoint_every=checkpoint_every, sample_every=checkpoint_every,
             )  # fmt: skip
         except ValueError as exc:
-            raise UsageError(None, str(exc)) from None
+            raise _option_error(
+                exc, {"lr_g": "--lr", "lr_d": "--lr", "sample_every": "--checkpoint-every"}
+            ) from None
         from covidseg.distributed import env_rank
         from covidseg.stages.train_gan import run_train_gan
 
@@ -330,6 +366,11 @@ def make_masks(
         from covidseg.stages.make_masks import generator_calibration, run_make_masks
         from covidseg.stages.work import read_manifest
 
+        default_component = PseudoMaskConfig.min_component if min_component is None else min_component
+        asked = PseudoMaskConfig(
+            high_infected=high_infected, low_infected=low_infected, min_component=default_component
+        )
+        _check_options(asked, threshold=threshold)  # before anything is read
         n_cases = len(read_manifest(pre, "covidseg.preprocess")["cases"])
         calibration = generator_calibration(gan, backend)
         config = PseudoMaskConfig(
@@ -340,6 +381,7 @@ def make_masks(
         config = replace(config, high_infected=high_infected, low_infected=low_infected)
         if min_component is not None:
             config = replace(config, min_component=min_component)
+        _check_options(config)  # the calibrated settings too
         with _progress(n_cases, "make-masks", not no_progress) as advance:
             manifest = run_make_masks(
                 pre,
@@ -416,8 +458,9 @@ def train_seg(
                 w_contrastive=w_contrastive,
                 w_dice=w_dice,
             )
+            _check_options(loss_config)
         except ValueError as exc:
-            raise UsageError(None, str(exc)) from None
+            raise _option_error(exc) from None
         from covidseg.distributed import env_rank
         from covidseg.stages.train_seg import run_train_seg
 
@@ -560,7 +603,14 @@ def predict(
         with _progress(len(cases), "predict", not no_progress) as advance:
             result = run_predict(cases, output, model, backend, device, options, advance, announce)
     except CovidsegError as exc:
+        for failure in getattr(exc, "failures", []):  # cases that failed before a report write failed
+            console.print(f"[red]failed:[/] {escape(failure['error'])}", highlight=False, soft_wrap=True)
         _fail(exc)
+    except KeyboardInterrupt:
+        console.print("interrupted: finished cases are kept; rerun with --continue", highlight=False)
+        raise typer.Exit(130) from None
+    for note in result.notes:
+        console.print(f"note: {escape(note)}", highlight=False, soft_wrap=True)
     for failure in result.failures:
         console.print(f"[red]failed:[/] {escape(failure['error'])}", highlight=False, soft_wrap=True)
     for warning in result.warnings:
@@ -569,9 +619,10 @@ def predict(
     per_case = report["seconds_per_case"]
     timing = f" in {report['seconds']:.1f} s ({per_case:.2f} s/case)" if per_case else ""
     not_graded = f", {len(report['not_graded'])} not graded" if report["not_graded"] else ""
+    kept = f", {len(result.kept)} of earlier batches kept" if result.kept else ""
     out.print(
         f"predicted {report['predicted']} case(s){timing}, {len(result.skipped)} already done, "
-        f"{len(result.failures)} failed{not_graded} "
+        f"{len(result.failures)} failed{not_graded}{kept} "
         f"-> {escape(str(output / f'summary{options.part_suffix}.csv'))}",
         soft_wrap=True,
     )
@@ -745,15 +796,27 @@ def demo(
 def doctor(
     as_json: Annotated[bool, typer.Option("--json", help="Print the findings as JSON.")] = False,
 ) -> None:
-    """Versions, CUDA, the ONNX Runtime providers that really work, and the model home."""
+    """Versions, CUDA, the ONNX Runtime providers that really work, and the model home.
+
+    Exits 1 when a model in the home is broken (after listing everything; one error line each)."""
     from covidseg.stages.doctor import run_doctor
 
     found = run_doctor()
+    broken = [m for m in found["home"]["models"] if m["status"] != "ok"]
     if as_json:
         import json
 
         out.print_json(json.dumps(found))
-        return
+    else:
+        _print_doctor_table(found)
+    for entry in broken:
+        console.print(f"[bold red]error:[/] {escape(entry['error'])}", highlight=False, soft_wrap=True)
+    if broken:
+        raise typer.Exit(1)
+
+
+def _print_doctor_table(found: dict) -> None:
+    """`covidseg doctor`'s findings as a table on stdout."""
     from rich.table import Table
 
     table = Table(title=f"covidseg {found['covidseg']}", show_header=False)
@@ -832,7 +895,9 @@ def _print_evaluation(result) -> None:
     for failure in result.failed_cases:
         console.print(f"[red]failed:[/] {escape(failure['error'])}", highlight=False, soft_wrap=True)
     missing = result.unmatched.get("ref_without_pred") or []
-    if missing:
+    if result.failed_missing:
+        console.print(f"[red]failed:[/] {escape(result.failed_missing)}", highlight=False, soft_wrap=True)
+    elif missing:
         shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
         console.print(
             f"[yellow]not scored:[/] {len(missing)} reference case(s) without a prediction: {escape(shown)}",

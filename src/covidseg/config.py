@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 from covidseg.lungs import LungParams
+from covidseg.settings import check_config
 
 
 @dataclass(frozen=True)
@@ -17,13 +18,7 @@ class PreprocessConfig:
     lungs: LungParams = field(default_factory=LungParams)
 
     def __post_init__(self) -> None:
-        if len(self.grid) != 3 or any(int(g) < 1 for g in self.grid):
-            raise ValueError(f"grid must be three positive sizes (z, y, x), got {self.grid}")
-        lo, hi = self.hu_window
-        if not hi > lo:
-            raise ValueError(f"HU window must have hi > lo, got {self.hu_window}")
-        if self.margin_mm < 0:
-            raise ValueError("margin_mm must be >= 0")
+        check_config(self)  # SettingError (a ValueError) naming the field; rules in covidseg.settings
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -61,16 +56,7 @@ class GanTrainConfig:
     log_every: int = 10
 
     def __post_init__(self) -> None:
-        if self.adversarial not in ("bce", "lsgan"):
-            raise ValueError("adversarial must be 'bce' or 'lsgan'")
-        if self.latent_noise not in ("perlin", "uniform", "none"):
-            raise ValueError("latent_noise must be perlin, uniform or none")
-        if self.steps < 1 or self.batch_size < 1:
-            raise ValueError("steps and batch size must be >= 1")
-        if self.grad_accum < 1:
-            raise ValueError("grad_accum must be >= 1")
-        if min(self.w_adv, self.w_rec, self.w_identity) < 0:
-            raise ValueError("loss weights must be >= 0")
+        check_config(self)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -108,16 +94,7 @@ class SegTrainConfig:
     log_every: int = 10
 
     def __post_init__(self) -> None:
-        if self.arch not in ("transunet", "unet"):
-            raise ValueError("arch must be transunet or unet")
-        if self.steps < 1 or self.batch_size < 2:
-            raise ValueError("steps must be >= 1 and batch size >= 2")
-        if self.grad_accum < 1:
-            raise ValueError("grad_accum must be >= 1")
-        if self.lr_schedule not in ("cosine", "constant") or self.warmup_steps < 0:
-            raise ValueError("lr_schedule must be cosine or constant, warmup_steps >= 0")
-        if not 0.0 <= self.val_fraction < 1.0:
-            raise ValueError("val_fraction must be in [0, 1)")
+        check_config(self)
 
     def to_json(self) -> dict:
         return asdict(self)

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from covidseg.atomic import atomic_path
-from covidseg.errors import CovidsegError, InputError
+from covidseg.errors import CovidsegError, InputError, UsageError
 
 OPSET = 18
 MAX_BATCH = 4096
@@ -41,6 +41,32 @@ def sidecar_path(onnx_path: str | Path) -> Path:
     """The sidecar JSON of an exported model: ``model.onnx`` -> ``model.json``."""
     onnx_path = Path(onnx_path)
     return onnx_path.with_name(onnx_path.name.removesuffix(".onnx") + ".json")
+
+
+def check_export_targets(onnx_path: Path, overwrite: bool) -> None:
+    """Refuse (UsageError) to write an export at `onnx_path` (+ its sidecar) over what is not an
+    earlier export: a folder, any existing file without `overwrite`, and, even with it, a sidecar
+    name that holds a file other than a covidseg sidecar (``-o run/config.onnx`` would replace the
+    training's config.json)."""
+    side = sidecar_path(onnx_path)
+    for target in (onnx_path, side):
+        if target.is_dir():
+            raise UsageError(target, "is a folder, not a model file; choose another output path")
+    if not overwrite and (onnx_path.exists() or side.exists()):
+        raise UsageError(onnx_path, "exists; pass --overwrite to replace it")
+    if side.exists() and not _is_covidseg_sidecar(side):
+        raise UsageError(
+            side, "exists and is not a covidseg model sidecar: --overwrite replaces only an earlier "
+            "export; choose another output name",
+        )  # fmt: skip
+
+
+def _is_covidseg_sidecar(path: Path) -> bool:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(data, dict) and str(data.get("format", "")).startswith("covidseg.onnx-")
 
 
 def sha256_of(path: str | Path, chunk: int = 1 << 20) -> str:

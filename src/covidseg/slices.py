@@ -12,17 +12,36 @@ Everything here works on canonical ``[z, y, x]`` arrays (see :mod:`covidseg.geom
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
 
+from covidseg.airways import AirwayParams
 from covidseg.lungs import LungMask, LungParams, segment_lungs
 from covidseg.preprocess import CropBox, lung_crop_box, normalise_hu, resize
+from covidseg.settings import check_config, check_values
 
 #: logits for a batch of slices: [N, 1, H, W] float32 in -> [N, 1, H, W] float32 out
 LogitsFn = Callable[[np.ndarray], np.ndarray]
+
+
+def _lung_params_from_json(data) -> LungParams:
+    """:class:`LungParams` from JSON: known names only, each value checked by its rule
+    (:mod:`covidseg.settings`) before it is converted; ValueError otherwise."""
+    if not isinstance(data, dict) or not isinstance(data.get("airway", {}), dict):
+        raise ValueError("lungs is not a JSON object of numbers")
+    airway = data.get("airway", {})
+    known = {f.name for f in dataclasses.fields(LungParams)}
+    known_airway = {f.name for f in dataclasses.fields(AirwayParams)}
+    unknown = sorted(set(data) - known) + sorted(f"airway.{k}" for k in set(airway) - known_airway)
+    if unknown:
+        raise ValueError(f"lungs: unknown parameters {', '.join(unknown)}")
+    check_values(LungParams, {k: v for k, v in data.items() if k != "airway"}, "lungs.")
+    check_values(AirwayParams, airway, "lungs.airway.")
+    return LungParams.from_json(data)
 
 
 @dataclass(frozen=True)
@@ -37,12 +56,10 @@ class SlicePreprocessing:
     lungs: LungParams = field(default_factory=LungParams)
 
     def __post_init__(self) -> None:
-        if not self.hu_window[1] > self.hu_window[0]:
-            raise ValueError(f"HU window must have hi > lo, got {self.hu_window}")
-        if any(s < 16 or s % 16 for s in self.slice_size):
-            raise ValueError(f"slice size must be multiples of 16, got {self.slice_size}")
-        if not self.slab_mm > 0 or not 0 < self.threshold < 1:
-            raise ValueError("slab_mm must be > 0 and threshold in (0, 1)")
+        """Refuse values no trained model has and that would crash or exhaust memory at predict time
+        (a hand-edited sidecar or checkpoint): SettingError (a ValueError) naming the value and its
+        rule (:data:`covidseg.settings.RULES`)."""
+        check_config(self)
 
     def to_json(self) -> dict:
         """Plain JSON types (lists, not tuples), the same in a checkpoint and in a sidecar."""
@@ -50,13 +67,24 @@ class SlicePreprocessing:
 
     @classmethod
     def from_json(cls, data: dict) -> SlicePreprocessing:
+        """From :meth:`to_json` output (a checkpoint's or a sidecar's ``preprocessing``), checked: every
+        value by its rule before it is converted (no strings or booleans for numbers, whole slice
+        sizes). Raises ValueError with a one-line cause such as ``slab_mm = 0.01: must be a number in
+        [0.5, 500] mm``."""
+        if not isinstance(data, dict):
+            raise ValueError(f"preprocessing is a {type(data).__name__}, not a JSON object")
+        keys = ("hu_window", "slice_size", "slab_mm", "margin_mm", "threshold", "lungs")
+        missing = [k for k in keys if k not in data]
+        if missing:
+            raise ValueError(f"preprocessing without {', '.join(missing)}")
+        check_values(cls, {k: data[k] for k in keys if k != "lungs"})
         return cls(
             hu_window=tuple(float(v) for v in data["hu_window"]),
             slice_size=tuple(int(v) for v in data["slice_size"]),
             slab_mm=float(data["slab_mm"]),
             margin_mm=float(data["margin_mm"]),
             threshold=float(data["threshold"]),
-            lungs=LungParams.from_json(data["lungs"]),
+            lungs=_lung_params_from_json(data["lungs"]),
         )
 
 

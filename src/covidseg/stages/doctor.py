@@ -55,12 +55,20 @@ def usable_providers() -> dict[str, str]:
 
 
 def _model_entry(name: str, path: Path) -> dict:
+    """One model of the home: ``status`` "ok" with its kind, or "broken: PATH: CAUSE" (one line).
+
+    Every model is opened (and so fully checked) as predict opens it; a broken one is listed and the
+    others are still examined."""
     from covidseg.seg_model import open_seg_model
 
     try:
         seg = open_seg_model(path)
     except CovidsegError as exc:
-        return {"name": name, "path": str(path), "status": f"broken: {exc}"}
+        return {"name": name, "path": str(path), "status": f"broken: {exc}", "error": str(exc)}
+    except Exception as exc:  # a defect the checks do not know yet must not hide the other models
+        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        error = f"{path}: unexpected error: {type(exc).__name__}: {first}"
+        return {"name": name, "path": str(path), "status": f"broken: {error}", "error": error}
     return {
         "name": name,
         "path": str(path),

@@ -21,12 +21,20 @@ Outputs (both written atomically)
   :func:`covidseg.metrics.case_metrics` (plus ``lesion_slices, slice_dice_mean, slice_dice_std``
   with `per_slice`). An empty cell is an undefined value (NaN). No summary row.
 * ``summary.json``: ``{"format": "covidseg.evaluate", "version": 1, "covidseg_version", "pred",
-  "ref", "n_cases", "aggregate", "thresholds", "failed_thresholds", "failed_cases", "unmatched",
-  "cases"}``; ``aggregate`` is :func:`covidseg.metrics.aggregate`'s dict; undefined values are
-  ``null``.
+  "ref", "n_cases", "aggregate", "thresholds", "failed_thresholds", "threshold", "allow_missing",
+  "failed_missing", "failed_cases", "unmatched", "cases"}``; ``aggregate`` is
+  :func:`covidseg.metrics.aggregate`'s dict; undefined values are ``null``.
 
 Thresholds compare the mean over cases of Dice / sensitivity / specificity with the given
-minimum; an undefined mean (no case with a defined value) fails a threshold.
+minimum; an undefined mean (no case with a defined value) fails a threshold. A gate (any threshold)
+also fails when a reference has no prediction, unless `allow_missing`: a mean over the few cases
+that were predicted says nothing about the others. Without a threshold, missing predictions are
+listed (``unmatched``) but do not fail the evaluation: it is then a report, not a check.
+
+Predictions must be binary masks: voxel values {0, v} with v a whole number (0/1, 0/255 exports).
+A probability map (fractional values, or more than two values) is refused as a failed case unless a
+`threshold` binarises it (voxels >= threshold are lesion, as `predict` binarises). References keep
+the plain rule: voxel > 0 is lesion.
 """
 
 from __future__ import annotations
@@ -44,7 +52,8 @@ import numpy as np
 from covidseg import __version__
 from covidseg.atomic import write_json, write_text
 from covidseg.errors import CovidsegError, InputError, UsageError
-from covidseg.io import find_cases, read_mask
+from covidseg.geometry import Geometry
+from covidseg.io import find_cases, read_labels, read_mask
 from covidseg.metrics import METRIC_KEYS, aggregate, case_metrics, per_slice_dice, summarize_slice_dice
 from covidseg.stages.work import check_output_dir, inside
 
@@ -58,6 +67,7 @@ MANIFEST_NAME = "manifest.json"
 CSV_COLUMNS = ("case_id",) + METRIC_KEYS + ("tp", "fp", "fn", "tn")
 PER_SLICE_COLUMNS = ("lesion_slices", "slice_dice_mean", "slice_dice_std")
 THRESHOLD_METRICS = ("dice", "sensitivity", "specificity")
+MISSING_SHOWN = 5  # case ids named in the message about missing predictions
 
 Progress = Callable[[str], None]
 
@@ -73,11 +83,13 @@ class EvaluationResult:
     metrics_csv: Path
     summary_json: Path
     unmatched: dict = field(default_factory=dict)  # {"ref_without_pred": [...], "pred_without_ref": [...]}
+    failed_missing: str | None = None  # "PRED: 8 of 9 reference case(s) have no prediction: ..." (a gate)
 
     @property
     def ok(self) -> bool:
-        """True when every matched case was evaluated and every threshold was met (exit code 0)."""
-        return not self.failed_thresholds and not self.failed_cases
+        """True when every matched case was evaluated, every threshold was met and, with a threshold,
+        every reference had a prediction (or `allow_missing`): exit code 0."""
+        return not self.failed_thresholds and not self.failed_cases and not self.failed_missing
 
     @property
     def paths(self) -> list[Path]:
@@ -174,8 +186,40 @@ def _metrics_csv(cases: list[dict], columns: tuple[str, ...]) -> str:
     return buffer.getvalue()
 
 
-def _evaluate_case(case_id: str, pred_path: Path, ref_path: Path, per_slice: bool) -> tuple[dict, np.ndarray]:
-    pred_mask, pred_geometry = read_mask(pred_path)
+def _not_binary(values: np.ndarray) -> str | None:
+    """Why `values` are not a binary mask ({0, v}, v a whole number >= 1), or None when they are."""
+    if values.size == 0:
+        return None
+    lo, hi = float(values.min()), float(values.max())
+    whole_top = hi == 0 or (hi >= 1 and hi.is_integer())
+    if lo >= 0 and whole_top and bool(np.all((values == 0) | (values == hi))):
+        return None
+    distinct = np.unique(values).size
+    return (
+        f"not a binary mask (values {lo:g}..{hi:g}, {distinct} distinct): "
+        "a probability map? pass --threshold T"
+    )
+
+
+def _read_prediction(path: Path, threshold: float | None) -> tuple[np.ndarray, Geometry]:
+    """A predicted lesion mask (bool ``[z, y, x]``) and its geometry.
+
+    Without `threshold` the file must hold a binary mask (:func:`_not_binary`), else InputError;
+    with one, voxels >= `threshold` are lesion.
+    """
+    values, geometry = read_labels(path)
+    if threshold is not None:
+        return values >= threshold, geometry
+    cause = _not_binary(values)
+    if cause is not None:
+        raise InputError(path, cause)
+    return values > 0, geometry
+
+
+def _evaluate_case(
+    case_id: str, pred_path: Path, ref_path: Path, per_slice: bool, threshold: float | None = None
+) -> tuple[dict, np.ndarray]:
+    pred_mask, pred_geometry = _read_prediction(pred_path, threshold)
     ref_mask, ref_geometry = read_mask(ref_path)
     if not pred_geometry.matches(ref_geometry):
         reason = pred_geometry.describe_mismatch(ref_geometry)
@@ -202,18 +246,26 @@ def run_evaluate(
     per_slice: bool = False,
     progress: Progress | None = None,
     overwrite: bool = False,
+    threshold: float | None = None,
+    allow_missing: bool = False,
 ) -> EvaluationResult:
     """Evaluate the masks in `pred` against `ref`; write metrics.csv and summary.json to `out_dir`.
 
-    Raises :class:`UsageError` for a missing input, a negative threshold, an output folder that
-    holds an input, a previous report (unless `overwrite`) or cannot be written, or when no case
-    id is shared by `pred` and `ref`. Per-case problems (unreadable file, geometry mismatch) are
-    recorded in ``failed_cases`` instead of raised.
+    `threshold` binarises probability-map predictions (voxel >= threshold); without it a prediction
+    that is not a binary mask is a failed case. With any `min_*` threshold, references without a
+    prediction fail the evaluation (``failed_missing``) unless `allow_missing`.
+
+    Raises :class:`UsageError` for a missing input, a negative or non-finite threshold, an output
+    folder that holds an input, a previous report (unless `overwrite`) or cannot be written, or when
+    no case id is shared by `pred` and `ref`. Per-case problems (unreadable file, geometry mismatch,
+    not a binary mask) are recorded in ``failed_cases`` instead of raised.
     """
     pred, ref, out_dir = Path(pred), Path(ref), Path(out_dir)
     thresholds = {"dice": min_dice, "sensitivity": min_sensitivity, "specificity": min_specificity}
     for name, value in thresholds.items():
         _check_threshold(name, value)
+    if threshold is not None and not (math.isfinite(threshold) and threshold > 0):
+        raise UsageError(None, f"--threshold must be a finite number > 0, got {threshold}")
     for label, path in (("--pred", pred), ("--ref", ref)):
         if not path.exists():
             raise UsageError(path, f"{label}: no such file or folder")
@@ -243,7 +295,7 @@ def run_evaluate(
     for i, case_id in enumerate(matched, start=1):
         pred_path, ref_path = predictions[case_id], references[case_id]
         try:
-            record, slices = _evaluate_case(case_id, pred_path, ref_path, per_slice)
+            record, slices = _evaluate_case(case_id, pred_path, ref_path, per_slice, threshold)
         except CovidsegError as exc:
             failed_cases.append(
                 {"case_id": case_id, "pred": str(pred_path), "ref": str(ref_path), "error": str(exc)}
@@ -269,6 +321,15 @@ def run_evaluate(
             failed_thresholds.append(f"{name} undefined (no case with a defined value) < {minimum:g}")
         elif mean < minimum:
             failed_thresholds.append(f"{name} {_format_below(mean, minimum)} < {minimum:g}")
+    gated = any(minimum is not None for minimum in thresholds.values())
+    missing = unmatched["ref_without_pred"]
+    failed_missing = None
+    if gated and missing and not allow_missing:
+        shown = ", ".join(missing[:MISSING_SHOWN]) + (", …" if len(missing) > MISSING_SHOWN else "")
+        failed_missing = (
+            f"{pred}: {len(missing)} of {len(references)} reference case(s) have no prediction: {shown} "
+            "(pass --allow-missing to gate on the predicted cases only)"
+        )
 
     summary = _json_safe(
         {
@@ -281,6 +342,9 @@ def run_evaluate(
             "aggregate": summary_stats,
             "thresholds": {f"min_{name}": value for name, value in thresholds.items()},
             "failed_thresholds": failed_thresholds,
+            "threshold": threshold,
+            "allow_missing": allow_missing,
+            "failed_missing": failed_missing,
             "failed_cases": failed_cases,
             "unmatched": unmatched,
             "cases": cases,
@@ -299,4 +363,5 @@ def run_evaluate(
         metrics_csv=metrics_csv,
         summary_json=summary_json,
         unmatched=unmatched,
+        failed_missing=failed_missing,
     )

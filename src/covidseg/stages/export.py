@@ -29,6 +29,7 @@ from covidseg.metrics import dice
 from covidseg.onnx_export import (
     OPSET,
     ParityError,
+    check_export_targets,
     export_onnx,
     onnx_session,
     provenance,
@@ -112,8 +113,7 @@ def run_export(
     """Export a train-seg output (folder or .pt) to ONNX + sidecar; return the sidecar."""
     out = output_path(out, name)
     side = sidecar_path(out)
-    if not overwrite and (out.exists() or side.exists()):
-        raise UsageError(out, "exists; pass --overwrite to replace it")
+    check_export_targets(out, overwrite)
     seg = open_seg_model(source)
     if seg.kind != "torch":
         raise UsageError(source, "is already an ONNX model; export takes a train-seg folder or .pt")

@@ -41,6 +41,7 @@ from covidseg.models.gan3d import (
 from covidseg.onnx_export import (
     OPSET,
     ParityError,
+    check_export_targets,
     export_onnx,
     onnx_session,
     provenance,
@@ -131,8 +132,7 @@ def export_generator(source: Path, out_path: Path, overwrite: bool = False) -> d
     if not out_path.name.lower().endswith(".onnx"):
         raise UsageError(out_path, "the output must be an .onnx file")
     side = sidecar_path(out_path)
-    if not overwrite and (out_path.exists() or side.exists()):
-        raise UsageError(out_path, "exists; pass --overwrite to replace it")
+    check_export_targets(out_path, overwrite)
     generator_pt, payload = load_generator_payload(source)
     model = generator_from_payload(payload)  # eval mode, CPU
     config = model.config

@@ -24,7 +24,9 @@ dataclass: ``[preprocess]`` :class:`PreprocessConfig` (+ ``workers``; ``[preproc
 preset's crop, the default, or ``"none"``), ``[make-masks]`` :class:`PseudoMaskConfig` (also used
 for train-gan's threshold calibration), ``[train-seg]`` :class:`SegTrainConfig` (``[train-seg.loss]``
 :class:`SegLossConfig`), ``[export]`` :class:`ExportConfig`, ``[predict]`` :class:`PredictConfig`.
-Unknown tables or keys and values of the wrong type are usage errors naming the key.
+Unknown tables or keys, and values that break their rule (:mod:`covidseg.settings`: the type, NaN
+or infinite numbers, ranges, presets, a grid too large or not a multiple of the GAN's strides) are
+usage errors naming the file, the table, the key and the cause, raised before any stage runs.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from covidseg.config import GanTrainConfig, PreprocessConfig, SegTrainConfig
 from covidseg.errors import UsageError
 from covidseg.losses import SegLossConfig
 from covidseg.masks import PseudoMaskConfig
+from covidseg.settings import CROP, SettingError, check_config, check_values, show
 
 #: (stage, done, total, message): one call per finished item (case, step) of the running stage
 StageProgress = Callable[[str, int, int, str], None]
@@ -67,8 +70,7 @@ class PredictConfig:
     probabilities: bool = False  # <case>_probability.nii.gz per case
 
     def __post_init__(self) -> None:
-        if self.batch_size < 1:
-            raise ValueError("batch_size must be >= 1")
+        check_config(self)
 
 
 @dataclass(frozen=True)
@@ -106,41 +108,22 @@ def _default_of(f) -> object:
     return f.default_factory() if f.default_factory is not MISSING else None
 
 
-def _coerce(value: object, default: object, name: str, source: Path | None) -> object:
-    """`value` from a settings file checked against the type of the field's `default`."""
-
-    def wrong(kind: str) -> UsageError:
-        return UsageError(source, f"{name} must be {kind}, got {value!r}")
-
-    if is_dataclass(default):
-        if not isinstance(value, dict):
-            raise wrong("a table")
-        return _build(type(default), value, name, source)
-    if isinstance(default, bool):
-        if not isinstance(value, bool):
-            raise wrong("true or false")
-        return value
-    if isinstance(default, int):
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise wrong("a whole number")
-        return value
-    if isinstance(default, float):
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise wrong("a number")
+def _convert(value: object, default: object) -> object:
+    """`value` from a settings file in the Python type of the field's `default` where that is exact
+    (a whole number for a float field, a list for a tuple); anything else is left as it is for the
+    field's rule (:mod:`covidseg.settings`) to refuse."""
+    if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
-    if isinstance(default, str):
-        if not isinstance(value, str):
-            raise wrong("a string")
-        return value
-    if isinstance(default, tuple):
-        if not isinstance(value, list | tuple) or len(value) != len(default):
-            raise wrong(f"a list of {len(default)} numbers")
-        return tuple(_coerce(v, d, name, source) for v, d in zip(value, default, strict=True))
+    if isinstance(default, tuple) and isinstance(value, list | tuple):
+        if len(value) == len(default):
+            return tuple(_convert(v, d) for v, d in zip(value, default, strict=True))
+        return tuple(value)
     return value
 
 
 def _build(cls: type, data: dict, name: str, source: Path | None, extra: tuple[str, ...] = ()):
-    """An instance of the config dataclass `cls` from one settings table (keys checked)."""
+    """An instance of the settings dataclass `cls` from the table `[name]`: unknown keys and values
+    that break their rule are usage errors naming the file, the table, the key and the cause."""
     known = {f.name: f for f in fields(cls)}
     values = {}
     for key, value in data.items():
@@ -150,11 +133,24 @@ def _build(cls: type, data: dict, name: str, source: Path | None, extra: tuple[s
             raise UsageError(
                 source, f"unknown key {key!r} in [{name}] (known: {', '.join([*known, *extra])})"
             )
-        values[key] = _coerce(value, _default_of(known[key]), f"{name}.{key}", source)
+        default = _default_of(known[key])
+        if is_dataclass(default) and isinstance(value, dict):
+            values[key] = _build(type(default), value, f"{name}.{key}", source)
+        else:
+            values[key] = _convert(value, default)
+    _check(cls, values, name, source)
     try:
         return cls(**values)
     except (TypeError, ValueError) as exc:
         raise UsageError(source, f"[{name}]: {exc}") from None
+
+
+def _check(cls: type, values: dict, name: str, source: Path | None) -> None:
+    """The rules of :mod:`covidseg.settings` on one table's values, as a usage error."""
+    try:
+        check_values(cls, values)
+    except SettingError as exc:
+        raise UsageError(source, f"[{name}] {exc}") from None
 
 
 def _gan_crop(value: object, preset: str, source: Path | None) -> tuple[int, int, int] | None:
@@ -165,10 +161,28 @@ def _gan_crop(value: object, preset: str, source: Path | None) -> tuple[int, int
         return PRESET_CROPS.get(preset)
     if value is None or value == "none":
         return None
-    ok = isinstance(value, list | tuple) and len(value) == 3
-    if not ok or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value):
-        raise UsageError(source, f'train-gan.crop must be [z, y, x], "auto" or "none", got {value!r}')
-    return tuple(value)
+    if not CROP.ok(value):
+        raise UsageError(source, f'[train-gan] crop = {show(value)}: must be [z, y, x], "auto" or "none"')
+    return tuple(int(v) for v in value)
+
+
+def _check_gan_grid(config: RunConfig, source: Path | None) -> None:
+    """train-gan needs a grid and a crop that are multiples of its generator's strides, the crop
+    within the grid: checked here so a run does not stop there after preprocessing."""
+    from covidseg.models.gan3d import GAN_PRESETS
+
+    preset = config.train_gan.preset
+    divisor = GAN_PRESETS[preset].generator.divisor
+    grid, crop = config.preprocess.grid, config.train_gan.crop
+    for where, size in (("[preprocess] grid", grid), ("[train-gan] crop", crop)):
+        if size is not None and any(s % d for s, d in zip(size, divisor, strict=True)):
+            raise UsageError(
+                source,
+                f"{where} = {show(size)}: must be a multiple of {show(divisor)} (z, y, x) "
+                f"for the train-gan preset {show(preset)}",
+            )
+    if crop is not None and any(c > g for c, g in zip(crop, grid, strict=True)):
+        raise UsageError(source, f"[train-gan] crop = {show(crop)}: must fit in the grid {show(grid)}")
 
 
 def _table(tables: dict, name: str, source: Path | None) -> dict:
@@ -189,9 +203,8 @@ def config_from_tables(tables: dict, source: Path | None = None) -> RunConfig:
     if unknown:
         raise UsageError(source, f"unknown table [{unknown[0]}] (known: {', '.join(TABLES)})")
     pre = _table(tables, "preprocess", source)
-    workers = _coerce(pre.get("workers", 1), 1, "preprocess.workers", source)
-    if workers < 1:
-        raise UsageError(source, "preprocess.workers must be >= 1")
+    workers = pre.get("workers", 1)
+    _check(RunConfig, {"workers": workers}, "preprocess", source)
     gan = dict(_table(tables, "train-gan", source))
     crop = gan.pop("crop", "auto")
     gan_config = _build(GanTrainConfig, gan, "train-gan", source)
@@ -199,7 +212,7 @@ def config_from_tables(tables: dict, source: Path | None = None) -> RunConfig:
     loss = seg.pop("loss", {})
     if not isinstance(loss, dict):
         raise UsageError(source, f"[train-seg.loss] must be a table, got {loss!r}")
-    return RunConfig(
+    config = RunConfig(
         preprocess=_build(PreprocessConfig, pre, "preprocess", source, extra=("workers",)),
         workers=workers,
         train_gan=replace(gan_config, crop=_gan_crop(crop, gan_config.preset, source)),
@@ -209,6 +222,8 @@ def config_from_tables(tables: dict, source: Path | None = None) -> RunConfig:
         export=_build(ExportConfig, _table(tables, "export", source), "export", source),
         predict=_build(PredictConfig, _table(tables, "predict", source), "predict", source),
     )
+    _check_gan_grid(config, source)
+    return config
 
 
 def load_config(path: Path | None) -> RunConfig:

@@ -35,15 +35,30 @@ fills only ``case_id, status, source, error``.
 
 The model is loaded once; the next case is read in a background thread while the current one is
 computed (SimpleITK releases the GIL while reading). A failing case is reported and the batch goes
-on; the exit code is 1 when any case failed. A case with warnings is not a failure.
+on, leaving no file of its own; the exit code is 1 when any case failed. A case with warnings is
+not a failure. Ctrl-C stops the batch (exit 130) and removes the current case's files.
+
+Safety rules, all checked before the model is loaded: no output may be an input file (same path,
+symbolic or hard link), no two outputs may share a name (``report`` and ``summary`` are reserved
+case ids), and only one run at a time writes a folder (or one part of a sharded batch: the lock
+``.covidseg-predict[.part-K-of-N].lock``). Case ids whose file names would pass 255 bytes are
+shortened to a start and a hash of the whole id (:func:`output_stem`). ``summary.csv`` and
+``report.json`` keep the finished cases of earlier batches in the folder (found in the previous
+summary); a folder holds the results of one model: ``--continue`` refuses a case predicted with
+another model (or other preprocessing) and asks for ``--overwrite``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import hashlib
 import io as _io
 import json
 import platform
+import re
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -53,7 +68,7 @@ from pathlib import Path
 import numpy as np
 
 from covidseg import __version__
-from covidseg.atomic import remove_stale_temps, write_json, write_text
+from covidseg.atomic import NAME_MAX, folder_lock, remove_stale_temps, write_json, write_text
 from covidseg.errors import CovidsegError, InputError, UsageError
 from covidseg.home import resolve_model
 from covidseg.intensity import IntensityMapping
@@ -62,11 +77,16 @@ from covidseg.readout import NOT_GRADED, read_out
 from covidseg.runners import OnnxRunner, TorchRunner
 from covidseg.seg_model import SegModelFile, open_seg_model
 from covidseg.slices import segment_ct
+from covidseg.stages.work import check_output_dir
 
 SUMMARY_COLUMNS = [
     "case_id", "status", "lesion_ml", "lung_ml", "involvement_pct", "right_involvement_pct",
     "left_involvement_pct", "severity", "warnings", "seconds", "source", "error",
 ]  # fmt: skip
+#: The longest suffix a case's file name gets; case ids are shortened to fit NAME_MAX with it.
+LONGEST_OUTPUT_SUFFIX = "_probability.nii.gz"
+#: Case ids that would take the batch's own file names (or those of a sharded batch's parts).
+RESERVED_CASE_IDS = re.compile(r"(report|summary)(\.part-\d+-of-\d+)?", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -95,17 +115,37 @@ class PredictResult:
     failures: list[dict] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)  # "<case id>: <warning>", in case order
+    notes: list[str] = field(default_factory=list)  # "<case id>: <note of the reader>", in case order
+    kept: list[str] = field(default_factory=list)  # finished cases of earlier batches, in the summary
+
+
+def output_stem(case_id: str) -> str:
+    """The start of a case's file names: the case id, or, when a file name would pass NAME_MAX
+    bytes, its start + '~' + 10 hex digits of the sha256 of the whole id (deterministic, unique)."""
+    budget = NAME_MAX - len(LONGEST_OUTPUT_SUFFIX.encode())
+    if len(case_id.encode()) <= budget:
+        return case_id
+    digest = hashlib.sha256(case_id.encode()).hexdigest()[:10]
+    start = case_id.encode()[: budget - len(digest) - 1].decode("utf-8", errors="ignore")
+    return f"{start}~{digest}"
 
 
 def case_outputs(out_dir: Path, case_id: str, options: PredictOptions) -> dict[str, Path]:
     """The files one case writes (the JSON last)."""
-    files = {"mask": out_dir / f"{case_id}.nii.gz"}
+    stem = output_stem(case_id)
+    files = {"mask": out_dir / f"{stem}.nii.gz"}
     if options.probabilities:
-        files["probability"] = out_dir / f"{case_id}_probability.nii.gz"
+        files["probability"] = out_dir / f"{stem}_probability.nii.gz"
     if options.snapshots:
-        files["snapshot"] = out_dir / f"{case_id}.png"
-    files["json"] = out_dir / f"{case_id}.json"
+        files["snapshot"] = out_dir / f"{stem}.png"
+    files["json"] = out_dir / f"{stem}.json"
     return files
+
+
+def batch_files(options: PredictOptions) -> list[str]:
+    """The names of the files the batch itself writes (the last one is its lock)."""
+    suffix = options.part_suffix
+    return [f"summary{suffix}.csv", f"report{suffix}.json", f".covidseg-predict{suffix}.lock"]
 
 
 def completed_record(out_dir: Path, case_id: str, options: PredictOptions) -> dict | None:
@@ -122,6 +162,24 @@ def completed_record(out_dir: Path, case_id: str, options: PredictOptions) -> di
     return record if all(path.is_file() for path in files.values()) else None
 
 
+def finished_record(out_dir: Path, case_id: str) -> dict | None:
+    """The JSON record of a case of any earlier batch (whatever its options) whose files, as its
+    JSON lists them, are all there; else None."""
+    path = out_dir / f"{output_stem(case_id)}.json"
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    if not isinstance(record, dict) or record.get("status") != "ok" or record.get("case_id") != case_id:
+        return None
+    outputs = record.get("outputs")
+    if not isinstance(outputs, dict) or not all(
+        isinstance(name, str) and (out_dir / name).is_file() for name in outputs.values()
+    ):
+        return None
+    return record
+
+
 def collect_cases(inputs: list[Path], out_dir: Path, allow_2d: bool = False) -> list[tuple[str, Path]]:
     """(case id, path) of every CT under `inputs`, skipping anything inside `out_dir`."""
     if not inputs:
@@ -133,10 +191,16 @@ def collect_cases(inputs: list[Path], out_dir: Path, allow_2d: bool = False) -> 
             raise UsageError(root, "input does not exist")
         if root.resolve() == out_resolved:
             raise UsageError(out_dir, "the output folder is an input folder; choose another")
-        for case_id, path in find_cases(root, allow_2d=allow_2d, exclude=out_dir):
+        try:
+            found = find_cases(root, allow_2d=allow_2d, exclude=out_dir)
+        except InputError as exc:  # two inputs of one folder with one case id
+            raise UsageError(exc.path, f"{exc.cause}: rename one of them") from None
+        for case_id, path in found:
             resolved = path.resolve()
             if case_id in cases and cases[case_id].resolve() != resolved:
-                raise UsageError(path, f"case id {case_id!r} is also used by {cases[case_id]}")
+                raise UsageError(
+                    path, f"case id {case_id!r} is also used by {cases[case_id]}: rename one of them"
+                )
             cases[case_id] = path
     if not cases:
         raise UsageError(inputs[0] if len(inputs) == 1 else None, "no CT found in the inputs")
@@ -156,20 +220,103 @@ def make_runner(seg: SegModelFile, backend: str, device: str, threads: int = 0, 
     return TorchRunner(seg.torch_model(), device)
 
 
+def _input_files(cases: list[tuple[str, Path]]) -> dict[tuple[int, int], Path]:
+    """(device, inode) -> path of every input file: the case files and the files of the DICOM
+    series folders (symbolic links followed, so links and hard links of an input are found)."""
+    files: dict[tuple[int, int], Path] = {}
+    for _, path in cases:
+        paths = [p for p in path.iterdir()] if path.is_dir() else [path]
+        for item in paths:
+            with contextlib.suppress(OSError):
+                stat = item.stat()
+                files[(stat.st_dev, stat.st_ino)] = item
+    return files
+
+
+def check_outputs_spare_inputs(cases: list[tuple[str, Path]], out_dir: Path, options: PredictOptions) -> None:
+    """Refuse (UsageError) when any output of the batch is an input file under any name."""
+    if not out_dir.is_dir():
+        return
+    inputs = _input_files(cases)
+    outputs = [p for case_id, _ in cases for p in case_outputs(out_dir, case_id, options).values()]
+    for output in [*outputs, *(out_dir / name for name in batch_files(options))]:
+        try:
+            stat = output.stat()
+        except OSError:
+            continue
+        source = inputs.get((stat.st_dev, stat.st_ino))
+        if source is not None:
+            raise UsageError(
+                output, f"this output would replace the input {source}; choose another output folder"
+            )
+
+
+def check_name_clashes(cases: list[tuple[str, Path]], options: PredictOptions) -> None:
+    """Refuse (UsageError) case ids that would write one file twice: a reserved id (``report``,
+    ``summary``, with or without a part suffix), or two cases with one output name (``a`` and
+    ``a_probability`` with --probabilities)."""
+    owners: dict[str, Path] = {}
+    for case_id, path in cases:
+        if RESERVED_CASE_IDS.fullmatch(case_id):
+            raise UsageError(
+                path, f"case id {case_id!r} is taken by the batch's summary and report; rename it"
+            )
+        for output in case_outputs(Path(), case_id, options).values():
+            other = owners.setdefault(output.name, path)
+            if other != path:
+                raise UsageError(
+                    path, f"its output {output.name} is also an output of {other}; rename one of them"
+                )
+
+
+def _model_identity(record: dict) -> dict:
+    """What makes two predictions of one case comparable: model file, threshold, preprocessing."""
+    keys = ("model_sha256", "threshold", "preprocessing")
+    return {k: record[k] for k in keys if k in record}
+
+
+def _identity_of(seg: SegModelFile) -> dict:
+    return {
+        "model_sha256": seg.info["sha256"],
+        "threshold": seg.spec.threshold,
+        "preprocessing": seg.spec.to_json(),
+    }
+
+
+def _same_model(record: dict, seg: SegModelFile) -> bool:
+    """Whether `seg` made `record` (as far as the record tells: old records lack preprocessing)."""
+    mine = _identity_of(seg)
+    return all(mine[k] == v for k, v in _model_identity(record).items())
+
+
+def _check_same_model(record: dict, seg: SegModelFile, advice: str) -> None:
+    """Refuse (UsageError) a finished case predicted with another model or other settings."""
+    if _same_model(record, seg):
+        return
+    mine, theirs = _identity_of(seg), _model_identity(record)
+    old, new = str(theirs.get("model_sha256"))[:12], str(mine["model_sha256"])[:12]
+    what = f"model {old}…, this run uses {new}…" if old != new else f"model {old}… with other settings"
+    raise UsageError(None, f"case {record['case_id']!r} was predicted with {what}: {advice}")
+
+
 def _reader(cases: list[tuple[str, Path]], options: PredictOptions) -> Iterator[tuple[str, Path, Future]]:
-    """Yield (id, path, future of read_ct) with the next case already being read."""
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="covidseg-read") as pool:
+    """Yield (id, path, future of read_ct) with the next case already being read. When the
+    consumer stops early (an interrupt), reads not yet started are cancelled."""
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="covidseg-read")
 
-        def submit(i: int) -> Future:
-            _, path = cases[i]
-            return pool.submit(read_ct, path, options.series, options.intensity, options.keep_metadata)
+    def submit(i: int) -> Future:
+        _, path = cases[i]
+        return pool.submit(read_ct, path, options.series, options.intensity, options.keep_metadata)
 
+    try:
         pending = submit(0) if cases else None
         for i, (case_id, path) in enumerate(cases):
             current = pending
             pending = submit(i + 1) if i + 1 < len(cases) else None
             yield case_id, path, current
             current = None  # let the volume go before the next one is read
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _write_images(
@@ -222,31 +369,32 @@ def predict_volume(
     started = time.perf_counter()
     files = case_outputs(out_dir, case_id, options)
     files["json"].unlink(missing_ok=True)  # the completion marker goes first and comes back last
-    try:
+    try:  # whatever fails from the first file on (Ctrl-C too) leaves no file of the case
         _write_images(files, result, volume, case_id, readout, options)
+        record = {
+            "case_id": case_id,
+            "status": "ok",
+            "source": volume.source,
+            "series_uid": volume.series_uid,
+            "note": note,
+            **readout,
+            "geometry": volume.geometry.to_json(),
+            "lung_box_zyx": result.box.to_json(),
+            "network_slices": result.n_slices,
+            "threshold": seg.spec.threshold,
+            "preprocessing": seg.spec.to_json(),
+            "outputs": {k: p.name for k, p in files.items()},
+            "seconds": {"compute": round(compute_s, 3), "write": round(time.perf_counter() - started, 3)},
+            "covidseg_version": __version__,
+            "model_sha256": seg.info["sha256"],
+        }
+        if options.keep_metadata:  # asked for: patient identifiers (None for a non-DICOM input)
+            record["dicom"] = volume.dicom
+        write_json(files["json"], record)
     except BaseException:
         for path in files.values():
             path.unlink(missing_ok=True)
         raise
-    record = {
-        "case_id": case_id,
-        "status": "ok",
-        "source": volume.source,
-        "series_uid": volume.series_uid,
-        "note": note,
-        **readout,
-        "geometry": volume.geometry.to_json(),
-        "lung_box_zyx": result.box.to_json(),
-        "network_slices": result.n_slices,
-        "threshold": seg.spec.threshold,
-        "outputs": {k: p.name for k, p in files.items()},
-        "seconds": {"compute": round(compute_s, 3), "write": round(time.perf_counter() - started, 3)},
-        "covidseg_version": __version__,
-        "model_sha256": seg.info["sha256"],
-    }
-    if options.keep_metadata:  # asked for: patient identifiers (None for a non-DICOM input)
-        record["dicom"] = volume.dicom
-    write_json(files["json"], record)
     return record
 
 
@@ -298,6 +446,67 @@ def _check_existing(out_dir: Path, cases: list[tuple[str, Path]], options: Predi
         )
 
 
+def _earlier_cases(out_dir: Path, cases: list[tuple[str, Path]], options: PredictOptions, seg) -> list[dict]:
+    """The finished cases of earlier batches that this one keeps in its summary and report: those
+    the previous summary lists, not in this batch, whose files are all still there and that the
+    same model made. A case of another model is refused (UsageError) unless --overwrite, which
+    leaves it out (its files stay)."""
+    path = out_dir / f"summary{options.part_suffix}.csv"
+    try:
+        with open(path, newline="", encoding="utf-8") as fh:
+            listed = [row.get("case_id") for row in csv.DictReader(fh)]
+    except FileNotFoundError:
+        return []
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        if options.overwrite:
+            return []
+        raise UsageError(
+            path, f"unreadable previous summary ({exc}); pass --overwrite to replace it"
+        ) from None
+    ours = {case_id for case_id, _ in cases}
+    kept = []
+    for case_id in dict.fromkeys(c for c in listed if isinstance(c, str) and c not in ours):
+        record = finished_record(out_dir, case_id)
+        if record is None:
+            continue
+        if not options.overwrite:
+            advice = "pass --overwrite to leave it out of this summary, or choose another output folder"
+            _check_same_model(record, seg, f"{advice} (it is in {path.name} of an earlier batch)")
+        elif not _same_model(record, seg):
+            continue
+        kept.append(record)
+    return kept
+
+
+class _Interrupts:
+    """Ctrl-C for the batch: KeyboardInterrupt as usual, and a flag the batch loop checks between
+    cases, so an interrupt that lands in a finalizer (where Python only prints "Exception ignored")
+    still stops the batch."""
+
+    def __init__(self) -> None:
+        self.seen = False
+
+    def check(self) -> None:
+        if self.seen:
+            raise KeyboardInterrupt
+
+    @contextlib.contextmanager
+    def watch(self) -> Iterator[_Interrupts]:
+        if threading.current_thread() is not threading.main_thread():
+            yield self
+            return
+
+        def handler(signum, frame) -> None:
+            self.seen = True
+            raise KeyboardInterrupt
+
+        previous = signal.signal(signal.SIGINT, handler)
+        try:
+            yield self
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+
 def run_predict(
     cases: list[tuple[str, Path]],
     out_dir: Path,
@@ -309,34 +518,56 @@ def run_predict(
     on_runner: Callable[[object], None] | None = None,
 ) -> PredictResult:
     """Predict every case of `cases` (from :func:`collect_cases`); failing cases are recorded and
-    the others go on. `progress` gets one message per case, `on_runner` the runner once loaded."""
+    the others go on. `progress` gets one message per case, `on_runner` the runner once loaded.
+
+    Before the model is loaded: the output folder must be usable, no output may be an input and
+    no two outputs may share a name. The folder is locked for the run (UsageError if another run
+    holds it)."""
     options = options or PredictOptions()
     out_dir = Path(out_dir)
-    _check_existing(out_dir, cases, options)
-    seg = open_seg_model(resolve_model(model))
-    runner = make_runner(seg, backend, device, tensorrt=options.tensorrt)
-    if on_runner:
-        on_runner(runner)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    check_output_dir(out_dir)
+    check_name_clashes(cases, options)
+    check_outputs_spare_inputs(cases, out_dir, options)
+    lock_name = batch_files(options)[-1]
+    with contextlib.ExitStack() as stack:
+        if out_dir.is_dir():  # lock before reading its state; a new folder is locked once made
+            stack.enter_context(folder_lock(out_dir, lock_name, "covidseg predict"))
+        _check_existing(out_dir, cases, options)
+        seg = open_seg_model(resolve_model(model))
+        runner = make_runner(seg, backend, device, tensorrt=options.tensorrt)
+        if not out_dir.is_dir():
+            out_dir.mkdir(parents=True, exist_ok=True)
+            stack.enter_context(folder_lock(out_dir, lock_name, "covidseg predict"))
+            _check_existing(out_dir, cases, options)  # another run may have made it meanwhile
+        with _Interrupts().watch() as interrupts:
+            return _run_batch(cases, out_dir, seg, runner, options, progress, on_runner, interrupts)
 
+
+def _run_batch(cases, out_dir: Path, seg, runner, options: PredictOptions, progress, on_runner, interrupts):
+    """The batch of :func:`run_predict` once the folder is locked and the model loaded."""
     records: list[dict] = []
-    failures: list[dict] = []
     skipped: list[str] = []
     todo = []
     for case_id, path in cases:
         done = completed_record(out_dir, case_id, options) if options.resume else None
         if done is not None:
+            _check_same_model(done, seg, "pass --overwrite to redo it")
             records.append(done)
             skipped.append(case_id)
-            if progress:
-                progress(f"{case_id}: already done")
         else:
             todo.append((case_id, path))
+    kept = _earlier_cases(out_dir, cases, options, seg)
+    if on_runner:
+        on_runner(runner)
+    if progress:
+        for case_id in skipped:
+            progress(f"{case_id}: already done")
     # a killed run may have left temporary files of the outputs this job now writes
-    suffix = options.part_suffix
     names = [p.name for case_id, _ in todo for p in case_outputs(out_dir, case_id, options).values()]
-    remove_stale_temps(out_dir, [*names, f"summary{suffix}.csv", f"report{suffix}.json"])
+    remove_stale_temps(out_dir, [*names, *batch_files(options)[:2]])
 
+    failures: list[dict] = []
+    notes: list[str] = []
     batch_started = time.perf_counter()
     for case_id, path, future in _reader(todo, options):
         started = time.perf_counter()
@@ -348,32 +579,45 @@ def run_predict(
             record["seconds"]["read_wait"] = round(read_s, 3)
             record["seconds"]["total"] = round(time.perf_counter() - started, 3)
             records.append(record)
+            if note:
+                notes.append(f"{case_id}: {note}")
         except CovidsegError as exc:
             failures.append({"case_id": case_id, "status": "failed", "source": str(path), "error": str(exc)})
-        except Exception as exc:  # an unexpected bug in one case must not stop the batch
+        except Exception as exc:  # an unexpected bug in one case must not stop the batch (Ctrl-C does)
             error = f"{path}: unexpected error: {type(exc).__name__}: {exc}"
             failures.append({"case_id": case_id, "status": "failed", "source": str(path), "error": error})
+        interrupts.check()
         if progress:
             progress(f"{case_id}: {'failed' if failures and failures[-1]['case_id'] == case_id else 'done'}")
 
-    order = {cid: i for i, (cid, _) in enumerate(cases)}
-    all_records = sorted(records + failures, key=lambda r: order[r["case_id"]])
-    write_summary(out_dir, all_records, f"summary{suffix}.csv")
-    report = _report(seg, runner, cases, all_records, skipped, time.perf_counter() - batch_started)
-    report["part"] = {"num_parts": options.num_parts, "part_id": options.part_id}
-    write_json(out_dir / f"report{suffix}.json", report)
-    warnings = [f"{r['case_id']}: {w}" for r in all_records for w in r.get("warnings") or []]
-    return PredictResult(report=report, failures=failures, skipped=skipped, warnings=warnings)
+    interrupts.check()
+    all_records = sorted(records + failures + kept, key=lambda r: r["case_id"])
+    suffix = options.part_suffix
+    kept_ids = [r["case_id"] for r in kept]
+    seconds = time.perf_counter() - batch_started
+    try:
+        write_summary(out_dir, all_records, f"summary{suffix}.csv")
+        report = _report(seg, runner, cases, all_records, skipped, kept_ids, seconds)
+        report["part"] = {"num_parts": options.num_parts, "part_id": options.part_id}
+        write_json(out_dir / f"report{suffix}.json", report)
+    except CovidsegError as exc:  # a full disk: the caller still tells which cases failed
+        exc.failures = failures
+        raise
+    ours = sorted(records + failures, key=lambda r: r["case_id"])
+    warnings = [f"{r['case_id']}: {w}" for r in ours for w in r.get("warnings") or []]
+    return PredictResult(
+        report=report, failures=failures, skipped=skipped, warnings=warnings, notes=notes, kept=kept_ids
+    )
 
 
 def _report(
-    seg: SegModelFile, runner, cases, records: list[dict], skipped: list[str], seconds: float
+    seg: SegModelFile, runner, cases, records: list[dict], skipped: list[str], kept: list[str], seconds: float
 ) -> dict:
     import onnxruntime
     import SimpleITK
     import torch
 
-    done = [r for r in records if r.get("status") == "ok" and r["case_id"] not in skipped]
+    done = [r for r in records if r.get("status") == "ok" and r["case_id"] not in {*skipped, *kept}]
     return {
         "format": "covidseg.predict-report",
         "version": 1,
@@ -393,6 +637,7 @@ def _report(
         "cases": len(cases),
         "predicted": len(done),
         "skipped_complete": skipped,
+        "kept_from_earlier_batches": kept,
         "failed": [r for r in records if r.get("status") != "ok"],
         "not_graded": [r["case_id"] for r in records if r.get("status") == "ok" and not r.get("severity")],
         "seconds": round(seconds, 3),
@@ -415,12 +660,19 @@ def merge_reports(out_dir: Path) -> dict:
     """Join the per-part summaries and reports of a sharded batch into summary.csv + report.json.
 
     Every part of the batch must be there (the same ``--num-parts``); the merged summary lists the
-    cases in case order, and the report sums the case counts and keeps each part's timing.
+    cases in case order, and the report sums the case counts and keeps each part's timing. The
+    folder is locked as a whole batch's predict locks it.
     """
     out_dir = Path(out_dir)
     paths = sorted(out_dir.glob("report.part-*-of-*.json"))
     if not paths:
         raise UsageError(out_dir, "no report.part-*-of-*.json here (run predict with --num-parts)")
+    with folder_lock(out_dir, batch_files(PredictOptions())[-1], "covidseg predict"):
+        return _merge_parts(out_dir, paths)
+
+
+def _merge_parts(out_dir: Path, paths: list[Path]) -> dict:
+    """:func:`merge_reports` once the folder is locked."""
     parts = []
     for path in paths:
         try:
@@ -438,8 +690,18 @@ def merge_reports(out_dir: Path) -> dict:
         raise InputError(out_dir, f"missing {names}: run those jobs (with --continue) first")
     rows = []
     for i in range(total):
-        with open(out_dir / f"summary.part-{i + 1}-of-{total}.csv", newline="", encoding="utf-8") as fh:
-            rows += list(csv.DictReader(fh))
+        path = out_dir / f"summary.part-{i + 1}-of-{total}.csv"
+        try:
+            with open(path, newline="", encoding="utf-8") as fh:
+                rows += list(csv.DictReader(fh))
+        except FileNotFoundError:
+            raise InputError(
+                path, "missing (its report is there): run that part again with --continue"
+            ) from None
+        except (OSError, UnicodeDecodeError, csv.Error) as exc:
+            raise InputError(path, f"unreadable summary ({exc})") from None
+    if any(None in row or None in row.values() for row in rows):
+        raise InputError(out_dir, "a part's summary has torn rows: run that part again with --continue")
     rows.sort(key=lambda r: r["case_id"])
     buffer = _io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=SUMMARY_COLUMNS, lineterminator="\n")

@@ -136,10 +136,16 @@ def preprocess_case(
         "lungs": f"lungs/{case.case_id}.npy",
         "ref": None if ref_grid is None else f"refs/{case.case_id}.npy",
     }
-    save_npy(out_dir / record["image"], image.astype(np.float32))
-    save_npy(out_dir / record["lungs"], lung_grid.astype(np.uint8))
+    arrays = {"image": image.astype(np.float32), "lungs": lung_grid.astype(np.uint8)}
     if ref_grid is not None:
-        save_npy(out_dir / record["ref"], ref_grid.astype(np.uint8))
+        arrays["ref"] = ref_grid.astype(np.uint8)
+    try:  # a write that fails (disk full) or Ctrl-C leaves no file of the case
+        for key, array in arrays.items():
+            save_npy(out_dir / record[key], array)
+    except BaseException:
+        for key in arrays:
+            (out_dir / record[key]).unlink(missing_ok=True)
+        raise
     record["seconds"] = round(time.perf_counter() - start, 3)
     return record
 
