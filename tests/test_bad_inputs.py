@@ -379,6 +379,17 @@ def test_paths_with_spaces_unicode_and_brackets(phantom, tmp_path):
     assert (out / "images" / "scan 01 ü [v2].npy").is_file()
 
 
+def test_a_file_name_with_a_newline_prints_as_one_line(tmp_path):
+    """A name holding a newline cannot fake a second message: control characters are escaped."""
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    (folder / "x\nfailed: fake.nii.gz").write_bytes(b"")
+    result = cli("preprocess", "--covid", folder, "-o", tmp_path / "pre", "--no-progress")
+    assert result.exit_code == 1, result.output
+    lines = [line for line in result.stderr.splitlines() if "fake" in line]
+    assert lines == [f"failed: {folder}/x\\nfailed: fake.nii.gz: empty file (0 bytes)"]
+
+
 def test_symlinked_inputs_work_and_symlink_loops_do_not_hang(phantom, tmp_path):
     real = tmp_path / "real"
     (real / "nested").mkdir(parents=True)

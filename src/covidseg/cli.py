@@ -15,10 +15,10 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.markup import escape
+from rich.markup import escape as _rich_escape
 
 from covidseg import __version__
-from covidseg.errors import CovidsegError, UsageError
+from covidseg.errors import CovidsegError, UsageError, one_line
 
 app = typer.Typer(
     name="covidseg",
@@ -29,6 +29,12 @@ app = typer.Typer(
 )
 console = Console(stderr=True)
 out = Console()
+
+
+def escape(text: str) -> str:
+    """Text for a rich console line: rich markup escaped, control characters too (a file name
+    holding a newline must not print as two lines)."""
+    return _rich_escape(one_line(str(text)))
 
 
 def _version(value: bool) -> None:

@@ -16,7 +16,15 @@ class CovidsegError(Exception):
         super().__init__(str(self))
 
     def __str__(self) -> str:
-        return f"{self.path}: {self.cause}" if self.path else self.cause
+        return one_line(f"{self.path}: {self.cause}" if self.path else self.cause)
+
+
+def one_line(text: str) -> str:
+    """`text` with control and line-separator characters escaped (a file named ``a\nfailed: b``
+    prints as one line, ``a\\nfailed: b``, and cannot fake a second message)."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
 
 
 class InputError(CovidsegError):
