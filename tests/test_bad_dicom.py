@@ -87,6 +87,15 @@ def set_us(path: Path, element: int, value: int) -> None:
     path.write_bytes(data[: i + 8] + value.to_bytes(2, "little") + data[i + 10 :])
 
 
+def set_text(path: Path, group: int, element: int, text: str) -> None:
+    """Overwrite a text element (implicit VR little endian) with `text`, space-padded to its length."""
+    data = path.read_bytes()
+    i = data.index(group.to_bytes(2, "little") + element.to_bytes(2, "little"))
+    length = int.from_bytes(data[i + 4 : i + 8], "little")
+    assert len(text) <= length
+    path.write_bytes(data[: i + 8] + text.encode().ljust(length) + data[i + 8 + length :])
+
+
 def multi_frame_file(path: Path, hu: np.ndarray) -> Path:
     """One DICOM file holding all slices as frames (GDCM writes an Enhanced CT, NumberOfFrames)."""
     image = sitk.GetImageFromArray(hu)
@@ -145,6 +154,9 @@ BAD_SERIES = {
     "pixels": r"corrupt DICOM file: header announces 30000 x 30000 pixels \(1800000000 bytes\), "
     r"pixel data holds 2048",
     "mono1_signed12": r"MONOCHROME1 DICOM slice with signed 12-bit values in 16 bits: not supported",
+    # GDCM reads a PixelSpacing of 0 as 1 mm and a NaN position as 0 mm: refused from the header text
+    "pixel_zero": r"DICOM PixelSpacing '0\\0' is not 2 positive numbers \(mm\)",
+    "position_nan": r"DICOM ImagePositionPatient 'nan\\nan\\nan' is not 3 finite numbers",
 }
 
 
@@ -163,8 +175,14 @@ def bad_batch(chest, tmp_path_factory) -> tuple[Path, dict[str, Path]]:
     for path in signed12:  # signed 12-bit values in 16 bits: GDCM cannot invert them
         set_us(path, 0x0101, 12)
         set_us(path, 0x0102, 11)
+    pixel_zero = write_series(root / "pixel_zero", chest)
+    for path in pixel_zero:
+        set_text(path, 0x0028, 0x0030, "0\\0")
+    position_nan = write_series(root / "position_nan", chest)
+    set_text(position_nan[3], 0x0020, 0x0032, "nan\\nan\\nan")
     named = {key: root / key for key in BAD_SERIES}
     named.update(frames=frames, pixels=pixels, mono1_signed12=signed12[0])
+    named.update(pixel_zero=pixel_zero[0], position_nan=position_nan[3])
     return root, named
 
 

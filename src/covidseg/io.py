@@ -386,6 +386,7 @@ def _check_dicom_slices(folder: Path, files: list[str]) -> list[float | None]:
         size = tuple(reader.GetSize())
         if len(size) > 2 and size[2] > 1:
             raise InputError(name, f"multi-frame DICOM ({size[2]} frames): {MULTI_FRAME}")
+        _check_geometry_tags(name, reader)
         origins.append(reader.GetOrigin())
         directions.append(reader.GetDirection())
         sizes.append(size)
@@ -397,6 +398,34 @@ def _check_dicom_slices(folder: Path, files: list[str]) -> list[float | None]:
     if len(files) > 1:
         _check_slice_grid(folder, [Path(f).name for f in files], origins, directions, sizes, spacings)
     return reflections
+
+
+#: DICOM geometry tags as GDCM needs them: (tag, name, number of values, values must be > 0).
+#: GDCM reads a PixelSpacing of 0\\0 as 1 mm, NaN as an uninitialised number, a NaN position as
+#: 0 mm: each would place or size the pixels silently wrong.
+_GEOMETRY_TAGS = (
+    ("0028|0030", "PixelSpacing", 2, True),
+    ("0020|0032", "ImagePositionPatient", 3, False),
+    ("0020|0037", "ImageOrientationPatient", 6, False),
+)
+
+
+def _check_geometry_tags(name: str, reader: sitk.ImageFileReader) -> None:
+    """Refuse a DICOM slice (header in `reader`) whose geometry tags are not finite numbers (mm,
+    direction cosines) or whose PixelSpacing is missing or not positive."""
+    for tag, what, count, positive in _GEOMETRY_TAGS:
+        if not reader.HasMetaDataKey(tag):
+            if positive:
+                raise InputError(name, f"DICOM slice without {what}: the pixel size is unknown")
+            continue
+        text = reader.GetMetaData(tag).strip(" \0")
+        try:
+            values = [float(v) for v in text.split("\\")]
+        except ValueError:
+            values = []
+        if len(values) != count or not all(math.isfinite(v) and (v > 0 or not positive) for v in values):
+            kind = "positive numbers (mm)" if positive else "finite numbers"
+            raise InputError(name, f"DICOM {what} '{text}' is not {count} {kind}")
 
 
 def _check_slice_grid(
