@@ -77,13 +77,24 @@ def write_dicom_series(
     shuffle_names: bool = True,
     patient_name: str = "Doe^Jane",
     extra_tags: dict[str, str] | None = None,
+    direction: tuple[float, ...] = LPS,
+    positions: np.ndarray | None = None,
+    pixel_mm: list[float] | None = None,
+    names: list[str] | None = None,
 ) -> list[Path]:
-    """Write an axial CT series (one file per slice) with rescale tags; names in shuffled order.
+    """Write a CT series (one file per slice) with rescale tags; names in shuffled order.
 
+    Slices lie `spacing_zyx[0]` apart along the slice normal of `direction` (axial by default), from
+    `origin`; `positions` (mm, one row per slice) and `pixel_mm` (one pixel size per slice) may
+    instead be anything, and `names` renames the files (GDCM writes only .dcm names).
     `extra_tags` ("gggg|eeee" -> value) are written into every slice (e.g. PatientID)."""
     folder.mkdir(parents=True, exist_ok=True)
     n = hu_zyx.shape[0]
     order = np.random.default_rng(1).permutation(n) if shuffle_names else np.arange(n)
+    d = np.asarray(direction, dtype=np.float64).reshape(3, 3)
+    if positions is None:
+        positions = np.asarray(origin) + np.outer(np.arange(n) * spacing_zyx[0], d[:, 2])
+    pixel_mm = pixel_mm or [None] * n
     # GDCM's writer stores (value - intercept) / slope and writes the rescale tags given, so we pass HU
     hu = np.asarray(hu_zyx, dtype=np.int16)
     writer = sitk.ImageFileWriter()
@@ -92,8 +103,8 @@ def write_dicom_series(
     with _locale_kept():  # GDCM's writer sets the process locale to "C" and leaves it so
         for k in range(n):
             image = sitk.GetImageFromArray(hu[k])
-            image.SetSpacing((spacing_zyx[2], spacing_zyx[1]))
-            position = (origin[0], origin[1], origin[2] + k * spacing_zyx[0])
+            row_mm, column_mm = (pixel_mm[k], pixel_mm[k]) if pixel_mm[k] else spacing_zyx[1:]
+            image.SetSpacing((column_mm, row_mm))
             tags = {
                 "0008|0060": "CT",
                 "0008|0016": "1.2.840.10008.5.1.4.1.1.2",
@@ -102,12 +113,12 @@ def write_dicom_series(
                 "0020|000d": "1.2.826.0.1.3680043.2.1125.99",
                 "0020|000e": series_uid,
                 "0020|0013": str(k + 1),
-                "0020|0032": "\\".join(f"{v:.4f}" for v in position),
-                "0020|0037": "1\\0\\0\\0\\1\\0",
+                "0020|0032": "\\".join(f"{v:.4f}" for v in positions[k]),
+                "0020|0037": "\\".join(f"{v:.6g}" for v in (*d[:, 0], *d[:, 1])),
                 "0018|0050": str(spacing_zyx[0]),
                 "0028|1052": f"{intercept:g}",
                 "0028|1053": f"{slope:g}",
-                "0028|0030": f"{spacing_zyx[1]}\\{spacing_zyx[2]}",
+                "0028|0030": f"{row_mm}\\{column_mm}",
                 **(extra_tags or {}),
             }
             for key, value in tags.items():
@@ -115,7 +126,7 @@ def write_dicom_series(
             path = folder / f"IM{int(order[k]):04d}.dcm"
             writer.SetFileName(str(path))
             writer.Execute(image)
-            paths.append(path)
+            paths.append(path.rename(folder / names[k]) if names else path)
     return paths
 
 

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from conftest import oblique_direction, save_untrained_segmenter
+from conftest import oblique_direction, save_untrained_segmenter, write_dicom_series
 from covidseg.phantom import make_phantom
 from test_bad_inputs import cli, error_line
 
@@ -40,43 +40,12 @@ def write_series(
     uid: str = UID,
     names: list[str] | None = None,
 ) -> list[Path]:
-    """An axial (or `direction`) CT series, one file per slice, rescale intercept -1024.
-
-    `positions` (mm, one row per slice; default: along the slice normal, SPACING apart) and
-    `pixel_mm` (per slice; default SPACING's) may be anything, unlike in conftest.write_dicom_series.
-    """
-    folder.mkdir(parents=True, exist_ok=True)
-    d = np.asarray(direction).reshape(3, 3)
-    if positions is None:
-        positions = np.array([-150.0, -160.0, -120.0]) + np.outer(np.arange(len(hu)) * SPACING[0], d[:, 2])
-    writer = sitk.ImageFileWriter()
-    writer.KeepOriginalImageUIDOn()
-    paths = []
-    for k, hu_slice in enumerate(hu):
-        image = sitk.GetImageFromArray(hu_slice)
-        mm = (pixel_mm or [SPACING[1]] * len(hu))[k]
-        image.SetSpacing((mm, mm))
-        tags = {
-            "0008|0060": "CT",
-            "0008|0016": "1.2.840.10008.5.1.4.1.1.2",
-            "0008|0018": f"{uid}.{k + 1}",
-            "0020|000d": "1.2.826.0.1.3680043.2.1125.99",
-            "0020|000e": uid,
-            "0020|0013": str(k + 1),
-            "0020|0032": "\\".join(f"{v:.4f}" for v in positions[k]),
-            "0020|0037": "\\".join(f"{v:.6f}" for v in (*d[:, 0], *d[:, 1])),
-            "0018|0050": str(SPACING[0]),
-            "0028|1052": "-1024",
-            "0028|1053": "1",
-            "0028|0030": f"{mm}\\{mm}",
-        }
-        for key, value in tags.items():
-            image.SetMetaData(key, value)
-        path = folder / f"IM{k:04d}.dcm"
-        writer.SetFileName(str(path))
-        writer.Execute(image)
-        paths.append(path.rename(folder / names[k]) if names else path)  # GDCM writes only .dcm names
-    return paths
+    """An axial (or `direction`) CT series, files IM0000.dcm... in slice order (or `names`), rescale
+    intercept -1024; `positions` (mm, one row per slice) and `pixel_mm` (per slice) may be anything."""
+    return write_dicom_series(
+        folder, hu, SPACING, (-150.0, -160.0, -120.0), uid, shuffle_names=False, direction=direction,
+        positions=positions, pixel_mm=pixel_mm, names=names,
+    )  # fmt: skip
 
 
 def set_us(path: Path, element: int, value: int) -> None:

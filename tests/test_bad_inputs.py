@@ -289,15 +289,21 @@ def test_preprocess_bad_case_fails_alone(make, ph, tmp_path):
     bad = make(inputs, ph)
     out = tmp_path / "pre"
     result = cli("preprocess", "--covid", inputs, "-o", out, "--grid", GRID, "--no-progress")
+    assert_failed_alone(result, out, bad, BAD_CTS[make])
 
+
+def assert_failed_alone(result, out: Path, named: Path | str, cause: str) -> None:
+    """`preprocess` of a folder holding good.* and one bad case: exit 1, one line naming `named`
+    with `cause`, the good case finished, nothing written for the bad one."""
     assert result.exit_code == 1, result.output
-    line = error_line(result.stderr, bad, BAD_CTS[make])
+    line = error_line(result.stderr, named, cause)
     assert "Traceback" not in result.output
     manifest = json.loads((out / "manifest.json").read_text())
     assert [c["id"] for c in manifest["cases"]] == ["good"]  # the good case still finished
     (failure,) = manifest["failed"]
     assert failure["id"] == "bad" and line == f"failed: {failure['error']}"
     assert sorted(p.name for p in (out / "images").iterdir()) == ["good.npy"]  # nothing for "bad"
+    assert temp_files(out) == []
     assert sorted(p.name for p in (out / "lungs").iterdir()) == ["good.npy"]
     assert temp_files(out) == []
 
