@@ -202,6 +202,20 @@ def test_a_second_batch_keeps_the_first_ones_rows_and_a_concurrent_one_is_refuse
     assert not (out / "c.json").exists()
 
 
+def test_preprocess_into_a_folder_another_run_is_writing_is_refused(hu, tmp_path):
+    from covidseg.atomic import folder_lock
+
+    inputs, out = tmp_path / "in", tmp_path / "pre"
+    _ct(inputs / "a.nii.gz", hu)
+    out.mkdir()
+    with folder_lock(out, ".covidseg.lock", "covidseg preprocess"):  # as a running preprocess holds it
+        result = cli("preprocess", "--covid", inputs, "-o", out, "--grid", "8,32,32", "--no-progress")
+    assert result.exit_code == 2, result.output
+    assert f"error: another covidseg preprocess (pid {os.getpid()}) is writing to {out}" in result.output
+    assert not (out / "images").exists() and not (out / "manifest.json").exists()
+    assert cli("preprocess", "--covid", inputs, "-o", out, "--grid", "8,32,32").exit_code == 0  # released
+
+
 # --- 4: --continue with another model -----------------------------------------------------------------
 
 

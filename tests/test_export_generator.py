@@ -43,6 +43,19 @@ def trained(tmp_path_factory):
     return SimpleNamespace(root=root, pre=root / "pre", gan=root / "gan", export=result)
 
 
+def test_make_masks_into_a_folder_another_run_is_writing_is_refused(trained, tmp_path):
+    from covidseg.atomic import folder_lock
+
+    out = tmp_path / "masks"
+    out.mkdir()
+    command = ["make-masks", str(trained.pre), "--gan", str(trained.gan), "-o", str(out), "--no-native",
+               "--device", "cpu", "--no-progress"]  # fmt: skip
+    with folder_lock(out, ".covidseg.lock", "covidseg make-masks"):  # as a running make-masks holds it
+        result = runner.invoke(app, command)
+    assert result.exit_code == 2, result.output
+    assert "another covidseg make-masks" in result.output and not (out / "grid").exists()
+
+
 def test_explicit_noise_reproduces_the_seeded_forward():
     torch.manual_seed(0)
     g = Generator3D(GAN_PRESETS["tiny"].generator).eval()

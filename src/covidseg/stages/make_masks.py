@@ -23,13 +23,13 @@ import csv
 import io as _io
 import time
 from collections.abc import Callable
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
 from covidseg import __version__
-from covidseg.atomic import save_npy, write_json, write_text
+from covidseg.atomic import folder_lock, save_npy, write_json, write_text
 from covidseg.errors import CovidsegError, InputError, UsageError
 from covidseg.geometry import Geometry, Orientation
 from covidseg.intensity import parse_intensity
@@ -39,7 +39,7 @@ from covidseg.models.gan3d import generator_from_payload, run_generator
 from covidseg.preprocess import CropBox, grid_to_canonical
 from covidseg.runners import requested_providers
 from covidseg.stages.export_generator import OnnxGenerator, load_generator_payload, read_generator_sidecar
-from covidseg.stages.work import GridCase, load_grid_cases
+from covidseg.stages.work import STAGE_LOCK, GridCase, load_grid_cases
 from covidseg.training import resolve_device
 
 SOFT_SCALE = 0.25  # difference (unit scale) that counts as a full lesion: 350 HU above healthy lung
@@ -111,6 +111,34 @@ def _native_outputs(case: GridCase, pseudo: np.ndarray, binary: np.ndarray, wind
     )
 
 
+def _write_case(
+    out_dir: Path, case: GridCase, pseudo: np.ndarray, binary: np.ndarray, soft: np.ndarray, window
+) -> dict[str, str]:
+    """Write one case's grids (and, with an HU `window`, its native NIfTI outputs); return the files
+    (relative paths). A write that fails (disk full) or Ctrl-C leaves no file of the case."""
+    files = {
+        "pseudo_healthy_grid": f"grid/pseudo_healthy/{case.case_id}.npy",
+        "soft_grid": f"grid/soft/{case.case_id}.npy",
+        "binary_grid": f"grid/binary/{case.case_id}.npy",
+    }
+    if window is not None:
+        files["pseudo_healthy"] = f"pseudo_healthy/{case.case_id}.nii.gz"
+        files["pseudo_mask"] = f"pseudo_masks/{case.case_id}.nii.gz"
+    try:
+        if window is not None:
+            healthy_native, mask_native, geometry = _native_outputs(case, pseudo, binary, window)
+            write_array(out_dir / files["pseudo_healthy"], healthy_native, geometry)
+            write_array(out_dir / files["pseudo_mask"], mask_native, geometry)
+        save_npy(out_dir / files["pseudo_healthy_grid"], pseudo.astype(np.float32))
+        save_npy(out_dir / files["soft_grid"], soft)
+        save_npy(out_dir / files["binary_grid"], binary.astype(np.uint8))
+    except BaseException:
+        for relative in files.values():
+            (out_dir / relative).unlink(missing_ok=True)
+        raise
+    return files
+
+
 def run_make_masks(
     pre_dir: Path,
     gan: Path,
@@ -145,8 +173,7 @@ def run_make_masks(
         min_component=calibration["min_component"],
     )
     threshold = float(calibration["threshold"] if threshold is None else threshold)
-    if (out_dir / "manifest.json").exists() and not overwrite:
-        raise UsageError(out_dir, "holds a previous make-masks output; pass --overwrite to replace it")
+    _refuse_previous_output(out_dir, overwrite)
     cases = load_grid_cases(pre_dir)
     if not cases:
         raise UsageError(pre_dir, "no cases")
@@ -172,12 +199,40 @@ def run_make_masks(
             )
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "manifest.json").unlink(missing_ok=True)
+    with folder_lock(out_dir, STAGE_LOCK, "covidseg make-masks"):
+        _refuse_previous_output(out_dir, overwrite)  # again: another run may have finished meanwhile
+        (out_dir / "manifest.json").unlink(missing_ok=True)
+        native_window = window if native else None
+        outcome = _mask_cases(out_dir, cases, generate, config, threshold, native_window, progress)
+        _write_slices(out_dir, outcome)
+        manifest = _manifest(pre_dir, generator_path, backend_info, threshold, config, cases, window, outcome)
+        write_json(out_dir / "manifest.json", manifest)
+    return manifest
 
-    stacks: dict[str, list[np.ndarray]] = {"images": [], "lungs": [], "soft": [], "binary": [], "refs": []}
-    index_rows, records, failures = [], [], []
-    # phantom runs: every COVID case has a reference; healthy cases' reference is empty by definition
-    has_refs = all(c.ref is not None for c in cases if c.group == "covid")
+
+def _refuse_previous_output(out_dir: Path, overwrite: bool) -> None:
+    if (out_dir / "manifest.json").exists() and not overwrite:
+        raise UsageError(out_dir, "holds a previous make-masks output; pass --overwrite to replace it")
+
+
+@dataclass
+class _Outcome:
+    """What make-masks made of the cases: per-slice stacks (images, lungs, soft, binary, refs),
+    the slice index rows, the case records and failures."""
+
+    has_refs: bool  # every COVID case has a reference (phantoms); healthy ones are empty by definition
+    stacks: dict[str, list[np.ndarray]] = field(
+        default_factory=lambda: {"images": [], "lungs": [], "soft": [], "binary": [], "refs": []}
+    )
+    index_rows: list[list] = field(default_factory=list)
+    records: list[dict] = field(default_factory=list)
+    failures: list[dict] = field(default_factory=list)
+
+
+def _mask_cases(out_dir: Path, cases, generate, config, threshold: float, window, progress) -> _Outcome:
+    """Pseudo-healthy volume, difference map and pseudo-mask of every case, written per case (with
+    native NIfTI outputs when `window` is given); a case that fails is recorded and the others go on."""
+    outcome = _Outcome(has_refs=all(c.ref is not None for c in cases if c.group == "covid"))
     for case in cases:
         start = time.perf_counter()
         try:
@@ -185,35 +240,15 @@ def run_make_masks(
             diff = difference_map(case.image, pseudo, case.lungs, config.smooth_sigma)
             binary = binarise(diff, threshold, config.min_component)
             soft = np.clip(diff / SOFT_SCALE, 0.0, 1.0).astype(np.float32)
-            files = {
-                "pseudo_healthy_grid": f"grid/pseudo_healthy/{case.case_id}.npy",
-                "soft_grid": f"grid/soft/{case.case_id}.npy",
-                "binary_grid": f"grid/binary/{case.case_id}.npy",
-            }
-            if native:
-                healthy_native, mask_native, geometry = _native_outputs(case, pseudo, binary, window)
-                files["pseudo_healthy"] = f"pseudo_healthy/{case.case_id}.nii.gz"
-                files["pseudo_mask"] = f"pseudo_masks/{case.case_id}.nii.gz"
-                write_array(out_dir / files["pseudo_healthy"], healthy_native, geometry)
-                write_array(out_dir / files["pseudo_mask"], mask_native, geometry)
-            save_npy(out_dir / files["pseudo_healthy_grid"], pseudo.astype(np.float32))
-            save_npy(out_dir / files["soft_grid"], soft)
-            save_npy(out_dir / files["binary_grid"], binary.astype(np.uint8))
+            files = _write_case(out_dir, case, pseudo, binary, soft, window)
         except CovidsegError as exc:
-            failures.append({"id": case.case_id, "error": str(exc)})
+            outcome.failures.append({"id": case.case_id, "error": str(exc)})
             if progress:
                 progress(f"{case.case_id}: failed")
             continue
+        _add_slices(outcome, case, binary, soft, config)
         lung_voxels = int((case.lungs > 0).sum())
-        for z, kind, fraction in split_slices(binary, case.lungs, config):
-            index_rows.append([len(index_rows), case.case_id, case.group, z, kind, round(fraction, 5)])
-            stacks["images"].append(case.image[z])
-            stacks["lungs"].append(case.lungs[z])
-            stacks["soft"].append(soft[z])
-            stacks["binary"].append(binary[z].astype(np.uint8))
-            if has_refs:
-                stacks["refs"].append(case.ref[z] if case.ref is not None else np.zeros_like(case.lungs[z]))
-        records.append(
+        outcome.records.append(
             {
                 "id": case.case_id,
                 "group": case.group,
@@ -223,18 +258,43 @@ def run_make_masks(
             }
         )
         if progress:
-            progress(f"{case.case_id}: {records[-1]['pseudo_lesion_percent_of_lung']:.1f} % of lung")
+            progress(f"{case.case_id}: {outcome.records[-1]['pseudo_lesion_percent_of_lung']:.1f} % of lung")
+    return outcome
 
-    for name, arrays in stacks.items():
+
+def _add_slices(outcome: _Outcome, case: GridCase, binary: np.ndarray, soft: np.ndarray, config) -> None:
+    """The high/low/mid-infected slices of one case into the slice stacks and the index."""
+    stacks, rows = outcome.stacks, outcome.index_rows
+    for z, kind, fraction in split_slices(binary, case.lungs, config):
+        rows.append([len(rows), case.case_id, case.group, z, kind, round(fraction, 5)])
+        stacks["images"].append(case.image[z])
+        stacks["lungs"].append(case.lungs[z])
+        stacks["soft"].append(soft[z])
+        stacks["binary"].append(binary[z].astype(np.uint8))
+        if outcome.has_refs:
+            stacks["refs"].append(case.ref[z] if case.ref is not None else np.zeros_like(case.lungs[z]))
+
+
+def _write_slices(out_dir: Path, outcome: _Outcome) -> None:
+    """slices/<name>.npy stacks and slices/index.csv."""
+    for name, arrays in outcome.stacks.items():
         if arrays:
             save_npy(out_dir / "slices" / f"{name}.npy", np.stack(arrays))
     buffer = _io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["n", "case_id", "group", "z", "set", "lesion_fraction"])
-    writer.writerows(index_rows)
+    writer.writerows(outcome.index_rows)
     write_text(out_dir / "slices" / "index.csv", buffer.getvalue())
+
+
+def _manifest(
+    pre_dir: Path, generator_path: Path, backend_info: dict, threshold: float, config, cases, window,
+    outcome: _Outcome,
+) -> dict:  # fmt: skip
+    """make-masks' manifest.json."""
+    index_rows = outcome.index_rows
     sets = [row[4] for row in index_rows]
-    manifest = {
+    return {
         "format": "covidseg.masks",
         "version": 1,
         "covidseg_version": __version__,
@@ -251,10 +311,8 @@ def run_make_masks(
             "high": sets.count("high"),
             "low": sets.count("low"),
             "mid": sets.count("mid"),
-            "has_refs": has_refs and bool(index_rows),
+            "has_refs": outcome.has_refs and bool(index_rows),
         },
-        "cases": records,
-        "failed": failures,
+        "cases": outcome.records,
+        "failed": outcome.failures,
     }
-    write_json(out_dir / "manifest.json", manifest)
-    return manifest

@@ -13,6 +13,7 @@ See docs/formats.md for the full contract.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections.abc import Callable
@@ -23,14 +24,14 @@ from pathlib import Path
 import numpy as np
 
 from covidseg import __version__
-from covidseg.atomic import save_npy, write_json
+from covidseg.atomic import folder_lock, save_npy, write_json
 from covidseg.config import PreprocessConfig
 from covidseg.errors import CovidsegError, InputError, UsageError
 from covidseg.intensity import IntensityMapping
 from covidseg.io import find_cases, read_ct, read_mask
 from covidseg.lungs import segment_lungs
 from covidseg.preprocess import grid_spacing_mm, hu_to_grid, lung_crop_box, mask_to_grid
-from covidseg.stages.work import check_output_dir
+from covidseg.stages.work import STAGE_LOCK, check_output_dir
 
 MANIFEST_FORMAT = "covidseg.preprocess"
 MANIFEST_VERSION = 1
@@ -176,6 +177,24 @@ def _check_out_dir(out_dir: Path, inputs: list[CaseInput], overwrite: bool) -> N
     check_output_dir(out_dir)
 
 
+def _run_cases(jobs: list[tuple], workers: int, progress) -> dict[str, tuple[dict | None, str | None]]:
+    """Case id -> (record, None) or (None, one-line error) for every job, in `workers` processes."""
+    workers = max(1, min(workers, len(jobs)))
+    results: dict[str, tuple[dict | None, str | None]] = {}
+    with contextlib.ExitStack() as stack:
+        if workers == 1:
+            outcomes = map(_run_one, jobs)
+        else:
+            threads = max(1, (os.cpu_count() or 1) // workers)
+            pool = ProcessPoolExecutor(workers, initializer=_worker_init, initargs=(threads,))
+            outcomes = stack.enter_context(pool).map(_run_one, jobs)
+        for case_id, record, error in outcomes:
+            results[case_id] = (record, error)
+            if progress:
+                progress(f"{case_id}: {'failed' if error else 'done'}")
+    return results
+
+
 def run_preprocess(
     out_dir: Path,
     healthy: Path | None = None,
@@ -198,51 +217,38 @@ def run_preprocess(
     inputs = collect_inputs(healthy, covid, masks, allow_2d=intensity is not None)
     _check_out_dir(out_dir, inputs, overwrite)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "manifest.json").unlink(missing_ok=True)  # an incomplete folder has no manifest
-
-    jobs = [(case, out_dir, config, series, intensity) for case in inputs]
-    workers = max(1, min(workers, len(jobs)))
-    results: dict[str, tuple[dict | None, str | None]] = {}
-    if workers == 1:
-        for job in jobs:
-            case_id, record, error = _run_one(job)
-            results[case_id] = (record, error)
-            if progress:
-                progress(f"{case_id}: {'failed' if error else 'done'}")
-    else:
-        threads = max(1, (os.cpu_count() or 1) // workers)
-        with ProcessPoolExecutor(workers, initializer=_worker_init, initargs=(threads,)) as pool:
-            for case_id, record, error in pool.map(_run_one, jobs):
-                results[case_id] = (record, error)
-                if progress:
-                    progress(f"{case_id}: {'failed' if error else 'done'}")
-
-    records, failures, notes = [], [], []
-    for case in inputs:
-        record, error = results[case.case_id]
-        if error is not None:
-            failures.append(
-                {"id": case.case_id, "group": case.group, "source": str(case.path), "error": error}
-            )
-            continue
-        records.append(record)
-        if record["note"]:
-            notes.append(f"{case.case_id}: {record['note']}")
-    manifest = {
-        "format": MANIFEST_FORMAT,
-        "version": MANIFEST_VERSION,
-        "covidseg_version": __version__,
-        "config": config.to_json(),
-        "inputs": {
+    with folder_lock(out_dir, STAGE_LOCK, "covidseg preprocess"):
+        _check_out_dir(out_dir, inputs, overwrite)  # again: another run may have finished meanwhile
+        (out_dir / "manifest.json").unlink(missing_ok=True)  # an incomplete folder has no manifest
+        jobs = [(case, out_dir, config, series, intensity) for case in inputs]
+        results = _run_cases(jobs, workers, progress)
+        records, failures, notes = [], [], []
+        for case in inputs:
+            record, error = results[case.case_id]
+            if error is not None:
+                failures.append(
+                    {"id": case.case_id, "group": case.group, "source": str(case.path), "error": error}
+                )
+                continue
+            records.append(record)
+            if record["note"]:
+                notes.append(f"{case.case_id}: {record['note']}")
+        inputs_json = {
             "healthy": None if healthy is None else str(healthy),
             "covid": None if covid is None else str(covid),
             "masks": None if masks is None else str(masks),
             "series": series,
             "intensity": None if intensity is None else intensity.spec,
-        },
-        "cases": records,
-        "failed": failures,
-    }
-    write_json(out_dir / "config.json", config.to_json())
-    write_json(out_dir / "manifest.json", manifest)
+        }
+        manifest = {
+            "format": MANIFEST_FORMAT,
+            "version": MANIFEST_VERSION,
+            "covidseg_version": __version__,
+            "config": config.to_json(),
+            "inputs": inputs_json,
+            "cases": records,
+            "failed": failures,
+        }
+        write_json(out_dir / "config.json", config.to_json())
+        write_json(out_dir / "manifest.json", manifest)
     return PreprocessResult(manifest=manifest, failures=failures, notes=notes)

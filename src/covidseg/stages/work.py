@@ -11,6 +11,10 @@ import numpy as np
 
 from covidseg.errors import InputError, UsageError
 
+#: The hidden lock file a stage holds in its output folder while it writes there (preprocess,
+#: make-masks; predict has its own per part): a second run into the folder stops at once.
+STAGE_LOCK = ".covidseg.lock"
+
 
 def read_manifest(folder: Path, expected_format: str, max_version: int = 1) -> dict:
     """The manifest.json of a stage output folder, checked for its format and version."""
