@@ -57,3 +57,23 @@ def test_help_does_not_import_torch():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.split() == ["False", "False"]
+
+
+def test_io_imports_no_torch_and_nothing_above_geometry():
+    """covidseg.io reads and writes files (docs/architecture): no torch, no model or method code."""
+    allowed = ("covidseg.io", "covidseg.atomic", "covidseg.errors", "covidseg.geometry", "covidseg.intensity")
+    offenders = []
+    for path in sorted((PACKAGE / "io").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                modules = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                modules = [node.module]
+            else:
+                continue
+            for module in modules:
+                if module.split(".")[0] == "torch" or (
+                    module.startswith("covidseg") and not module.startswith(allowed)
+                ):
+                    offenders.append(f"{path.name} imports {module}")
+    assert not offenders, "\n".join(offenders)

@@ -183,3 +183,15 @@ def axis_aligned_geometry(
         origin=tuple(float(v) for v in origin_xyz),
         direction=(1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0),
     )
+
+
+#: A direction matrix D is taken as a rotation when |DᵀD - I| <= this everywhere (a rotation written
+#: with four decimals is off by ~1e-4; a shear or scale of 0.1 % or more is refused).
+ORTHONORMAL_TOLERANCE = 1e-3
+
+
+def is_orthonormal(direction: np.ndarray) -> bool:
+    """Whether the square matrix `direction` is a rotation (or reflection) within ORTHONORMAL_TOLERANCE."""
+    with np.errstate(over="ignore", invalid="ignore"):  # huge or NaN entries: not a rotation
+        gram = direction.T @ direction
+        return bool(np.all(np.abs(gram - np.eye(len(direction))) <= ORTHONORMAL_TOLERANCE))
