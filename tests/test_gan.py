@@ -109,6 +109,20 @@ def test_perlin_lesions_are_dense_inside_the_lung_and_keep_vessels():
     assert torch.equal(corrupted, again)
 
 
+def test_perlin_lesions_have_the_same_hu_on_another_window():
+    """Grids preprocessed with another HU window get lesions of the same density in HU (the levels
+    are HU, put on the run's scale), not the default window's unit values read on another scale."""
+    hu = torch.full((1, 1, 16, 64, 64), -850.0)
+    lung = _lung((1, 1, 16, 64, 64))
+    out_hu = []
+    for lo, hi in ((-1000.0, 400.0), (-1350.0, 150.0)):
+        image = (hu - lo) / (hi - lo)
+        corrupted, lesion = perlin_lesions(image, lung, torch.Generator().manual_seed(3), window=(lo, hi))
+        out_hu.append(corrupted * (hi - lo) + lo)
+    assert lesion.sum() > 0
+    assert torch.allclose(out_hu[0], out_hu[1], atol=0.05)  # HU
+
+
 def test_perlin_lesions_prefer_the_lung_border():
     image = torch.full((4, 1, 16, 64, 64), hu_to_unit(-850.0))
     lung = _lung((4, 1, 16, 64, 64))

@@ -163,3 +163,24 @@ def test_train_seg_two_step_cli_run_and_resume(masks, tmp_path):
         torch.testing.assert_close(a["model"][key], b["model"][key], rtol=1e-4, atol=1e-5)
     steps = [int(r["step"]) for r in csv.DictReader(open(tmp_path / "b" / "metrics.csv"))]
     assert steps == [1, 2, 3, 4]
+
+
+def test_the_gan_paints_its_lesions_on_the_preprocess_hu_window(tmp_path, monkeypatch):
+    """train-gan takes the HU window of the grids from the preprocess manifest for its synthetic
+    lesions (it used the default window whatever --hu-window preprocess had)."""
+    import covidseg.stages.train_gan as stage
+
+    root = tmp_path
+    run_synth(root / "synth", 1, 1, seed=11, shape_zyx=(28, 96, 96), spacing_zyx=(10.0, 3.75, 3.75))
+    s = root / "synth"
+    config = PreprocessConfig(grid=GRID, hu_window=(-1350.0, 150.0))
+    run_preprocess(root / "pre", s / "healthy", s / "covid", s / "masks", config)
+    windows, real = [], stage.perlin_lesions
+
+    def recording(*args, window, **kwargs):
+        windows.append(window)
+        return real(*args, window=window, **kwargs)
+
+    monkeypatch.setattr(stage, "perlin_lesions", recording)
+    run_train_gan(root / "pre", root / "gan", _config(steps=1), device="cpu")
+    assert windows and set(windows) == {(-1350.0, 150.0)}

@@ -212,10 +212,12 @@ def _update_d(
 
 
 def _update_g(
-    micros: list[_Micro], g_model: torch.nn.Module, discriminator: Discriminator3D, opt_g, config, device
-) -> dict[str, float]:
+    micros: list[_Micro], g_model: torch.nn.Module, discriminator: Discriminator3D, opt_g, config, device,
+    hu_window: tuple[float, float],
+) -> dict[str, float]:  # fmt: skip
     """(b) adversarial term on COVID volumes and (c) restoration of Perlin-corrupted healthy ones: one
-    G step over the micro-batches; returns the mean losses."""
+    G step over the micro-batches; returns the mean losses. The synthetic lesions get their HU on the
+    grids' scale, the preprocess `hu_window` (HU)."""
     k = len(micros)
     generator = distributed.unwrap(g_model)
     opt_g.zero_grad(set_to_none=True)
@@ -224,7 +226,7 @@ def _update_g(
         parts = {"loss_adv": 0.0, "loss_identity": 0.0}
         with distributed.no_sync(g_model, skip=m < k - 1):
             with autocast(device):
-                corrupted, _ = perlin_lesions(mb.h_img, mb.h_lung, mb.gen)
+                corrupted, _ = perlin_lesions(mb.h_img, mb.h_lung, mb.gen, window=hu_window)
                 restored, _ = g_model(corrupted, mb.h_lung, noise_generator=mb.gen)
                 gate = generator.gate(mb.h_lung)
                 loss_rec = _masked_mse(restored.float(), mb.h_img, gate)
@@ -281,6 +283,8 @@ def _train_gan(
     checkpoint_path = resume_checkpoint_path(out_dir, resume)
 
     cases = load_grid_cases(pre_dir)
+    pre_config = read_manifest(pre_dir, "covidseg.preprocess")["config"]
+    hu_window = tuple(float(v) for v in pre_config["hu_window"])  # the [0, 1] scale of the grids
     healthy = [c for c in cases if c.group == "healthy"]
     covid = [c for c in cases if c.group == "covid"]
     if not healthy:
@@ -365,7 +369,7 @@ def _train_gan(
         losses = {
             "loss_d": _update_d(micros, generator, d_model, opt_d, config, torch_device) if use_adv else 0.0
         }
-        losses.update(_update_g(micros, g_model, discriminator, opt_g, config, torch_device))
+        losses.update(_update_g(micros, g_model, discriminator, opt_g, config, torch_device, hu_window))
         for key, value in losses.items():
             sums[key] = sums.get(key, 0.0) + value
         if step % config.log_every == 0 or step == config.steps:
@@ -391,7 +395,6 @@ def _train_gan(
     if main:
         calibration = _calibrate(generator, healthy, torch_device, mask_config, config.crop)
         write_json(out_dir / "calibration.json", calibration)
-        pre_config = read_manifest(pre_dir, "covidseg.preprocess")["config"]
         save_checkpoint(
             out_dir / "generator.pt",
             {
