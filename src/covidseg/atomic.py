@@ -48,18 +48,21 @@ def _temp_suffix(name: str) -> str:
     return "".join(Path(name).suffixes[-2:])
 
 
+def shortened(name: str, max_bytes: int, digits: int) -> str:
+    """`name` when its UTF-8 encoding fits in `max_bytes`, else its start + '~' + `digits` hex
+    digits of its sha256 (deterministic, unique, never half a character), `max_bytes` long at most."""
+    if len(name.encode()) <= max_bytes:
+        return name
+    digest = hashlib.sha256(name.encode()).hexdigest()[:digits]
+    start = name.encode()[: max_bytes - digits - 1].decode("utf-8", errors="ignore")
+    return f"{start}~{digest}"
+
+
 def _temp_prefix(name: str) -> str:
     """The fixed start of the temporary names of `name`: `.NAME.tmp-`, with NAME shortened (start +
     '~' + a hash of the whole name) when the temporary name would pass NAME_MAX bytes."""
-    suffix = _temp_suffix(name)
-    prefix = f".{name}.tmp-"
-    budget = NAME_MAX - _RANDOM_CHARS - len(suffix.encode())
-    if len(prefix.encode()) <= budget:
-        return prefix
-    digest = hashlib.sha256(name.encode()).hexdigest()[:8]
-    keep = budget - len(f".~{digest}.tmp-".encode())
-    start = name.encode()[:keep].decode("utf-8", errors="ignore")  # never half a character
-    return f".{start}~{digest}.tmp-"
+    budget = NAME_MAX - _RANDOM_CHARS - len(_temp_suffix(name).encode()) - len(".") - len(".tmp-")
+    return f".{shortened(name, budget, digits=8)}.tmp-"
 
 
 @contextlib.contextmanager

@@ -19,6 +19,13 @@ class CovidsegError(Exception):
         return one_line(f"{self.path}: {self.cause}" if self.path else self.cause)
 
 
+def first_line(exc: BaseException, limit: int = 200) -> str:
+    """The first line of a library's exception message (at most `limit` characters), or its type
+    name when the message is empty: the cause part of a one-line error."""
+    text = str(exc).strip()
+    return text.splitlines()[0][:limit] if text else type(exc).__name__
+
+
 def one_line(text: str) -> str:
     """`text` with control and line-separator characters escaped (a file named ``a\nfailed: b``
     prints as one line, ``a\\nfailed: b``, and cannot fake a second message)."""

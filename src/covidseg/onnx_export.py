@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from covidseg.atomic import atomic_path
-from covidseg.errors import CovidsegError, InputError, UsageError
+from covidseg.errors import CovidsegError, InputError, UsageError, first_line
 
 OPSET = 18
 MAX_BATCH = 4096
@@ -220,5 +220,5 @@ def onnx_session(path: str | Path, providers: Sequence[str] = ("CPUExecutionProv
         with contextlib.redirect_stdout(io.StringIO()):
             return ort.InferenceSession(str(path), sess_options=options, providers=list(providers))
     except Exception as exc:  # ORT raises its own exception types for unreadable/invalid models
-        reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        reason = first_line(exc)
         raise InputError(path, f"ONNX Runtime cannot load this model ({reason})") from None

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from covidseg.errors import InputError
+from covidseg.errors import InputError, first_line
 from covidseg.models.segmenters import SEGMENTERS, segmenter_from_config
 from covidseg.onnx_export import onnx_session, read_sidecar, sha256_of, sidecar_path
 from covidseg.slices import SlicePreprocessing
@@ -57,17 +57,12 @@ class SegModelFile:
         return model.eval()
 
 
-def _first_line(exc: Exception) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:200] if text else type(exc).__name__
-
-
 def preprocessing_spec(path: Path, data) -> SlicePreprocessing:
     """A checkpoint's or sidecar's ``preprocessing``, every value checked (InputError naming `path`)."""
     try:
         return SlicePreprocessing.from_json(data)
     except (TypeError, ValueError) as exc:
-        raise InputError(path, _first_line(exc)) from None
+        raise InputError(path, first_line(exc)) from None
 
 
 def _check_config_values(path: Path, arch: str, config: dict) -> None:
@@ -90,7 +85,7 @@ def _meta_segmenter(path: Path, arch: str, config: dict) -> torch.nn.Module:
         with torch.device("meta"):
             model = segmenter_from_config(arch, config)
     except Exception as exc:  # any failure to build from the config (ZeroDivisionError for heads 0 ...)
-        raise InputError(path, f"invalid {arch} config ({_first_line(exc)})") from None
+        raise InputError(path, f"invalid {arch} config ({first_line(exc)})") from None
     count = sum(p.numel() for p in model.parameters())
     if count > MAX_PARAMETERS:
         raise InputError(

@@ -314,7 +314,8 @@ CROSS_RULES: dict[str, tuple[Callable[[Mapping], tuple[str, str] | None], ...]] 
 }
 
 
-def _default(f) -> object:
+def default_of(f) -> object:
+    """The default of the dataclass field `f` (its factory called), or None when it has none."""
     if f.default is not MISSING:
         return f.default
     return f.default_factory() if f.default_factory is not MISSING else None
@@ -328,7 +329,7 @@ def check_values(cls: type, values: Mapping[str, object], prefix: str = "") -> N
     """
     rules = RULES[cls.__name__]  # RunConfig's stage tables have none here: they are checked as tables
     merged = {
-        f.name: values[f.name] if f.name in values else _default(f) for f in fields(cls) if f.name in rules
+        f.name: values[f.name] if f.name in values else default_of(f) for f in fields(cls) if f.name in rules
     }
     for name, value in merged.items():
         if rules[name] is TABLE and TABLE.ok(value):

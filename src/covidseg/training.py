@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from covidseg.atomic import atomic_path
-from covidseg.errors import InputError, UsageError
+from covidseg.errors import InputError, UsageError, first_line
 
 
 def resolve_device(spec: str = "auto") -> torch.device:
@@ -94,7 +94,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # corrupt zip, truncated file, unpickling refused
-        reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        reason = first_line(exc)
         raise InputError(path, f"not a readable covidseg checkpoint ({reason})") from None
     if not isinstance(payload, dict) or "format" not in payload:
         raise InputError(path, "not a covidseg checkpoint (no 'format' key)")

@@ -56,6 +56,10 @@ class CTVolume:
 
 
 def _read_file(path: Path) -> sitk.Image:
+    """One image file, every header check first (a pipe or an empty file is refused unopened)."""
+    check_regular_file(path)
+    if path.stat().st_size == 0:
+        raise InputError(path, "empty file (0 bytes)")
     space = None
     if path.name.lower().endswith((".nii", ".nii.gz")):
         space = check_nifti_header(path)
@@ -133,9 +137,6 @@ def read_ct(
     if path.is_dir():
         image, uid, note, first_dicom = read_dicom_folder(path, series)
     else:
-        check_regular_file(path)
-        if path.stat().st_size == 0:
-            raise InputError(path, "empty file (0 bytes)")
         image = _read_file(path)
     image = _to_scalar_3d(image, path, intensity)
     check_plausible_grid(image, path)
@@ -172,10 +173,6 @@ def read_labels(path: str | Path) -> tuple[np.ndarray, Geometry]:
     path = Path(path)
     if not path.exists():
         raise InputError(path, "no such file")
-    if not path.is_dir():
-        check_regular_file(path)
-    if path.is_file() and path.stat().st_size == 0:
-        raise InputError(path, "empty file (0 bytes)")
     image = read_dicom_folder(path, None)[0] if path.is_dir() else _read_file(path)
     if image.GetNumberOfComponentsPerPixel() > 1:
         raise InputError(path, "multi-channel image; expected a label mask")

@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 
 from covidseg import __version__
-from covidseg.errors import CovidsegError
+from covidseg.errors import CovidsegError, first_line
 from covidseg.home import ENV, home_dir, installed_models, models_dir
 
 
@@ -66,8 +66,7 @@ def _model_entry(name: str, path: Path) -> dict:
     except CovidsegError as exc:
         return {"name": name, "path": str(path), "status": f"broken: {exc}", "error": str(exc)}
     except Exception as exc:  # a defect the checks do not know yet must not hide the other models
-        first = (str(exc).strip().splitlines() or [""])[0][:200]
-        error = f"{path}: unexpected error: {type(exc).__name__}: {first}"
+        error = f"{path}: unexpected error: {type(exc).__name__}: {first_line(exc)}"
         return {"name": name, "path": str(path), "status": f"broken: {error}", "error": error}
     return {
         "name": name,

@@ -36,7 +36,7 @@ import shutil
 import time
 import tomllib
 from collections.abc import Callable
-from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass, replace
+from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 
 from covidseg import __version__
@@ -45,7 +45,7 @@ from covidseg.config import GanTrainConfig, PreprocessConfig, SegTrainConfig
 from covidseg.errors import UsageError
 from covidseg.losses import SegLossConfig
 from covidseg.masks import PseudoMaskConfig
-from covidseg.settings import CROP, SettingError, check_config, check_values, show
+from covidseg.settings import CROP, SettingError, check_config, check_values, default_of, show
 
 #: (stage, done, total, message): one call per finished item (case, step) of the running stage
 StageProgress = Callable[[str, int, int, str], None]
@@ -102,12 +102,6 @@ class RunConfig:
 # ---- settings files ---------------------------------------------------------------------------
 
 
-def _default_of(f) -> object:
-    if f.default is not MISSING:
-        return f.default
-    return f.default_factory() if f.default_factory is not MISSING else None
-
-
 def _convert(value: object, default: object) -> object:
     """`value` from a settings file in the Python type of the field's `default` where that is exact
     (a whole number for a float field, a list for a tuple); anything else is left as it is for the
@@ -133,7 +127,7 @@ def _build(cls: type, data: dict, name: str, source: Path | None, extra: tuple[s
             raise UsageError(
                 source, f"unknown key {key!r} in [{name}] (known: {', '.join([*known, *extra])})"
             )
-        default = _default_of(known[key])
+        default = default_of(known[key])
         if is_dataclass(default) and isinstance(value, dict):
             values[key] = _build(type(default), value, f"{name}.{key}", source)
         else:

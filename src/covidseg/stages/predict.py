@@ -52,7 +52,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import hashlib
 import io as _io
 import json
 import platform
@@ -68,7 +67,7 @@ from pathlib import Path
 import numpy as np
 
 from covidseg import __version__
-from covidseg.atomic import NAME_MAX, folder_lock, remove_stale_temps, write_json, write_text
+from covidseg.atomic import NAME_MAX, folder_lock, remove_stale_temps, shortened, write_json, write_text
 from covidseg.errors import CovidsegError, InputError, UsageError
 from covidseg.home import resolve_model
 from covidseg.intensity import IntensityMapping
@@ -122,12 +121,7 @@ class PredictResult:
 def output_stem(case_id: str) -> str:
     """The start of a case's file names: the case id, or, when a file name would pass NAME_MAX
     bytes, its start + '~' + 10 hex digits of the sha256 of the whole id (deterministic, unique)."""
-    budget = NAME_MAX - len(LONGEST_OUTPUT_SUFFIX.encode())
-    if len(case_id.encode()) <= budget:
-        return case_id
-    digest = hashlib.sha256(case_id.encode()).hexdigest()[:10]
-    start = case_id.encode()[: budget - len(digest) - 1].decode("utf-8", errors="ignore")
-    return f"{start}~{digest}"
+    return shortened(case_id, NAME_MAX - len(LONGEST_OUTPUT_SUFFIX.encode()), digits=10)
 
 
 def case_outputs(out_dir: Path, case_id: str, options: PredictOptions) -> dict[str, Path]:
@@ -148,29 +142,27 @@ def batch_files(options: PredictOptions) -> list[str]:
     return [f"summary{suffix}.csv", f"report{suffix}.json", f".covidseg-predict{suffix}.lock"]
 
 
+def _ok_record(path: Path) -> dict | None:
+    """The JSON record in `path` when it is readable and says ``status: ok``, else None."""
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return record if isinstance(record, dict) and record.get("status") == "ok" else None
+
+
 def completed_record(out_dir: Path, case_id: str, options: PredictOptions) -> dict | None:
     """The JSON record of a case whose outputs are all there, else None."""
     files = case_outputs(out_dir, case_id, options)
-    if not files["json"].is_file():
-        return None
-    try:
-        record = json.loads(files["json"].read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return None
-    if not isinstance(record, dict) or record.get("status") != "ok":
-        return None
-    return record if all(path.is_file() for path in files.values()) else None
+    record = _ok_record(files["json"])
+    return record if record is not None and all(path.is_file() for path in files.values()) else None
 
 
 def finished_record(out_dir: Path, case_id: str) -> dict | None:
     """The JSON record of a case of any earlier batch (whatever its options) whose files, as its
     JSON lists them, are all there; else None."""
-    path = out_dir / f"{output_stem(case_id)}.json"
-    try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return None
-    if not isinstance(record, dict) or record.get("status") != "ok" or record.get("case_id") != case_id:
+    record = _ok_record(out_dir / f"{output_stem(case_id)}.json")
+    if record is None or record.get("case_id") != case_id:
         return None
     outputs = record.get("outputs")
     if not isinstance(outputs, dict) or not all(
