@@ -16,9 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
+from covidseg.imaging.lungs import segment_lungs
+from covidseg.imaging.phantom import make_phantom
 from covidseg.io import read_ct
-from covidseg.lungs import segment_lungs
-from covidseg.phantom import make_phantom
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 

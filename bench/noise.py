@@ -27,7 +27,7 @@ from types import ModuleType
 import numpy as np
 import torch
 
-from covidseg.noise import fractal_perlin_3d
+from covidseg.method.noise import fractal_perlin_3d
 
 SHAPE = (32, 128, 128)  # voxels (z, y, x)
 FREQUENCY = 4.0  # lattice cells per axis in the first octave
@@ -73,7 +73,7 @@ def _median_seconds(fn, repeats: int, warmup: int, sync=None) -> float:
 def _time_reference(ref: ModuleType, slices: int, repeats: int = 3) -> tuple[float, float]:
     """Seconds for ``slices`` z-slices: (nested per-voxel loop into an array, list comprehension)."""
     d, h, w = SHAPE
-    zs = [i * FREQUENCY / d for i in range(slices)]  # lattice coordinates, as in covidseg.noise
+    zs = [i * FREQUENCY / d for i in range(slices)]  # lattice coordinates, as in covidseg.method.noise
     ys = [i * FREQUENCY / h for i in range(h)]
     xs = [i * FREQUENCY / w for i in range(w)]
     pnoise3 = ref.pnoise3

@@ -39,10 +39,10 @@ SPACING = (1.0, 0.7, 0.7)  # mm, z y x: a typical thin-slice chest CT
 def _untrained_model(path: Path) -> None:
     import torch
 
+    from covidseg.inference.ct_segment import SlicePreprocessing
+    from covidseg.inference.model_files import MODEL_FORMAT
+    from covidseg.learning.loop import save_checkpoint
     from covidseg.models.segmenters import make_segmenter, segmenter_config_dict
-    from covidseg.seg_model import MODEL_FORMAT
-    from covidseg.slices import SlicePreprocessing
-    from covidseg.training import save_checkpoint
 
     torch.manual_seed(0)
     model = make_segmenter("transunet", "tiny")
@@ -58,8 +58,8 @@ def _untrained_model(path: Path) -> None:
 
 def _child_predict(image: Path, model: Path, out_dir: Path, backend: str, device: str) -> None:
     """One case through predict; prints timings and this process's peak RSS."""
+    from covidseg.inference.model_files import open_seg_model
     from covidseg.io import read_ct
-    from covidseg.seg_model import open_seg_model
     from covidseg.stages.predict import PredictOptions, make_runner, predict_volume
 
     seg = open_seg_model(model)
@@ -90,9 +90,9 @@ def _child_io(image: Path, mask: Path, out_dir: Path) -> None:
 def _child_snapshot(image: Path, out_dir: Path, repeats: int = 3) -> None:
     """Seconds of one overlay montage (predict --snapshots) of the CT, with its classical lung mask
     and a lesion-like mask (lung voxels above -700 HU), median of `repeats`."""
+    from covidseg.imaging.lungs import segment_lungs
     from covidseg.io import read_ct
-    from covidseg.lungs import segment_lungs
-    from covidseg.plots import overlay_montage
+    from covidseg.reporting.plots import overlay_montage
 
     volume, _ = read_ct(image)
     lungs = segment_lungs(volume.hu, volume.spacing_zyx).full()
@@ -110,8 +110,8 @@ def _child_throughput(model: Path, onnx_model: Path, n_slices: int = 64, repeats
     """Slices per second of torch eager and ONNX Runtime on the same inputs (CPU, batch 16)."""
     import numpy as np
 
-    from covidseg.runners import OnnxRunner, TorchRunner
-    from covidseg.seg_model import open_seg_model
+    from covidseg.inference.model_files import open_seg_model
+    from covidseg.inference.runners import OnnxRunner, TorchRunner
 
     seg = open_seg_model(model)
     h, w = seg.spec.slice_size
@@ -140,9 +140,9 @@ def _run_child(*args: str) -> dict:
 
 
 def _write_ct(path: Path, shape: tuple[int, int, int]) -> None:
-    from covidseg.geometry import axis_aligned_geometry
+    from covidseg.imaging.geometry import axis_aligned_geometry
+    from covidseg.imaging.phantom import make_phantom
     from covidseg.io import write_array
-    from covidseg.phantom import make_phantom
 
     phantom = make_phantom(shape_zyx=shape, spacing_zyx=SPACING, covid=True, seed=0)
     write_array(path, phantom.hu.round().astype("int16"), axis_aligned_geometry(shape, SPACING))

@@ -39,9 +39,9 @@ def _child(image: Path, out_dir: Path) -> None:
 
 
 def main(shape=(300, 512, 512), repeats: int = 3) -> list[dict]:
-    from covidseg.geometry import axis_aligned_geometry
+    from covidseg.imaging.geometry import axis_aligned_geometry
+    from covidseg.imaging.phantom import make_phantom
     from covidseg.io import write_array
-    from covidseg.phantom import make_phantom
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

@@ -26,13 +26,13 @@ from pathlib import Path
 import numpy as np
 
 from covidseg.config import GanTrainConfig, PreprocessConfig
-from covidseg.masks import threshold_baseline
-from covidseg.metrics import aggregate, case_metrics, per_slice_dice
+from covidseg.imaging.metrics import aggregate, case_metrics, per_slice_dice
+from covidseg.method.pseudo_masks import threshold_baseline
+from covidseg.stages._workdir import load_grid_cases
 from covidseg.stages.make_masks import run_make_masks
 from covidseg.stages.preprocess import run_preprocess
 from covidseg.stages.synth import run_synth
 from covidseg.stages.train_gan import run_train_gan
-from covidseg.stages.work import load_grid_cases
 
 VARIANTS = {
     "perlin": {"latent_noise": "perlin"},

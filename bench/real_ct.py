@@ -12,7 +12,7 @@ sensitivity and specificity at >= 50 mm² of lesion; for normal002 the % of lung
 false-positive rate. Methods:
 
 * ``baseline``: HU > -600 inside the lung mask, components under 20 voxels dropped (as
-  ``covidseg.masks.threshold_baseline``), on the lung mask of ``covidseg.lungs``;
+  ``covidseg.method.pseudo_masks.threshold_baseline``), on the lung mask of ``covidseg.imaging.lungs``;
 * each ``--model NAME=MODEL``: ``covidseg predict`` (the command a user runs, default flags, with
   ``--snapshots``) with that model (an exported .onnx, a train-seg best.pt or a model-home name).
 
@@ -33,10 +33,10 @@ from pathlib import Path
 import numpy as np
 from scipy import stats
 
+from covidseg.imaging.lungs import segment_lungs
+from covidseg.imaging.readout import read_out
 from covidseg.io import read_ct, read_mask
-from covidseg.lungs import segment_lungs
-from covidseg.masks import remove_small_components
-from covidseg.readout import read_out
+from covidseg.method.pseudo_masks import remove_small_components
 
 SCANS = ("P002", "cap002", "normal002")
 BASELINE_HU = -600.0

@@ -25,16 +25,16 @@ import torch
 import torch.nn.functional as F
 
 from covidseg.config import SegTrainConfig
-from covidseg.infer import predict_probabilities
-from covidseg.intensity import parse_intensity
+from covidseg.imaging.intensity import parse_intensity
+from covidseg.inference.runners import predict_probabilities
 from covidseg.io import read_ct
-from covidseg.losses import SegLossConfig
-from covidseg.masks import remove_small_components, threshold_baseline
+from covidseg.learning.loop import load_checkpoint
+from covidseg.learning.losses import SegLossConfig
+from covidseg.method.pseudo_masks import remove_small_components, threshold_baseline
 from covidseg.models.segmenters import segmenter_from_config
+from covidseg.stages._workdir import load_grid_cases
 from covidseg.stages.make_masks import run_make_masks
 from covidseg.stages.train_seg import run_train_seg
-from covidseg.stages.work import load_grid_cases
-from covidseg.training import load_checkpoint
 from pseudo_masks import bench_row, score
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"

@@ -133,10 +133,10 @@ def write_dicom_series(
 def save_untrained_segmenter(path: Path, slice_size=(128, 128), slab_mm: float = 9.0) -> Path:
     """An untrained tiny TransUNet saved as train-seg saves its best.pt (seeded: the same file
     every time); its masks are arbitrary but neither empty nor full."""
+    from covidseg.inference.ct_segment import SlicePreprocessing
+    from covidseg.inference.model_files import MODEL_FORMAT
+    from covidseg.learning.loop import save_checkpoint
     from covidseg.models.segmenters import make_segmenter, segmenter_config_dict
-    from covidseg.seg_model import MODEL_FORMAT
-    from covidseg.slices import SlicePreprocessing
-    from covidseg.training import save_checkpoint
 
     torch.manual_seed(0)
     model = make_segmenter("transunet", "tiny")

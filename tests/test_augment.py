@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from covidseg.augment import augment_batch
+from covidseg.learning.augment import augment_batch
 
 
 def test_masks_follow_the_image_and_draws_are_reproducible():

@@ -24,9 +24,9 @@ import numpy as np
 import pytest
 
 from conftest import save_untrained_segmenter, write_dicom_series
-from covidseg.geometry import axis_aligned_geometry
+from covidseg.imaging.geometry import axis_aligned_geometry
+from covidseg.imaging.phantom import make_phantom
 from covidseg.io import write_array
-from covidseg.phantom import make_phantom
 from test_bad_inputs import cli, error_line, temp_files
 
 SHAPE, SPACING = (16, 64, 64), (16.0, 5.6, 5.6)  # a whole chest phantom in 65k voxels
@@ -203,7 +203,7 @@ def test_a_second_batch_keeps_the_first_ones_rows_and_a_concurrent_one_is_refuse
 
 
 def test_preprocess_into_a_folder_another_run_is_writing_is_refused(hu, tmp_path):
-    from covidseg.atomic import folder_lock
+    from covidseg.io.atomic import folder_lock
 
     inputs, out = tmp_path / "in", tmp_path / "pre"
     _ct(inputs / "a.nii.gz", hu)

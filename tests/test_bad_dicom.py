@@ -16,7 +16,7 @@ import pytest
 import SimpleITK as sitk
 
 from conftest import oblique_direction, save_untrained_segmenter, write_dicom_series
-from covidseg.phantom import make_phantom
+from covidseg.imaging.phantom import make_phantom
 from test_bad_inputs import cli, error_line
 
 SHAPE, SPACING = (16, 64, 64), (16.0, 5.6, 5.6)  # a whole chest phantom in 65k voxels

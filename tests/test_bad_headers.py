@@ -25,7 +25,7 @@ import pytest
 import SimpleITK as sitk
 
 from conftest import ct_like, oblique_direction, write_dicom_series
-from covidseg.geometry import Geometry, axis_aligned_geometry
+from covidseg.imaging.geometry import Geometry, axis_aligned_geometry
 from covidseg.io import write_array
 from covidseg.stages.synth import run_synth
 from test_bad_inputs import (

@@ -27,7 +27,7 @@ from typer.testing import CliRunner
 from conftest import LAS, LPS, ct_like, oblique_direction, write_dicom_series
 from covidseg.cli import app
 from covidseg.config import PreprocessConfig
-from covidseg.geometry import Geometry, axis_aligned_geometry
+from covidseg.imaging.geometry import Geometry, axis_aligned_geometry
 from covidseg.io import write_array
 from covidseg.stages.preprocess import run_preprocess
 from covidseg.stages.synth import run_synth
@@ -57,7 +57,7 @@ def error_line(stderr: str, path: Path | str, cause: str) -> str:
 
 
 def temp_files(folder: Path) -> list[Path]:
-    """Leftovers of an interrupted atomic write (see covidseg.atomic)."""
+    """Leftovers of an interrupted atomic write (see covidseg.io.atomic)."""
     return list(folder.rglob(".*.tmp-*")) if folder.exists() else []
 
 

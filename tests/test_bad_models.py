@@ -22,10 +22,10 @@ import pytest
 import torch
 
 from conftest import ct_like, save_untrained_segmenter
-from covidseg.geometry import axis_aligned_geometry
+from covidseg.imaging.geometry import axis_aligned_geometry
+from covidseg.inference.onnx import sha256_of, sidecar_path
 from covidseg.io import write_array
 from covidseg.models.segmenters import make_segmenter
-from covidseg.onnx_export import sha256_of, sidecar_path
 from covidseg.stages.export import run_export
 from test_bad_inputs import cli, error_line, snapshot
 

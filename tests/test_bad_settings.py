@@ -16,17 +16,17 @@ import numpy as np
 import pytest
 
 from conftest import ct_like
-from covidseg.airways import AirwayParams
 from covidseg.config import GanTrainConfig, PreprocessConfig, SegTrainConfig
-from covidseg.geometry import axis_aligned_geometry
+from covidseg.imaging.airways import AirwayParams
+from covidseg.imaging.geometry import axis_aligned_geometry
+from covidseg.imaging.lungs import LungParams
+from covidseg.inference.ct_segment import SlicePreprocessing
 from covidseg.io import write_array
-from covidseg.losses import SegLossConfig
-from covidseg.lungs import LungParams
-from covidseg.masks import PseudoMaskConfig
+from covidseg.learning.losses import SegLossConfig
+from covidseg.method.pseudo_masks import PseudoMaskConfig
 from covidseg.models.gan3d import GAN_PRESETS
 from covidseg.settings import RULES, check_config
-from covidseg.slices import SlicePreprocessing
-from covidseg.stages.pipeline import ExportConfig, PredictConfig
+from covidseg.stages.run import ExportConfig, PredictConfig
 from test_bad_inputs import cli, error_line
 
 SHAPE = (4, 8, 8)

@@ -19,15 +19,15 @@ import torch
 import torch.multiprocessing as mp
 
 from conftest import one_torch_thread
-from covidseg import distributed
 from covidseg.config import GanTrainConfig, PreprocessConfig, SegTrainConfig
 from covidseg.errors import UsageError
+from covidseg.learning import distributed
+from covidseg.learning.loop import load_checkpoint
 from covidseg.stages.make_masks import run_make_masks
 from covidseg.stages.preprocess import run_preprocess
 from covidseg.stages.synth import run_synth
 from covidseg.stages.train_gan import run_train_gan
 from covidseg.stages.train_seg import run_train_seg
-from covidseg.training import load_checkpoint
 
 GAN = dict(preset="tiny", batch_size=1, crop=(8, 32, 32), checkpoint_every=2, sample_every=2, log_every=1)
 SEG = dict(arch="unet", batch_size=4, eval_every=2, log_every=1)

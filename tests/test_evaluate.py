@@ -11,7 +11,7 @@ import pytest
 
 from covidseg import __version__
 from covidseg.errors import UsageError
-from covidseg.geometry import axis_aligned_geometry
+from covidseg.imaging.geometry import axis_aligned_geometry
 from covidseg.io import write_array
 from covidseg.stages.evaluate import CSV_COLUMNS, PER_SLICE_COLUMNS, run_evaluate
 

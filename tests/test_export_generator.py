@@ -14,14 +14,14 @@ from typer.testing import CliRunner
 from covidseg.cli import app
 from covidseg.config import GanTrainConfig, PreprocessConfig
 from covidseg.errors import InputError, UsageError
+from covidseg.inference.onnx import onnx_session, sha256_of
+from covidseg.learning.loop import load_checkpoint, save_checkpoint
 from covidseg.models.gan3d import GAN_PRESETS, Generator3D, GeneratorRemoval, run_generator
-from covidseg.onnx_export import onnx_session, sha256_of
 from covidseg.stages import export_generator as eg
 from covidseg.stages.make_masks import _onnx_grid_check, resolve_generator, run_make_masks
 from covidseg.stages.preprocess import run_preprocess
 from covidseg.stages.synth import run_synth
 from covidseg.stages.train_gan import run_train_gan
-from covidseg.training import load_checkpoint, save_checkpoint
 
 runner = CliRunner()
 GRID = (8, 48, 48)  # 2 x 2 windows of the crop: exercises the blending at little cost
@@ -44,7 +44,7 @@ def trained(tmp_path_factory):
 
 
 def test_make_masks_into_a_folder_another_run_is_writing_is_refused(trained, tmp_path):
-    from covidseg.atomic import folder_lock
+    from covidseg.io.atomic import folder_lock
 
     out = tmp_path / "masks"
     out.mkdir()

@@ -22,11 +22,11 @@ from hypothesis import strategies as st
 
 from conftest import LPS, ct_like, write_dicom_series
 from covidseg.errors import CovidsegError
-from covidseg.geometry import Geometry
-from covidseg.intensity import IntensityMapping, parse_intensity
+from covidseg.imaging.geometry import Geometry
+from covidseg.imaging.intensity import IntensityMapping, parse_intensity
 from covidseg.io import read_ct, read_mask, write_array
+from covidseg.stages._workdir import load_grid_cases, read_manifest
 from covidseg.stages.evaluate import _references
-from covidseg.stages.work import load_grid_cases, read_manifest
 
 FUZZ = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 GEOMETRY = Geometry(size=(12, 10, 4), spacing=(0.75, 0.8, 2.5), origin=(-5.0, 3.0, 10.0), direction=LPS)
@@ -137,7 +137,13 @@ def grid_folder(scratch) -> tuple[Path, dict]:
         (folder / sub).mkdir(parents=True)
         np.save(folder / sub / "a.npy", np.zeros((4, 8, 8), dtype))
     record = {"id": "a", "group": "healthy", "image": "images/a.npy", "lungs": "lungs/a.npy", "ref": None}
-    manifest = {"format": "covidseg.preprocess", "version": 1, "config": {}, "cases": [record], "failed": []}
+    manifest = {
+        "format": "covidseg.preprocess",
+        "version": 1,
+        "config": {},
+        "cases": [record],
+        "failed": [],
+    }
     return folder, manifest
 
 

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from covidseg.corruption import CorruptionConfig, hu_to_unit, perlin_lesions
-from covidseg.masks import (
+from covidseg.method.lesions import CorruptionConfig, hu_to_unit, perlin_lesions
+from covidseg.method.pseudo_masks import (
     PseudoMaskConfig,
     binarise,
     calibrate_threshold,

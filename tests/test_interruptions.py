@@ -27,14 +27,14 @@ from typer.testing import CliRunner
 from conftest import one_torch_thread, save_untrained_segmenter
 from covidseg.cli import app
 from covidseg.config import GanTrainConfig, PreprocessConfig
-from covidseg.geometry import axis_aligned_geometry
+from covidseg.imaging.geometry import axis_aligned_geometry
+from covidseg.imaging.phantom import make_phantom
 from covidseg.io import write_array
-from covidseg.phantom import make_phantom
+from covidseg.learning.loop import load_checkpoint
 from covidseg.stages.make_masks import run_make_masks
 from covidseg.stages.preprocess import run_preprocess
 from covidseg.stages.synth import centred_origin, run_synth
 from covidseg.stages.train_gan import run_train_gan
-from covidseg.training import load_checkpoint
 
 runner = CliRunner()
 SHAPE, SPACING = (28, 96, 96), (10.0, 3.75, 3.75)  # small phantoms: a second each

@@ -10,8 +10,8 @@ import SimpleITK as sitk
 
 from conftest import LAS, LPS, ct_like, oblique_direction, write_dicom_series
 from covidseg.errors import InputError
-from covidseg.geometry import Geometry, Orientation
-from covidseg.intensity import parse_intensity
+from covidseg.imaging.geometry import Geometry, Orientation
+from covidseg.imaging.intensity import parse_intensity
 from covidseg.io import case_id_of, find_cases, read_ct, read_mask, write_array
 
 DIRECTIONS = {"LPS": LPS, "LAS": LAS, "oblique": oblique_direction()}

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from covidseg.losses import (
+from covidseg.learning.losses import (
     ContrastiveLoss,
     SegLossConfig,
     SegmentationLoss,

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from covidseg.imaging.lungs import segment_lungs
+from covidseg.imaging.phantom import make_phantom
 from covidseg.io import read_ct
-from covidseg.lungs import segment_lungs
-from covidseg.phantom import make_phantom
 
 
 def _dice(a: np.ndarray, b: np.ndarray) -> float:
@@ -125,7 +125,7 @@ def test_table_trachea_and_bowel_gas_are_not_lung(table_touches):
 def test_lung_params_from_an_older_sidecar_take_the_new_defaults():
     from dataclasses import asdict
 
-    from covidseg.lungs import LungParams
+    from covidseg.imaging.lungs import LungParams
 
     old = {
         k: v for k, v in asdict(LungParams(air_hu=-320.0)).items() if k in ("air_hu", "outside_hu", "work_mm")

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from covidseg import metrics
-from covidseg.metrics import (
+from covidseg.imaging import metrics
+from covidseg.imaging.metrics import (
     aggregate,
     case_metrics,
     confusion,

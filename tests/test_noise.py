@@ -1,4 +1,4 @@
-"""Tests for covidseg.noise: closed-form values, and the qualitative properties of Perlin noise checked
+"""Tests for covidseg.method.noise: closed-form values, and the qualitative properties of Perlin noise checked
 side by side with the C reference ``noise.pnoise2/pnoise3`` sampled on the same grid.
 
 Our voxel ``i`` of an axis with ``n`` voxels and ``f`` cells sits at lattice coordinate ``i * f / n``;
@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from covidseg.noise import (
+from covidseg.method.noise import (
     _random_gradients,
     fractal_perlin_2d,
     fractal_perlin_3d,

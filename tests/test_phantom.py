@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from covidseg.phantom import LEFT_LUNG, RIGHT_LUNG, Phantom, make_phantom
+from covidseg.imaging.phantom import LEFT_LUNG, RIGHT_LUNG, Phantom, make_phantom
 
 # A coarse grid whose field of view is a real chest (288 x 336 x 336 mm): fast, and the anatomy
 # (sized in mm) is the same as at full resolution.

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-import covidseg.phantom as phantom_module
-from covidseg import phantom_surroundings as surround
-from covidseg.phantom import Phantom, make_phantom
+import covidseg.imaging.phantom as phantom_module
+from covidseg.imaging import phantom_surroundings as surround
+from covidseg.imaging.phantom import Phantom, make_phantom
 
 SHAPE, SPACING = (24, 96, 96), (12.0, 3.5, 3.5)  # a real chest field of view on a coarse grid
 FINE_SHAPE, FINE_SPACING = (4, 192, 192), (72.0, 1.75, 1.75)  # thin table walls resolved, few slices

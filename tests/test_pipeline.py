@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 from covidseg.cli import app
 from covidseg.config import GanTrainConfig, PreprocessConfig, SegTrainConfig
 from covidseg.errors import UsageError
-from covidseg.stages.pipeline import RunConfig, config_from_tables, load_config
+from covidseg.stages.run import RunConfig, config_from_tables, load_config
 from covidseg.stages.synth import run_synth
 
 runner = CliRunner()
@@ -212,8 +212,8 @@ def test_quick_demo_writes_a_self_contained_report_that_passes_a_dice_floor(tmp_
 
 
 def test_report_pieces_escape_text_and_embed_images(tmp_path):
-    from covidseg.plots import loss_curves
-    from covidseg.stages.report import image, page, section, table
+    from covidseg.reporting.html import image, page, section, table
+    from covidseg.reporting.plots import loss_curves
 
     png = tmp_path / "curve.png"
     loss_curves([{"step": 1, "loss": 1.0}, {"step": 2, "loss": 0.5}], ["loss"], png)

@@ -18,15 +18,15 @@ from typer.testing import CliRunner
 from conftest import LAS, LPS, oblique_direction, save_untrained_segmenter, write_dicom_series
 from covidseg.cli import app
 from covidseg.errors import InputError, UsageError
-from covidseg.geometry import Geometry, Orientation
+from covidseg.imaging.geometry import Geometry, Orientation
+from covidseg.imaging.grid import CropBox
+from covidseg.imaging.phantom import make_phantom
+from covidseg.imaging.readout import read_out, severity
+from covidseg.inference.ct_segment import slab_count
+from covidseg.inference.model_files import open_seg_model
+from covidseg.inference.onnx import onnx_session, sidecar_path
+from covidseg.inference.runners import requested_providers
 from covidseg.io import write_array
-from covidseg.onnx_export import onnx_session, sidecar_path
-from covidseg.phantom import make_phantom
-from covidseg.preprocess import CropBox
-from covidseg.readout import read_out, severity
-from covidseg.runners import requested_providers
-from covidseg.seg_model import open_seg_model
-from covidseg.slices import slab_count
 from covidseg.stages.export import run_export
 
 runner = CliRunner()

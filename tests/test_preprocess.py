@@ -12,10 +12,10 @@ import SimpleITK as sitk
 from conftest import write_dicom_series
 from covidseg.config import PreprocessConfig
 from covidseg.errors import UsageError
-from covidseg.geometry import Geometry, Orientation
-from covidseg.intensity import parse_intensity
+from covidseg.imaging.geometry import Geometry, Orientation
+from covidseg.imaging.grid import CropBox, grid_to_canonical, mask_to_grid, resize
+from covidseg.imaging.intensity import parse_intensity
 from covidseg.io import write_array
-from covidseg.preprocess import CropBox, grid_to_canonical, mask_to_grid, resize
 from covidseg.stages.preprocess import run_preprocess
 from covidseg.stages.synth import run_synth
 

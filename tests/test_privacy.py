@@ -19,9 +19,9 @@ from typer.testing import CliRunner
 
 from conftest import one_torch_thread, save_untrained_segmenter, write_dicom_series
 from covidseg.cli import app
-from covidseg.geometry import axis_aligned_geometry
+from covidseg.imaging.geometry import axis_aligned_geometry
+from covidseg.imaging.phantom import make_phantom
 from covidseg.io import DICOM_IDENTIFIERS, read_ct, write_array
-from covidseg.phantom import make_phantom
 from covidseg.stages.synth import centred_origin
 
 runner = CliRunner()

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from covidseg.plots import coronal_slice, montage_slices, overlay_montage
-from covidseg.readout import MAX_LUNG_ML, MIN_LUNG_ML, read_out, severity, whole_lungs_in_view
+from covidseg.imaging.readout import MAX_LUNG_ML, MIN_LUNG_ML, read_out, severity, whole_lungs_in_view
+from covidseg.reporting.plots import coronal_slice, montage_slices, overlay_montage
 
 # --- read-out: implausible lung volumes are warned about, not graded ---------------------------
 

@@ -20,12 +20,12 @@ import torch
 
 from conftest import one_torch_thread, save_untrained_segmenter
 from covidseg.config import GanTrainConfig, PreprocessConfig
+from covidseg.learning.loop import load_checkpoint
 from covidseg.stages.make_masks import run_make_masks
 from covidseg.stages.predict import PredictOptions, collect_cases, run_predict
 from covidseg.stages.preprocess import run_preprocess
 from covidseg.stages.synth import run_synth
 from covidseg.stages.train_gan import run_train_gan
-from covidseg.training import load_checkpoint
 
 SHAPE, SPACING = (28, 96, 96), (10.0, 3.75, 3.75)  # small phantoms: a second each
 TIMINGS = ("seconds", "seconds_per_case")  # JSON keys and CSV columns that hold wall-clock times

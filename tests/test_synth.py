@@ -9,9 +9,9 @@ import pytest
 import SimpleITK as sitk
 
 from covidseg.errors import UsageError
+from covidseg.imaging.phantom import make_phantom
 from covidseg.io import read_ct, read_mask
-from covidseg.phantom import make_phantom
-from covidseg.plots import montage_slices, overlay_montage
+from covidseg.reporting.plots import montage_slices, overlay_montage
 from covidseg.stages.synth import case_seed, run_synth
 
 SHAPE = (16, 64, 64)

@@ -14,12 +14,12 @@ from typer.testing import CliRunner
 from covidseg.cli import app
 from covidseg.config import GanTrainConfig, PreprocessConfig
 from covidseg.errors import InputError, UsageError
-from covidseg.geometry import Geometry
+from covidseg.imaging.geometry import Geometry
+from covidseg.learning.loop import load_checkpoint
 from covidseg.stages.make_masks import run_make_masks
 from covidseg.stages.preprocess import run_preprocess
 from covidseg.stages.synth import run_synth
 from covidseg.stages.train_gan import run_train_gan
-from covidseg.training import load_checkpoint
 
 runner = CliRunner()
 GRID = (16, 64, 64)

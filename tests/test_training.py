@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from covidseg.training import lr_at
+from covidseg.learning.loop import lr_at
 
 
 def test_cosine_schedule_warms_up_then_decays_to_one_percent():

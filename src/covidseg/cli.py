@@ -197,7 +197,7 @@ def preprocess(
     """CTs -> lung-cropped, HU-windowed, fixed-size arrays + lung masks + manifest."""
     try:
         from covidseg.config import PreprocessConfig
-        from covidseg.intensity import parse_intensity
+        from covidseg.imaging.intensity import parse_intensity
 
         try:
             config = PreprocessConfig(
@@ -315,7 +315,7 @@ def train_gan(
             raise _option_error(
                 exc, {"lr_g": "--lr", "lr_d": "--lr", "sample_every": "--checkpoint-every"}
             ) from None
-        from covidseg.distributed import env_rank
+        from covidseg.learning.distributed import env_rank
         from covidseg.stages.train_gan import run_train_gan
 
         with _step_progress(steps, "train-gan", not no_progress and env_rank() == 0) as advance:
@@ -368,9 +368,9 @@ def make_masks(
     try:
         from dataclasses import replace
 
-        from covidseg.masks import PseudoMaskConfig
+        from covidseg.method.pseudo_masks import PseudoMaskConfig
+        from covidseg.stages._workdir import read_manifest
         from covidseg.stages.make_masks import generator_calibration, run_make_masks
-        from covidseg.stages.work import read_manifest
 
         default_component = PseudoMaskConfig.min_component if min_component is None else min_component
         asked = PseudoMaskConfig(
@@ -449,7 +449,7 @@ def train_seg(
     """Train the 2D TransUNet (or UNet) on pseudo-masks: contrastive + MSE + sensitivity-enhanced loss."""
     try:
         from covidseg.config import SegTrainConfig
-        from covidseg.losses import SegLossConfig
+        from covidseg.learning.losses import SegLossConfig
 
         try:
             config = SegTrainConfig(
@@ -467,7 +467,7 @@ def train_seg(
             _check_options(loss_config)
         except ValueError as exc:
             raise _option_error(exc) from None
-        from covidseg.distributed import env_rank
+        from covidseg.learning.distributed import env_rank
         from covidseg.stages.train_seg import run_train_seg
 
         with _step_progress(steps, "train-seg", not no_progress and env_rank() == 0) as advance:
@@ -584,7 +584,7 @@ def predict(
 ) -> None:
     """Lesion masks and a clinical read-out (mL, % of lung, CT-0..CT-4) for every CT."""
     try:
-        from covidseg.intensity import parse_intensity
+        from covidseg.imaging.intensity import parse_intensity
 
         try:
             mapping = parse_intensity(intensity) if intensity else None
@@ -744,7 +744,7 @@ def run(
 ) -> None:
     """The whole pipeline: preprocess, train-gan, make-masks, train-seg, export, predict (, evaluate)."""
     try:
-        from covidseg.stages.pipeline import RunInputs, load_config, run_pipeline
+        from covidseg.stages.run import RunInputs, load_config, run_pipeline
 
         settings = load_config(config)
         inputs = RunInputs(healthy, covid, masks, tuple(predict_inputs or ()), ref)

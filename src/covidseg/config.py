@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-from covidseg.lungs import LungParams
+from covidseg.imaging.lungs import LungParams
 from covidseg.settings import check_config
 
 

@@ -1,10 +1,10 @@
 """One rule for every setting of the stage configurations, and the function that checks them.
 
 Every field of the settings dataclasses (:class:`~covidseg.config.PreprocessConfig` with
-:class:`~covidseg.lungs.LungParams` and :class:`~covidseg.airways.AirwayParams`, a segmenter's
-:class:`~covidseg.slices.SlicePreprocessing` (checked again when a model file is opened),
-:class:`~covidseg.config.GanTrainConfig`, :class:`~covidseg.masks.PseudoMaskConfig`,
-:class:`~covidseg.config.SegTrainConfig`, :class:`~covidseg.losses.SegLossConfig` and `run`'s own
+:class:`~covidseg.imaging.lungs.LungParams` and :class:`~covidseg.imaging.airways.AirwayParams`, a segmenter's
+:class:`~covidseg.inference.ct_segment.SlicePreprocessing` (checked again when a model file is opened),
+:class:`~covidseg.config.GanTrainConfig`, :class:`~covidseg.method.pseudo_masks.PseudoMaskConfig`,
+:class:`~covidseg.config.SegTrainConfig`, :class:`~covidseg.learning.losses.SegLossConfig` and `run`'s own
 ``ExportConfig``, ``PredictConfig``, ``RunConfig.workers``) has one :class:`Rule` in :data:`RULES`,
 keyed by class name and field name. :func:`check_values` applies them to the values of one settings
 table before a config is built (settings files of `covidseg run`), :func:`check_config` to a

@@ -2,7 +2,7 @@
 
 Reads NIfTI (.nii, .nii.gz), MetaImage (.mha, .mhd), NRRD (.nrrd, .nhdr), single DICOM files and
 DICOM series folders into :class:`CTVolume` -- a float32 array in Hounsfield units (HU) in the
-canonical orientation (see :mod:`covidseg.geometry`) that remembers the native geometry, so results
+canonical orientation (see :mod:`covidseg.imaging.geometry`) that remembers the native geometry, so results
 can be written back onto the original scan exactly. Every header is checked before ITK allocates
 pixels or guesses a geometry (docs/robustness.md lists what is refused and why).
 

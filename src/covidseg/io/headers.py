@@ -16,7 +16,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from covidseg.errors import InputError
-from covidseg.geometry import ORTHONORMAL_TOLERANCE, is_orthonormal
+from covidseg.imaging.geometry import ORTHONORMAL_TOLERANCE, is_orthonormal
 from covidseg.io.discover import DICOM_SUFFIXES, check_regular_file
 from covidseg.io.nifti import NiftiLayout, nifti_layout, numbers_text
 

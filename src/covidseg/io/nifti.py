@@ -16,7 +16,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from covidseg.errors import InputError
-from covidseg.geometry import is_orthonormal
+from covidseg.imaging.geometry import is_orthonormal
 
 #: NIfTI datatype codes of floating-point voxels (ITK silently turns their NaN into 0).
 _NIFTI_FLOAT_TYPES = {16: "f4", 64: "f8"}

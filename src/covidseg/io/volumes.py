@@ -11,10 +11,10 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from covidseg.atomic import atomic_path
 from covidseg.errors import InputError
-from covidseg.geometry import Geometry, Orientation, image_from_array
-from covidseg.intensity import IntensityMapping
+from covidseg.imaging.geometry import Geometry, Orientation, image_from_array
+from covidseg.imaging.intensity import IntensityMapping
+from covidseg.io.atomic import atomic_path
 from covidseg.io.dicom import dicom_identifiers, read_dicom_file, read_dicom_folder
 from covidseg.io.discover import check_regular_file, is_dicom_file
 from covidseg.io.headers import (

@@ -32,8 +32,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from covidseg.method.noise import fractal_perlin_3d
 from covidseg.models.blocks import ConvNormAct, Down, ResBlock, Up
-from covidseg.noise import fractal_perlin_3d
 
 LATENT_NOISE = ("perlin", "uniform", "none")
 

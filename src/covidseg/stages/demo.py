@@ -25,14 +25,14 @@ from pathlib import Path
 import numpy as np
 
 from covidseg import __version__
-from covidseg.atomic import write_json
 from covidseg.config import GanTrainConfig, PreprocessConfig, SegTrainConfig
+from covidseg.imaging.lungs import LungParams, segment_lungs
 from covidseg.io import read_ct, read_mask, write_array
-from covidseg.lungs import LungParams, segment_lungs
-from covidseg.masks import threshold_baseline
-from covidseg.stages.pipeline import RunConfig, RunInputs, StageProgress, run_pipeline
-from covidseg.stages.report import DemoReport, MethodScores, demo_report, write_report
-from covidseg.stages.work import read_manifest
+from covidseg.io.atomic import write_json
+from covidseg.method.pseudo_masks import threshold_baseline
+from covidseg.reporting.html import DemoReport, MethodScores, demo_report, write_report
+from covidseg.stages._workdir import read_manifest
+from covidseg.stages.run import RunConfig, RunInputs, StageProgress, run_pipeline
 
 TEST_SEED_OFFSET = 1  # test phantoms: synth seed S + 1 (unseen cases)
 BASELINE_HU = -600.0
@@ -211,7 +211,7 @@ def _loss_figures(work: Path, fig_dir: Path) -> list[tuple[Path, str]]:
     """Loss curves of both trainings and the segmenter's validation Dice, re-drawn from metrics.csv."""
     import csv
 
-    from covidseg.plots import loss_curves
+    from covidseg.reporting.plots import loss_curves
 
     def rows(path: Path) -> list[dict]:
         with open(path, newline="", encoding="utf-8") as fh:
@@ -241,7 +241,7 @@ def _loss_figures(work: Path, fig_dir: Path) -> list[tuple[Path, str]]:
 def _overlay_figure(test_dir: Path, work: Path, fig_dir: Path, n_cases: int) -> Path | None:
     """For the first `n_cases` COVID test phantoms: the slice with the most lesion, ground truth vs
     the TransUNet, the pseudo-masks and the baseline."""
-    from covidseg.plots import mask_comparison
+    from covidseg.reporting.plots import mask_comparison
 
     manifest = read_manifest(test_dir, "covidseg.synth")
     covid = [r for r in manifest["cases"] if r["kind"] == "covid"][:n_cases]

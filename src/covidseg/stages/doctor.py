@@ -15,7 +15,7 @@ from pathlib import Path
 
 from covidseg import __version__
 from covidseg.errors import CovidsegError, first_line
-from covidseg.home import ENV, home_dir, installed_models, models_dir
+from covidseg.inference.model_home import ENV, home_dir, installed_models, models_dir
 
 
 def _tiny_onnx(path: Path) -> None:
@@ -36,7 +36,7 @@ def usable_providers() -> dict[str, str]:
     import numpy as np
     import onnxruntime as ort
 
-    from covidseg.onnx_export import onnx_session
+    from covidseg.inference.onnx import onnx_session
 
     result: dict[str, str] = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -59,7 +59,7 @@ def _model_entry(name: str, path: Path) -> dict:
 
     Every model is opened (and so fully checked) as predict opens it; a broken one is listed and the
     others are still examined."""
-    from covidseg.seg_model import open_seg_model
+    from covidseg.inference.model_files import open_seg_model
 
     try:
         seg = open_seg_model(path)

@@ -18,12 +18,12 @@ CLI exits 1.
 Outputs (both written atomically)
 ---------------------------------
 * ``metrics.csv``: one row per evaluated case: ``case_id`` and the metrics of
-  :func:`covidseg.metrics.case_metrics` (plus ``lesion_slices, slice_dice_mean, slice_dice_std``
+  :func:`covidseg.imaging.metrics.case_metrics` (plus ``lesion_slices, slice_dice_mean, slice_dice_std``
   with `per_slice`). An empty cell is an undefined value (NaN). No summary row.
 * ``summary.json``: ``{"format": "covidseg.evaluate", "version": 1, "covidseg_version", "pred",
   "ref", "n_cases", "aggregate", "thresholds", "failed_thresholds", "threshold", "allow_missing",
   "failed_missing", "failed_cases", "unmatched", "cases"}``; ``aggregate`` is
-  :func:`covidseg.metrics.aggregate`'s dict; undefined values are ``null``.
+  :func:`covidseg.imaging.metrics.aggregate`'s dict; undefined values are ``null``.
 
 Thresholds compare the mean over cases of Dice / sensitivity / specificity with the given
 minimum; an undefined mean (no case with a defined value) fails a threshold. A gate (any threshold)
@@ -50,12 +50,18 @@ from pathlib import Path
 import numpy as np
 
 from covidseg import __version__
-from covidseg.atomic import write_json, write_text
 from covidseg.errors import CovidsegError, InputError, UsageError
-from covidseg.geometry import Geometry
+from covidseg.imaging.geometry import Geometry
+from covidseg.imaging.metrics import (
+    METRIC_KEYS,
+    aggregate,
+    case_metrics,
+    per_slice_dice,
+    summarize_slice_dice,
+)
 from covidseg.io import find_cases, read_labels, read_mask
-from covidseg.metrics import METRIC_KEYS, aggregate, case_metrics, per_slice_dice, summarize_slice_dice
-from covidseg.stages.work import check_output_dir, inside
+from covidseg.io.atomic import write_json, write_text
+from covidseg.stages._workdir import check_output_dir, inside
 
 FORMAT = "covidseg.evaluate"
 VERSION = 1

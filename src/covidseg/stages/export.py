@@ -5,7 +5,7 @@ lung-box margin and lung parameters, slice size, slab thickness, threshold), the
 architecture and training step, the software versions, the sha256 of the .onnx, and the parity
 figures measured at export time.
 
-Parity is measured on slices of a synthetic chest CT with lesions (``covidseg.phantom``), cut
+Parity is measured on slices of a synthetic chest CT with lesions (``covidseg.imaging.phantom``), cut
 exactly as `predict` cuts a scan: ONNX Runtime on the CPU vs torch, logits max-abs-diff and the
 Dice of the thresholded masks. fp32 exports must reach ``max_abs <= 1e-4`` and ``Dice >= 0.999``;
 fp16 exports (for GPUs) are checked at mask level only (``Dice >= 0.99``). A failed check leaves
@@ -21,12 +21,15 @@ import numpy as np
 import torch
 
 from covidseg import __version__
-from covidseg.atomic import atomic_path, write_json
 from covidseg.errors import UsageError
-from covidseg.home import models_dir
-from covidseg.lungs import segment_lungs
-from covidseg.metrics import dice
-from covidseg.onnx_export import (
+from covidseg.imaging.grid import lung_crop_box
+from covidseg.imaging.lungs import segment_lungs
+from covidseg.imaging.metrics import dice
+from covidseg.imaging.phantom import make_phantom
+from covidseg.inference.ct_segment import ct_to_slices
+from covidseg.inference.model_files import SIDECAR_FORMAT, SIDECAR_VERSION, SegModelFile, open_seg_model
+from covidseg.inference.model_home import models_dir
+from covidseg.inference.onnx import (
     OPSET,
     ParityError,
     check_export_targets,
@@ -36,10 +39,7 @@ from covidseg.onnx_export import (
     sha256_of,
     sidecar_path,
 )
-from covidseg.phantom import make_phantom
-from covidseg.preprocess import lung_crop_box
-from covidseg.seg_model import SIDECAR_FORMAT, SIDECAR_VERSION, SegModelFile, open_seg_model
-from covidseg.slices import ct_to_slices
+from covidseg.io.atomic import atomic_path, write_json
 
 FP32_MAX_ABS = 1e-4
 FP32_MIN_DICE = 0.999

@@ -29,16 +29,8 @@ import numpy as np
 import torch
 
 from covidseg import __version__
-from covidseg.atomic import atomic_path, write_json
 from covidseg.errors import InputError, UsageError
-from covidseg.models.gan3d import (
-    GeneratorConfig,
-    GeneratorRemoval,
-    generator_from_payload,
-    generator_latent_shape,
-    sample_latent_noise,
-)
-from covidseg.onnx_export import (
+from covidseg.inference.onnx import (
     OPSET,
     ParityError,
     check_export_targets,
@@ -49,8 +41,16 @@ from covidseg.onnx_export import (
     sha256_of,
     sidecar_path,
 )
+from covidseg.io.atomic import atomic_path, write_json
+from covidseg.learning.loop import load_checkpoint
+from covidseg.models.gan3d import (
+    GeneratorConfig,
+    GeneratorRemoval,
+    generator_from_payload,
+    generator_latent_shape,
+    sample_latent_noise,
+)
 from covidseg.stages.train_gan import GENERATOR_FORMAT
-from covidseg.training import load_checkpoint
 
 SIDECAR_FORMAT = "covidseg.onnx-generator"
 SIDECAR_VERSION = 1

@@ -29,18 +29,18 @@ from pathlib import Path
 import numpy as np
 
 from covidseg import __version__
-from covidseg.atomic import folder_lock, save_npy, write_json, write_text
+from covidseg.devices import resolve_device
 from covidseg.errors import CovidsegError, InputError, UsageError
-from covidseg.geometry import Geometry, Orientation
-from covidseg.intensity import parse_intensity
+from covidseg.imaging.geometry import Geometry, Orientation
+from covidseg.imaging.grid import CropBox, grid_to_canonical
+from covidseg.imaging.intensity import parse_intensity
+from covidseg.inference.runners import requested_providers
 from covidseg.io import read_ct, write_array
-from covidseg.masks import PseudoMaskConfig, binarise, difference_map, split_slices
+from covidseg.io.atomic import folder_lock, save_npy, write_json, write_text
+from covidseg.method.pseudo_masks import PseudoMaskConfig, binarise, difference_map, split_slices
 from covidseg.models.gan3d import generator_from_payload, run_generator
-from covidseg.preprocess import CropBox, grid_to_canonical
-from covidseg.runners import requested_providers
+from covidseg.stages._workdir import STAGE_LOCK, GridCase, load_grid_cases
 from covidseg.stages.export_generator import OnnxGenerator, load_generator_payload, read_generator_sidecar
-from covidseg.stages.work import STAGE_LOCK, GridCase, load_grid_cases
-from covidseg.training import resolve_device
 
 SOFT_SCALE = 0.25  # difference (unit scale) that counts as a full lesion: 350 HU above healthy lung
 BACKENDS = ("auto", "torch", "onnx")

@@ -21,7 +21,7 @@ failures).
     lesion_ml, lung_ml, involvement_pct   both lungs (mL, mL, % of lung)
     severity                              "CT-0".."CT-4", or null: not graded (see warnings)
     warnings                              list of one-line reasons, [] for most cases; today only
-                                          an implausible lung volume (see covidseg.readout:
+                                          an implausible lung volume (see covidseg.imaging.readout:
                                           under MIN_LUNG_ML for whole lungs in view, over
                                           MAX_LUNG_ML for any scan), which leaves the case
                                           not graded; the case still counts as done (exit 0)
@@ -67,16 +67,16 @@ from pathlib import Path
 import numpy as np
 
 from covidseg import __version__
-from covidseg.atomic import NAME_MAX, folder_lock, remove_stale_temps, shortened, write_json, write_text
 from covidseg.errors import CovidsegError, InputError, UsageError
-from covidseg.home import resolve_model
-from covidseg.intensity import IntensityMapping
+from covidseg.imaging.intensity import IntensityMapping
+from covidseg.imaging.readout import NOT_GRADED, read_out
+from covidseg.inference.ct_segment import segment_ct
+from covidseg.inference.model_files import SegModelFile, open_seg_model
+from covidseg.inference.model_home import resolve_model
+from covidseg.inference.runners import OnnxRunner, TorchRunner
 from covidseg.io import CTVolume, find_cases, read_ct, write_array
-from covidseg.readout import NOT_GRADED, read_out
-from covidseg.runners import OnnxRunner, TorchRunner
-from covidseg.seg_model import SegModelFile, open_seg_model
-from covidseg.slices import segment_ct
-from covidseg.stages.work import check_output_dir
+from covidseg.io.atomic import NAME_MAX, folder_lock, remove_stale_temps, shortened, write_json, write_text
+from covidseg.stages._workdir import check_output_dir
 
 SUMMARY_COLUMNS = [
     "case_id", "status", "lesion_ml", "lung_ml", "involvement_pct", "right_involvement_pct",
@@ -323,7 +323,7 @@ def _write_images(
         write_array(files["probability"], volume.orientation.to_native(probability), volume.geometry)
         del probability
     if options.snapshots:
-        from covidseg.plots import overlay_montage
+        from covidseg.reporting.plots import overlay_montage
 
         box = result.box.slices
         grade = readout["severity"] or NOT_GRADED

@@ -24,14 +24,14 @@ from pathlib import Path
 import numpy as np
 
 from covidseg import __version__
-from covidseg.atomic import folder_lock, save_npy, write_json
 from covidseg.config import PreprocessConfig
 from covidseg.errors import CovidsegError, InputError, UsageError
-from covidseg.intensity import IntensityMapping
+from covidseg.imaging.grid import grid_spacing_mm, hu_to_grid, lung_crop_box, mask_to_grid
+from covidseg.imaging.intensity import IntensityMapping
+from covidseg.imaging.lungs import segment_lungs
 from covidseg.io import find_cases, read_ct, read_mask
-from covidseg.lungs import segment_lungs
-from covidseg.preprocess import grid_spacing_mm, hu_to_grid, lung_crop_box, mask_to_grid
-from covidseg.stages.work import STAGE_LOCK, check_output_dir
+from covidseg.io.atomic import folder_lock, save_npy, write_json
+from covidseg.stages._workdir import STAGE_LOCK, check_output_dir
 
 MANIFEST_FORMAT = "covidseg.preprocess"
 MANIFEST_VERSION = 1

@@ -11,7 +11,7 @@ Output folder (paths in the manifest are relative to it)::
 
 With ``surroundings`` (the default) every phantom lies on a scanner table, with arms, clothing,
 bowel gas and a random reconstruction kernel, noise level and streaks, as hospital scans do (see
-:mod:`covidseg.phantom_surroundings`); without, the plain phantoms of earlier versions. The lung and
+:mod:`covidseg.imaging.phantom_surroundings`); without, the plain phantoms of earlier versions. The lung and
 lesion ground truth is the same either way.
 
 Case ``covid_003`` is the same whatever the number of cases asked for: each case's seed is drawn
@@ -28,11 +28,11 @@ from pathlib import Path
 import numpy as np
 
 from covidseg import __version__
-from covidseg.atomic import write_json
 from covidseg.errors import UsageError
-from covidseg.geometry import axis_aligned_geometry
+from covidseg.imaging.geometry import axis_aligned_geometry
+from covidseg.imaging.phantom import HU_RANGE, Phantom, make_phantom
 from covidseg.io import write_array
-from covidseg.phantom import HU_RANGE, Phantom, make_phantom
+from covidseg.io.atomic import write_json
 
 MANIFEST_FORMAT = "covidseg.synth"
 MANIFEST_VERSION = 1
@@ -108,7 +108,7 @@ def _write_case(out_dir: Path, case_id: str, kind: str, phantom: Phantom, geomet
         files["mask"] = f"masks/{case_id}.nii.gz"
         write_array(out_dir / files["mask"], phantom.lesions, geometry)
     if montage:
-        from covidseg.plots import overlay_montage
+        from covidseg.reporting.plots import overlay_montage
 
         files["montage"] = f"montage/{case_id}.png"
         lesions = phantom.lesions if kind == "covid" else None

@@ -28,21 +28,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from covidseg import __version__, distributed
-from covidseg.atomic import remove_stale_temps, write_json
+from covidseg import __version__
 from covidseg.config import GanTrainConfig
-from covidseg.corruption import perlin_lesions
 from covidseg.errors import UsageError
-from covidseg.masks import PseudoMaskConfig, calibrate_threshold, difference_map
-from covidseg.models.gan3d import (
-    GAN_PRESETS,
-    Discriminator3D,
-    Generator3D,
-    run_generator,
-)
-from covidseg.plots import loss_curves, panels
-from covidseg.stages.work import GridCase, load_grid_cases, read_manifest
-from covidseg.training import (
+from covidseg.io.atomic import remove_stale_temps, write_json
+from covidseg.learning import distributed
+from covidseg.learning.loop import (
     CsvLog,
     autocast,
     load_checkpoint,
@@ -51,6 +42,16 @@ from covidseg.training import (
     seed_everything,
     step_generator,
 )
+from covidseg.method.lesions import perlin_lesions
+from covidseg.method.pseudo_masks import PseudoMaskConfig, calibrate_threshold, difference_map
+from covidseg.models.gan3d import (
+    GAN_PRESETS,
+    Discriminator3D,
+    Generator3D,
+    run_generator,
+)
+from covidseg.reporting.plots import loss_curves, panels
+from covidseg.stages._workdir import GridCase, load_grid_cases, read_manifest
 
 CHECKPOINT_FORMAT = "covidseg.gan.checkpoint"
 GENERATOR_FORMAT = "covidseg.gan.generator"

@@ -24,20 +24,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from covidseg import __version__, distributed
-from covidseg.atomic import remove_stale_temps, write_json
-from covidseg.augment import augment_batch
+from covidseg import __version__
 from covidseg.config import PreprocessConfig, SegTrainConfig
 from covidseg.errors import InputError, UsageError
-from covidseg.infer import predict_probabilities
-from covidseg.losses import SegLossConfig, SegmentationLoss
-from covidseg.metrics import dice
-from covidseg.models.segmenters import make_segmenter, segmenter_config_dict
-from covidseg.plots import loss_curves, panels
-from covidseg.seg_model import MODEL_FORMAT
-from covidseg.slices import SlicePreprocessing
-from covidseg.stages.work import inside, read_manifest
-from covidseg.training import (
+from covidseg.imaging.metrics import dice
+from covidseg.inference.ct_segment import SlicePreprocessing
+from covidseg.inference.model_files import MODEL_FORMAT
+from covidseg.inference.runners import predict_probabilities
+from covidseg.io.atomic import remove_stale_temps, write_json
+from covidseg.learning import distributed
+from covidseg.learning.augment import augment_batch
+from covidseg.learning.loop import (
     CsvLog,
     autocast,
     load_checkpoint,
@@ -47,6 +44,10 @@ from covidseg.training import (
     seed_everything,
     step_generator,
 )
+from covidseg.learning.losses import SegLossConfig, SegmentationLoss
+from covidseg.models.segmenters import make_segmenter, segmenter_config_dict
+from covidseg.reporting.plots import loss_curves, panels
+from covidseg.stages._workdir import inside, read_manifest
 
 CHECKPOINT_FORMAT = "covidseg.seg.checkpoint"
 LOSS_COLUMNS = ["loss_sensitivity", "loss_mse", "loss_contrastive", "loss_dice", "loss_total"]

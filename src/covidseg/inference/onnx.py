@@ -24,8 +24,8 @@ from pathlib import Path
 
 import torch
 
-from covidseg.atomic import atomic_path
 from covidseg.errors import CovidsegError, InputError, UsageError, first_line
+from covidseg.io.atomic import atomic_path
 
 OPSET = 18
 MAX_BATCH = 4096

@@ -40,11 +40,11 @@ from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 
 from covidseg import __version__
-from covidseg.atomic import write_json
 from covidseg.config import GanTrainConfig, PreprocessConfig, SegTrainConfig
 from covidseg.errors import UsageError
-from covidseg.losses import SegLossConfig
-from covidseg.masks import PseudoMaskConfig
+from covidseg.io.atomic import write_json
+from covidseg.learning.losses import SegLossConfig
+from covidseg.method.pseudo_masks import PseudoMaskConfig
 from covidseg.settings import CROP, SettingError, check_config, check_values, default_of, show
 
 #: (stage, done, total, message): one call per finished item (case, step) of the running stage
@@ -388,8 +388,8 @@ def _run_train_gan(ctx: _Context, resume: bool) -> dict:
 
 
 def _run_make_masks(ctx: _Context, resume: bool) -> dict:
+    from covidseg.stages._workdir import read_manifest
     from covidseg.stages.make_masks import run_make_masks
-    from covidseg.stages.work import read_manifest
 
     total = len(read_manifest(ctx.work / "pre", "covidseg.preprocess")["cases"])
     manifest = run_make_masks(

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from covidseg.noise import fractal_perlin_3d
+from covidseg.method.noise import fractal_perlin_3d
 
 #: The preprocess HU window (HU) the unit-scale defaults below are written for.
 DEFAULT_WINDOW = (-1000.0, 400.0)

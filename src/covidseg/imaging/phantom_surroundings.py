@@ -1,6 +1,6 @@
 """What a hospital chest CT shows besides the chest: table, arms, clothing, bowel gas, scanner.
 
-Used by :func:`covidseg.phantom.make_phantom` (``surroundings=True``). Everything is drawn in mm
+Used by :func:`covidseg.imaging.phantom.make_phantom` (``surroundings=True``). Everything is drawn in mm
 in the phantom's frame (LPS, volume centred on 0: x toward the patient's left, y toward posterior,
 z toward superior; arrays ``[z, y, x]``) and only sampled on the voxel grid, so one seed gives the
 same scene at any resolution. Thin structures (table walls, fabric, streaks) get their partial

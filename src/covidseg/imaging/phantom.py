@@ -4,7 +4,7 @@ A phantom is built in physical millimetres and only *sampled* on the voxel grid,
 the same anatomy at any resolution. Coordinates are LPS and centred on the volume: voxel
 ``[k, j, i]`` has its centre at ``x = (i - (nx - 1) / 2) * sx`` (mm, toward the patient's left),
 ``y = (j - (ny - 1) / 2) * sy`` (toward posterior) and ``z = (k - (nz - 1) / 2) * sz`` (toward
-superior). Arrays are ``[z, y, x]`` in the canonical orientation of :mod:`covidseg.geometry`: the
+superior). Arrays are ``[z, y, x]`` in the canonical orientation of :mod:`covidseg.imaging.geometry`: the
 patient's right lung is at small x, the spine at large y, the lung apex at large z.
 
 In-plane sizes are those of an adult (body ~330 x 240 mm), shrunk only when the field of view is
@@ -22,7 +22,7 @@ a soft-tissue wall); liver and spleen under the diaphragm, with a gastric air bu
 (-700..-300, blended so vessels stay brighter), consolidation (-100..+50) or both (a consolidated
 core in ground glass), mostly subpleural, posterior and basal.
 
-Around the patient (``surroundings=True``, the default; :mod:`covidseg.phantom_surroundings`): a
+Around the patient (``surroundings=True``, the default; :mod:`covidseg.imaging.phantom_surroundings`): a
 curved table whose shell encloses air, sometimes a pad, arms down or raised or out of view,
 clothing folds trapping air, and bowel gas under the diaphragm. Without them, a flat table slab
 under the back (+250 HU) as in earlier versions.
@@ -54,7 +54,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import ndimage
 
-from covidseg import phantom_surroundings as surround
+from covidseg.imaging import phantom_surroundings as surround
 
 RIGHT_LUNG = 1
 LEFT_LUNG = 2
@@ -138,7 +138,7 @@ def make_phantom(
     that lands no voxel in the lungs is redrawn (20 tries), so only grids too small to hold lungs
     get fewer. With `surroundings` (the default) the patient lies on a scanner table, with arms,
     clothing and bowel gas, and the scanner gets a random kernel, noise level and streaks (see
-    :mod:`covidseg.phantom_surroundings`; ``scene_info`` says what was drawn); without, the plain
+    :mod:`covidseg.imaging.phantom_surroundings`; ``scene_info`` says what was drawn); without, the plain
     phantom of earlier versions (a flat table slab, 15-25 HU of noise), bit for bit. `lungs`,
     `lesions` and `lesion_info` are the same either way.
 
@@ -1165,7 +1165,7 @@ def _apply_scanner(
 
 
 # --------------------------------------------------------------------------------------------
-# Surroundings: table, arms, clothing, bowel gas (drawn by covidseg.phantom_surroundings)
+# Surroundings: table, arms, clothing, bowel gas (drawn by covidseg.imaging.phantom_surroundings)
 
 
 def _pixel_mm(grid: _Grid) -> float:

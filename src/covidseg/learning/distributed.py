@@ -24,8 +24,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from covidseg.devices import resolve_device
 from covidseg.errors import UsageError
-from covidseg.training import resolve_device
 
 # How long a rank waits in a collective: rank 0 validates, plots and calibrates alone while the others
 # wait for it (torch's NCCL default of 10 minutes is short for a big validation set).
@@ -90,7 +90,7 @@ def process_group(device_spec: str = "auto") -> Iterator[torch.device]:
 
     NCCL when the device is CUDA, gloo on the CPU. The group is left on exit if this call created
     it (a caller that initialised its own group keeps it). Without torchrun's variables this is just
-    :func:`covidseg.training.resolve_device`.
+    :func:`covidseg.devices.resolve_device`.
     """
     if env_world_size() <= 1 and not is_distributed():
         yield resolve_device(device_spec)

@@ -2,12 +2,12 @@
 
 The method is the textbook one (threshold, components, closing), with the steps real scans need:
 
-1. **Where the patient is** (:mod:`covidseg.body`): the torso per axial slice, without the table,
+1. **Where the patient is** (:mod:`covidseg.imaging.body`): the torso per axial slice, without the table,
    mattress, blankets and arms; lungs can only lie inside its convex hull. Air enclosed in the
    table shell or between an arm and the chest wall is never lung.
 2. Air-like voxels are those below ``air_hu`` (default -300 HU), so ground-glass opacities
    (-700..-300 HU) are lung from the start.
-3. **Trachea and main bronchi** (:mod:`covidseg.airways`) are traced from the neck down and left
+3. **Trachea and main bronchi** (:mod:`covidseg.imaging.airways`) are traced from the neck down and left
    out, as in lungmask and TotalSegmentator masks; bronchi inside the lung stay lung (hole filling).
 4. **Lungs among the air pockets**: bowel and stomach gas are pure air (in-plane sections mostly
    below ``gas_hu``) and, when the trachea is in view, do not touch the airway; the lungs do.
@@ -31,8 +31,8 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
-from covidseg.airways import AirwayParams, trace_airway
-from covidseg.body import (
+from covidseg.imaging.airways import AirwayParams, trace_airway
+from covidseg.imaging.body import (
     IN_PLANE_4,
     disk,
     fill_holes_per_slice,

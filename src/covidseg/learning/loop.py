@@ -1,4 +1,4 @@
-"""Training plumbing shared by the GAN and the 2D segmenter: devices, seeds, checkpoints, logs."""
+"""Training plumbing shared by the GAN and the 2D segmenter: seeds, schedules, checkpoints, logs."""
 
 from __future__ import annotations
 
@@ -10,25 +10,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from covidseg.atomic import atomic_path
 from covidseg.errors import InputError, UsageError, first_line
-
-
-def resolve_device(spec: str = "auto") -> torch.device:
-    """``auto`` -> CUDA if available else CPU; ``cpu``; ``cuda`` / ``cuda:N`` (checked)."""
-    spec = spec.strip().lower()
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if spec == "cpu":
-        return torch.device("cpu")
-    if spec.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise UsageError(None, f"--device {spec}: CUDA is not available on this machine")
-        device = torch.device(spec)
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise UsageError(None, f"--device {spec}: only {torch.cuda.device_count()} CUDA device(s)")
-        return device
-    raise UsageError(None, f"--device must be auto, cpu, cuda or cuda:N, got {spec!r}")
+from covidseg.io.atomic import atomic_path
 
 
 def seed_everything(seed: int) -> None:
@@ -60,11 +43,6 @@ def lr_at(step: int, total: int, base_lr: float, schedule: str = "cosine", warmu
         return base_lr * step / warmup
     progress = (step - warmup) / max(1, total - warmup)
     return base_lr * (0.01 + 0.99 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress))))
-
-
-def autocast(device: torch.device):
-    """bfloat16 autocast on CUDA (no loss scaling needed); a no-op context on the CPU."""
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
 def resume_checkpoint_path(out_dir: Path, resume: bool) -> Path:

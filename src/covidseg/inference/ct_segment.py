@@ -7,7 +7,7 @@ the grid's z size). Prediction reproduces that for any scan: the lung box is cut
 network's probabilities are interpolated back onto the box's native voxels (trilinear), so a
 thin-slice scan gets a smooth full-resolution mask and the network sees what it was trained on.
 
-Everything here works on canonical ``[z, y, x]`` arrays (see :mod:`covidseg.geometry`).
+Everything here works on canonical ``[z, y, x]`` arrays (see :mod:`covidseg.imaging.geometry`).
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
-from covidseg.airways import AirwayParams
-from covidseg.lungs import LungMask, LungParams, segment_lungs
-from covidseg.preprocess import CropBox, lung_crop_box, normalise_hu, resize
+from covidseg.imaging.airways import AirwayParams
+from covidseg.imaging.grid import CropBox, lung_crop_box, normalise_hu, resize
+from covidseg.imaging.lungs import LungMask, LungParams, segment_lungs
 from covidseg.settings import check_config, check_values
 
 #: logits for a batch of slices: [N, 1, H, W] float32 in -> [N, 1, H, W] float32 out
@@ -136,7 +136,7 @@ def segment_ct(
     """Lesion mask of a canonical CT in HU; None when no lungs are found.
 
     Lesions are only kept inside the lung mask (the classical lung segmentation of
-    :mod:`covidseg.lungs`, the same the training data was cropped and gated with).
+    :mod:`covidseg.imaging.lungs`, the same the training data was cropped and gated with).
     """
     lungs = lungs if lungs is not None else segment_lungs(hu, spacing_zyx, spec.lungs)
     box = lung_crop_box(lungs, spacing_zyx, spec.margin_mm)

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from covidseg.lungs import LungMask
+from covidseg.imaging.lungs import LungMask
 
 
 @dataclass(frozen=True)

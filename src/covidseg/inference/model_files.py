@@ -7,7 +7,7 @@ A model is one of
 * an ``.onnx`` file with its sidecar ``<stem>.json`` (format ``covidseg.onnx-segmenter``), whose
   sha256 must match the one the sidecar records: an edited or swapped model is refused.
 
-Each carries the :class:`~covidseg.slices.SlicePreprocessing` that turns a CT into its inputs.
+Each carries the :class:`~covidseg.inference.ct_segment.SlicePreprocessing` that turns a CT into its inputs.
 
 Everything in a model file is checked when it is opened, before any case runs, and a bad value is
 refused in one line naming the file: the preprocessing values (types, finiteness, ranges; the same
@@ -25,10 +25,10 @@ from pathlib import Path
 import torch
 
 from covidseg.errors import InputError, first_line
+from covidseg.inference.ct_segment import SlicePreprocessing
+from covidseg.inference.onnx import onnx_session, read_sidecar, sha256_of, sidecar_path
+from covidseg.learning.loop import load_checkpoint
 from covidseg.models.segmenters import SEGMENTERS, segmenter_from_config
-from covidseg.onnx_export import onnx_session, read_sidecar, sha256_of, sidecar_path
-from covidseg.slices import SlicePreprocessing
-from covidseg.training import load_checkpoint
 
 MODEL_FORMAT = "covidseg.seg.model"
 SIDECAR_FORMAT = "covidseg.onnx-segmenter"

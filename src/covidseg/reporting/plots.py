@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from covidseg.atomic import atomic_path
+from covidseg.io.atomic import atomic_path
 
 
 def _pyplot():

@@ -1,0 +1,1 @@
+"""Running trained models: model files, runners (torch/ONNX Runtime), whole-CT inference, export."""

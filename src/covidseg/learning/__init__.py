@@ -1,0 +1,1 @@
+"""Training machinery: losses, augmentation, checkpoints and logs, data parallelism."""

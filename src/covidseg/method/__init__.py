@@ -1,0 +1,1 @@
+"""The label-free method: Perlin noise, synthetic lesions, pseudo-masks."""
