@@ -20,8 +20,9 @@ import time
 import numpy as np
 import torch
 
-from covidseg.models import gan3d
-from covidseg.models.gan3d import GAN_PRESETS, Generator3D, run_generator
+from covidseg.inference import sliding_window
+from covidseg.inference.sliding_window import run_generator
+from covidseg.models.gan3d import GAN_PRESETS, Generator3D
 
 GRID = (32, 128, 128)  # voxels (z, y, x)
 WINDOW = (16, 64, 64)  # the CPU training crop
@@ -52,13 +53,13 @@ def main(preset: str = "tiny", repeats: int = 3) -> list[dict]:
 
     batched_s = _median_seconds(infer, repeats)
     batched = infer()
-    default = gan3d.WINDOW_BATCH
+    default = sliding_window.WINDOW_BATCH
     try:
-        gan3d.WINDOW_BATCH = 1
+        sliding_window.WINDOW_BATCH = 1
         single_s = _median_seconds(infer, repeats)
         single = infer()
     finally:
-        gan3d.WINDOW_BATCH = default
+        sliding_window.WINDOW_BATCH = default
     diff = float(np.abs(batched - single).max())
     grid = "x".join(map(str, GRID))
 

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from covidseg.config import GanTrainConfig, PreprocessConfig
+from covidseg.imaging.grid import DEFAULT_HU_SCALE
 from covidseg.imaging.metrics import aggregate, case_metrics, per_slice_dice
 from covidseg.method.pseudo_masks import threshold_baseline
 from covidseg.stages._workdir import load_grid_cases
@@ -53,7 +54,7 @@ def _data(
             run_synth(synth, n_h, n_c, seed, (64, 256, 256), (5.0, 1.4, 1.4))
         if not (pre / "manifest.json").exists():
             run_preprocess(
-                pre, synth / "healthy", synth / "covid", synth / "masks", PreprocessConfig(), workers
+                pre, synth / "healthy", synth / "covid", synth / "masks", PreprocessConfig(), workers=workers
             )
     return work / "pre_train", work / "pre_test"
 
@@ -130,7 +131,7 @@ def main(args: argparse.Namespace) -> tuple[list[str], list[dict]]:
     work = Path(args.work)
     pre_train, pre_test = _data(work, args.train, args.test_healthy, args.test_covid, args.workers)
     test_cases = load_grid_cases(pre_test)
-    baseline = {c.case_id: threshold_baseline(c.image, c.lungs) for c in test_cases}
+    baseline = {c.case_id: threshold_baseline(c.image, c.lungs, DEFAULT_HU_SCALE) for c in test_cases}
     rows = [
         "| method | Dice (per volume) | pooled Dice | sensitivity | specificity "
         "| healthy lung flagged % | train min |",

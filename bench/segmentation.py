@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from covidseg.config import SegTrainConfig
+from covidseg.imaging.grid import DEFAULT_HU_SCALE
 from covidseg.imaging.intensity import parse_intensity
 from covidseg.inference.runners import predict_probabilities
 from covidseg.io import read_ct
@@ -132,7 +133,8 @@ def main(args: argparse.Namespace) -> tuple[list[str], list[dict]]:
     test_cases = load_grid_cases(work / "pre_test")
     pseudo_test = work / args.gan.replace("gan_", "masks_")
     figures: list[dict] = []
-    baseline_scores = score({c.case_id: threshold_baseline(c.image, c.lungs) for c in test_cases}, test_cases)
+    baseline = {c.case_id: threshold_baseline(c.image, c.lungs, DEFAULT_HU_SCALE) for c in test_cases}
+    baseline_scores = score(baseline, test_cases)
     lines = [
         "| method (test phantoms) | Dice per volume | pooled Dice | sensitivity | specificity "
         "| Dice per lesion slice | healthy lung flagged % |",

@@ -29,6 +29,7 @@ from covidseg.cli import app
 from covidseg.config import PreprocessConfig
 from covidseg.imaging.geometry import Geometry, axis_aligned_geometry
 from covidseg.io import write_array
+from covidseg.stages._workdir import stored_path
 from covidseg.stages.preprocess import run_preprocess
 from covidseg.stages.synth import run_synth
 
@@ -412,7 +413,7 @@ def test_symlinked_inputs_work_and_symlink_loops_do_not_hang(phantom, tmp_path):
     assert result.returncode == 0, result.stderr
     manifest = json.loads((out / "manifest.json").read_text())
     assert [c["id"] for c in manifest["cases"]] == ["b", "linked_a"]
-    assert manifest["cases"][1]["source"] == str((real / "a.nii.gz").resolve())
+    assert stored_path(out, manifest["cases"][1]["source"]) == (real / "a.nii.gz").resolve()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from conftest import ct_like
-from covidseg.config import GanTrainConfig, PreprocessConfig, SegTrainConfig
+from covidseg.config import GanTrainConfig, PredictOptions, PreprocessConfig, SegTrainConfig
 from covidseg.imaging.airways import AirwayParams
 from covidseg.imaging.geometry import axis_aligned_geometry
 from covidseg.imaging.lungs import LungParams
@@ -26,7 +26,7 @@ from covidseg.learning.losses import SegLossConfig
 from covidseg.method.pseudo_masks import PseudoMaskConfig
 from covidseg.models.gan3d import GAN_PRESETS
 from covidseg.settings import RULES, check_config
-from covidseg.stages.run import ExportConfig, PredictConfig
+from covidseg.stages.run import ExportConfig
 from test_bad_inputs import cli, error_line
 
 SHAPE = (4, 8, 8)
@@ -41,8 +41,7 @@ def _write(path: Path, array: np.ndarray) -> Path:
 # ---- the rules cover every setting ------------------------------------------------------------------
 
 SETTINGS_CLASSES = (PreprocessConfig, LungParams, AirwayParams, GanTrainConfig, PseudoMaskConfig,
-                    SegTrainConfig, SegLossConfig, ExportConfig, PredictConfig,
-                    SlicePreprocessing)  # fmt: skip
+                    SegTrainConfig, SegLossConfig, ExportConfig, SlicePreprocessing)  # fmt: skip
 
 
 def test_every_setting_has_a_rule_and_every_default_passes_it():
@@ -52,6 +51,9 @@ def test_every_setting_has_a_rule_and_every_default_passes_it():
             cls() if cls is not SlicePreprocessing else SlicePreprocessing((-1000, 400), (128, 128), 9.0)
         )
     assert set(RULES["RunConfig"]) == {"workers"}
+    # predict's settings-file fields; the others (--continue, --series, ...) are command-line flags
+    assert set(RULES["PredictOptions"]) == {"batch_size", "snapshots", "probabilities"}
+    check_config(PredictOptions())
     for preset in GAN_PRESETS:  # the preset rule knows every GAN preset, and only those
         GanTrainConfig(preset=preset)
     assert RULES["GanTrainConfig"]["preset"].text == f"must be one of {', '.join(GAN_PRESETS)}"

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import typer
 from typer.testing import CliRunner
 
 from covidseg.cli import app
@@ -32,12 +33,47 @@ def synth_dir(tmp_path_factory):
     return out
 
 
+COMMANDS = [
+    "synth", "preprocess", "evaluate", "train-gan", "make-masks", "train-seg", "export", "predict",
+    "merge-reports", "run", "demo", "doctor",
+]  # fmt: skip
+
+
+def _listed_commands(cli: typer.Typer) -> list[str]:
+    """The command names in the Commands panel of `cli --help` (the first word of each row that
+    starts one; a wrapped description continues with a blank first column)."""
+    result = CliRunner().invoke(cli, ["--help"], env={"COLUMNS": "120"})
+    assert result.exit_code == 0, result.output
+    panel = result.output.split("Commands")[1].split("╰")[0]
+    rows = [line.strip("│ ").split() for line in panel.splitlines()[1:]]
+    return [row[0] for row in rows if row and not row[0].startswith(("-", "("))]
+
+
 def test_help_lists_every_command():
-    result = runner.invoke(app, ["--help"])
-    assert result.exit_code == 0
-    commands = ("synth", "preprocess", "evaluate", "train-gan", "make-masks", "train-seg", "export")
-    for command in (*commands, "predict", "merge-reports", "doctor", "run", "demo"):
-        assert command in result.output
+    assert [c.name for c in typer.main.get_command(app).commands.values()] == COMMANDS
+    assert _listed_commands(app) == COMMANDS
+
+
+def test_the_command_check_fails_when_a_command_disappears():
+    """`run`'s help names six other commands: a substring check would not notice them missing."""
+    for gone in COMMANDS:
+        smaller = typer.Typer(cls=type(typer.main.get_command(app)))
+        smaller.registered_callback = app.registered_callback
+        smaller.registered_commands = [c for c in app.registered_commands if _name(c) != gone]
+        assert _listed_commands(smaller) == [c for c in COMMANDS if c != gone]
+
+
+def _name(info) -> str:
+    return info.name or info.callback.__name__.replace("_", "-")
+
+
+@pytest.mark.parametrize("command", [[], *([c] for c in COMMANDS)])
+def test_help_shows_no_type_beside_flags(command):
+    """Flags take no value: no `<bool>` beside them in --help; options with a value keep their type."""
+    result = runner.invoke(app, [*command, "--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0 and "<bool>" not in result.output
+    if command == ["demo"]:
+        assert "<path>" in result.output and "<int>" in result.output
 
 
 def test_synth_preprocess_evaluate_chain(synth_dir, tmp_path):
@@ -132,3 +168,12 @@ def test_evaluate_against_a_preprocess_manifest(synth_dir, tmp_path):
     )
     assert result.exit_code == 0, result.output
     assert json.loads((tmp_path / "ev" / "summary.json").read_text())["n_cases"] == 2
+
+
+def test_evaluate_shows_progress_unless_no_progress(synth_dir, tmp_path):
+    args = ["evaluate", "--pred", str(synth_dir / "masks"), "--ref", str(synth_dir / "masks")]
+    shown = runner.invoke(app, [*args, "-o", str(tmp_path / "a")])
+    quiet = runner.invoke(app, [*args, "-o", str(tmp_path / "b"), "--no-progress"])
+    assert shown.exit_code == quiet.exit_code == 0, shown.output + quiet.output
+    assert "evaluate" in shown.stderr and "2/2" in shown.stderr and "covid_001: dice 1.000" in shown.stderr
+    assert quiet.stderr == ""

@@ -1,4 +1,4 @@
-"""The GAN generator exported to ONNX: explicit latent noise, parity, sidecar, make-masks on ORT."""
+"""`covidseg export` of a train-gan folder: the generator as ONNX + sidecar, parity, make-masks on ORT."""
 
 from __future__ import annotations
 
@@ -8,16 +8,15 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from covidseg.cli import app
 from covidseg.config import GanTrainConfig, PreprocessConfig
 from covidseg.errors import InputError, UsageError
-from covidseg.inference.onnx import onnx_session, sha256_of
+from covidseg.inference.generator_files import read_generator_sidecar
+from covidseg.inference.onnx import ParityError, onnx_session, sha256_of
 from covidseg.learning.loop import load_checkpoint, save_checkpoint
-from covidseg.models.gan3d import GAN_PRESETS, Generator3D, GeneratorRemoval, run_generator
-from covidseg.stages import export_generator as eg
+from covidseg.stages import export
 from covidseg.stages.make_masks import _onnx_grid_check, resolve_generator, run_make_masks
 from covidseg.stages.preprocess import run_preprocess
 from covidseg.stages.synth import run_synth
@@ -39,7 +38,7 @@ def trained(tmp_path_factory):
         preset="tiny", steps=2, batch_size=1, crop=CROP, checkpoint_every=2, sample_every=2, log_every=1
     )
     run_train_gan(root / "pre", root / "gan", config, device="cpu")
-    result = eg.export_generator(root / "gan", root / "onnx" / "generator.onnx")
+    result = export.export_generator(root / "gan", root / "onnx" / "generator.onnx")
     return SimpleNamespace(root=root, pre=root / "pre", gan=root / "gan", export=result)
 
 
@@ -54,25 +53,6 @@ def test_make_masks_into_a_folder_another_run_is_writing_is_refused(trained, tmp
         result = runner.invoke(app, command)
     assert result.exit_code == 2, result.output
     assert "another covidseg make-masks" in result.output and not (out / "grid").exists()
-
-
-def test_explicit_noise_reproduces_the_seeded_forward():
-    torch.manual_seed(0)
-    g = Generator3D(GAN_PRESETS["tiny"].generator).eval()
-    x, lung = torch.rand(2, 1, 8, 48, 48), torch.ones(2, 1, 8, 48, 48)
-    latent = g.latent_shape(x.shape)
-    assert latent == (2, 64, 1, 3, 3)
-    with torch.no_grad():
-        drawn = g(x, lung, noise_generator=torch.Generator().manual_seed(5))
-        given = g(x, lung, noise=g.sample_noise(latent, 5))
-        assert torch.equal(drawn[0], given[0]) and torch.equal(drawn[1], given[1])
-        # a backend callable runs the same windows, noise and blending as the model itself
-        image, mask = x[0, 0].numpy(), lung[0, 0].numpy()
-        a = run_generator(g, image, mask, seed=3, window=(8, 32, 32))
-        b = run_generator(GeneratorRemoval(g), image, mask, seed=3, window=(8, 32, 32), config=g.config)
-    assert np.array_equal(a, b)
-    with pytest.raises(ValueError, match="noise must be"):
-        g(x, lung, noise=torch.zeros(2, 64, 1, 2, 2))
 
 
 def test_export_writes_a_checked_model_and_its_sidecar(trained):
@@ -94,9 +74,9 @@ def test_export_writes_a_checked_model_and_its_sidecar(trained):
     assert isinstance(shapes["image"][0], str)  # dynamic batch
     assert sorted(p.name for p in onnx_path.parent.iterdir()) == ["generator.json", "generator.onnx"]
     with pytest.raises(UsageError, match="--overwrite"):
-        eg.export_generator(trained.gan, onnx_path)
+        export.export_generator(trained.gan, onnx_path)
     with pytest.raises(UsageError, match=".onnx"):
-        eg.export_generator(trained.gan, trained.root / "onnx" / "generator.pt")
+        export.export_generator(trained.gan, trained.root / "onnx" / "generator.pt")
 
 
 def test_failed_parity_raises_and_leaves_nothing(trained, tmp_path, monkeypatch):
@@ -106,11 +86,11 @@ def test_failed_parity_raises_and_leaves_nothing(trained, tmp_path, monkeypatch)
     payload["generator"][key] = payload["generator"][key] * 3.0
     save_checkpoint(tmp_path / "other.pt", payload)
     good = trained.root / "onnx" / "generator.onnx"
-    monkeypatch.setattr(eg, "export_onnx", lambda module, inputs, path, *a, **k: shutil.copy(good, path))
+    monkeypatch.setattr(export, "export_onnx", lambda module, inputs, path, *a, **k: shutil.copy(good, path))
     out = tmp_path / "out"
     out.mkdir()
-    with pytest.raises(eg.ParityError, match="differs from torch"):
-        eg.export_generator(tmp_path / "other.pt", out / "generator.onnx")
+    with pytest.raises(ParityError, match="differs from torch"):
+        export.export_generator(tmp_path / "other.pt", out / "generator.onnx")
     assert list(out.iterdir()) == []
 
 
@@ -187,6 +167,6 @@ def test_export_command_on_a_train_gan_folder_writes_generator_onnx(trained, tmp
     assert result.exit_code == 0, result.output
     assert (gan / "generator.onnx").is_file() and (gan / "generator.json").is_file()
     # make-masks --backend onnx finds it in the folder
-    assert eg.read_generator_sidecar(gan / "generator.onnx")["sha256"]
+    assert read_generator_sidecar(gan / "generator.onnx")["sha256"]
     refused = runner.invoke(app, ["export", str(gan), "--fp16"])
     assert refused.exit_code == 2

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from covidseg.method.lesions import CorruptionConfig, hu_to_unit, perlin_lesions
+from covidseg.imaging.grid import DEFAULT_HU_SCALE, HuScale
+from covidseg.method.lesions import CorruptionConfig, perlin_lesions
 from covidseg.method.pseudo_masks import (
     PseudoMaskConfig,
     binarise,
@@ -18,8 +19,7 @@ from covidseg.method.pseudo_masks import (
     split_slices,
     threshold_baseline,
 )
-from covidseg.models import gan3d
-from covidseg.models.gan3d import GAN_PRESETS, Discriminator3D, Generator3D, latent_noise, run_generator
+from covidseg.models.gan3d import GAN_PRESETS, Discriminator3D, Generator3D, latent_noise
 
 
 def _lung(shape=(1, 1, 16, 64, 64)) -> torch.Tensor:
@@ -27,6 +27,9 @@ def _lung(shape=(1, 1, 16, 64, 64)) -> torch.Tensor:
     lung[..., 2:14, 10:54, 6:30] = 1.0
     lung[..., 2:14, 10:54, 34:58] = 1.0
     return lung
+
+
+hu_to_unit = DEFAULT_HU_SCALE.to_unit  # HU on the default window's [0, 1] scale
 
 
 @pytest.mark.parametrize("preset", list(GAN_PRESETS))
@@ -53,17 +56,18 @@ def test_generator_only_removes_density_and_only_in_the_lung():
     assert (healthy <= x + 1e-6).all()  # lesions are dense: making healthy only removes density
 
 
-def test_windowed_inference_in_batches_equals_one_window_at_a_time(monkeypatch):
+def test_explicit_noise_reproduces_the_seeded_forward():
     torch.manual_seed(0)
     g = Generator3D(GAN_PRESETS["tiny"].generator).eval()
-    image = np.random.default_rng(0).random((20, 72, 80), dtype=np.float32)
-    lung = np.zeros(image.shape, np.uint8)
-    lung[2:18, 8:64, 8:72] = 1
-    batched = run_generator(g, image, lung, seed=5, window=(16, 64, 64))  # 2x2x2 windows, batches of 4
-    monkeypatch.setattr(gan3d, "WINDOW_BATCH", 1)
-    single = run_generator(g, image, lung, seed=5, window=(16, 64, 64))
-    np.testing.assert_allclose(batched, single, atol=1e-5)  # same windows, same U_N per window
-    assert not np.array_equal(batched, image)
+    x, lung = torch.rand(2, 1, 8, 48, 48), torch.ones(2, 1, 8, 48, 48)
+    latent = g.latent_shape(x.shape)
+    assert latent == (2, 64, 1, 3, 3)
+    with torch.no_grad():
+        drawn = g(x, lung, noise_generator=torch.Generator().manual_seed(5))
+        given = g(x, lung, noise=g.sample_noise(latent, 5))
+    assert torch.equal(drawn[0], given[0]) and torch.equal(drawn[1], given[1])
+    with pytest.raises(ValueError, match="noise must be"):
+        g(x, lung, noise=torch.zeros(2, 64, 1, 2, 2))
 
 
 @pytest.mark.parametrize("kind", ["perlin", "uniform", "none"])
@@ -97,7 +101,7 @@ def test_perlin_lesions_are_dense_inside_the_lung_and_keep_vessels():
     image = torch.full((2, 1, 16, 64, 64), hu_to_unit(-850.0))
     image[..., 8, 30:34, 16:20] = hu_to_unit(40.0)  # a vessel
     lung = _lung((2, 1, 16, 64, 64))
-    corrupted, lesion = perlin_lesions(image, lung, torch.Generator().manual_seed(3))
+    corrupted, lesion = perlin_lesions(image, lung, torch.Generator().manual_seed(3), scale=DEFAULT_HU_SCALE)
     assert (corrupted >= image - 1e-6).all()  # only denser: vessels never darkened
     assert (lesion <= lung).all() and lesion.sum() > 0
     load = (lesion.sum(dim=(1, 2, 3, 4)) / lung.sum(dim=(1, 2, 3, 4))).tolist()
@@ -105,7 +109,7 @@ def test_perlin_lesions_are_dense_inside_the_lung_and_keep_vessels():
     assert all(lo * 0.5 <= v <= hi * 1.5 for v in load)
     ggo_lo = hu_to_unit(-720.0)
     assert (corrupted[lesion > 0] >= ggo_lo).float().mean() > 0.9  # ground glass or denser
-    again, _ = perlin_lesions(image, lung, torch.Generator().manual_seed(3))
+    again, _ = perlin_lesions(image, lung, torch.Generator().manual_seed(3), scale=DEFAULT_HU_SCALE)
     assert torch.equal(corrupted, again)
 
 
@@ -117,7 +121,8 @@ def test_perlin_lesions_have_the_same_hu_on_another_window():
     out_hu = []
     for lo, hi in ((-1000.0, 400.0), (-1350.0, 150.0)):
         image = (hu - lo) / (hi - lo)
-        corrupted, lesion = perlin_lesions(image, lung, torch.Generator().manual_seed(3), window=(lo, hi))
+        gen = torch.Generator().manual_seed(3)
+        corrupted, lesion = perlin_lesions(image, lung, gen, scale=HuScale(lo, hi))
         out_hu.append(corrupted * (hi - lo) + lo)
     assert lesion.sum() > 0
     assert torch.allclose(out_hu[0], out_hu[1], atol=0.05)  # HU
@@ -126,7 +131,7 @@ def test_perlin_lesions_have_the_same_hu_on_another_window():
 def test_perlin_lesions_prefer_the_lung_border():
     image = torch.full((4, 1, 16, 64, 64), hu_to_unit(-850.0))
     lung = _lung((4, 1, 16, 64, 64))
-    _, lesion = perlin_lesions(image, lung, torch.Generator().manual_seed(4))
+    _, lesion = perlin_lesions(image, lung, torch.Generator().manual_seed(4), scale=DEFAULT_HU_SCALE)
     border = (lung - (-torch.nn.functional.max_pool3d(-lung, (1, 9, 9), 1, (0, 4, 4)))).clamp(0, 1)
     share_on_border = (lesion * border).sum() / lesion.sum()
     assert share_on_border > border.sum() / lung.sum()
@@ -143,16 +148,17 @@ def test_difference_threshold_and_components():
     assert remove_small_components(np.ones((2, 2, 2), bool), 9).sum() == 0
 
     healthy_diff = [np.linspace(0, 1, 1000, dtype=np.float32).reshape(10, 10, 10)]
-    cfg = PseudoMaskConfig(healthy_percentile=99.0, min_threshold=0.0)
-    assert calibrate_threshold(healthy_diff, [np.ones((10, 10, 10))], cfg) == pytest.approx(0.99, abs=1e-3)
+    cfg = PseudoMaskConfig(healthy_percentile=99.0, min_threshold_hu=0.0)
+    threshold = calibrate_threshold(healthy_diff, [np.ones((10, 10, 10))], cfg, DEFAULT_HU_SCALE)
+    assert threshold == pytest.approx(0.99, abs=1e-3)
 
 
 def test_threshold_baseline_flags_vessels_too():
     image = np.full((2, 16, 16), hu_to_unit(-850.0), np.float32)
     image[:, 4:8, 4:8] = hu_to_unit(40.0)  # a vessel: the baseline cannot tell it from a lesion
     lung = np.ones_like(image, dtype=np.uint8)
-    assert threshold_baseline(image, lung, min_component=1)[:, 4:8, 4:8].all()
-    assert threshold_baseline(image, lung, min_component=1).sum() == 32
+    assert threshold_baseline(image, lung, DEFAULT_HU_SCALE, min_component=1)[:, 4:8, 4:8].all()
+    assert threshold_baseline(image, lung, DEFAULT_HU_SCALE, min_component=1).sum() == 32
 
 
 def test_slice_sets():

@@ -22,14 +22,16 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 @pytest.fixture(scope="module")
 def synth_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("synth")
-    messages: list[str] = []
-    manifest = run_synth(out, 1, 2, 7, SHAPE, SPACING, montage=True, progress=messages.append)
-    return out, manifest, messages
+    calls: list[tuple[int, int, str]] = []
+    manifest = run_synth(
+        out, 1, 2, 7, SHAPE, SPACING, montage=True, progress=lambda *call: calls.append(call)
+    )
+    return out, manifest, calls
 
 
 def test_writes_every_file_and_a_complete_manifest(synth_run):
-    out, manifest, messages = synth_run
-    assert len(messages) == 3 and messages[-1].startswith("covid_001")
+    out, manifest, calls = synth_run
+    assert calls == [(1, 3, "healthy_000"), (2, 3, "covid_000"), (3, 3, "covid_001")]
     on_disk = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
     assert on_disk == manifest
     assert manifest["format"] == "covidseg.synth" and manifest["version"] == 1

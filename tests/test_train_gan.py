@@ -16,6 +16,7 @@ from covidseg.config import GanTrainConfig, PreprocessConfig
 from covidseg.errors import InputError, UsageError
 from covidseg.imaging.geometry import Geometry
 from covidseg.learning.loop import load_checkpoint
+from covidseg.stages._workdir import stored_path
 from covidseg.stages.make_masks import run_make_masks
 from covidseg.stages.preprocess import run_preprocess
 from covidseg.stages.synth import run_synth
@@ -98,7 +99,7 @@ def test_make_masks_outputs_lie_on_the_source_scan(pre, tmp_path):
     assert manifest["failed"] == [] and len(manifest["cases"]) == 4
     pre_manifest = json.loads((pre / "manifest.json").read_text())
     for record in pre_manifest["cases"]:
-        source = sitk.ReadImage(record["source"])
+        source = sitk.ReadImage(str(stored_path(pre, record["source"])))  # relative to pre/
         healthy = sitk.ReadImage(str(out / "pseudo_healthy" / f"{record['id']}.nii.gz"))
         mask = sitk.ReadImage(str(out / "pseudo_masks" / f"{record['id']}.nii.gz"))
         for image in (healthy, mask):
@@ -177,9 +178,9 @@ def test_the_gan_paints_its_lesions_on_the_preprocess_hu_window(tmp_path, monkey
     run_preprocess(root / "pre", s / "healthy", s / "covid", s / "masks", config)
     windows, real = [], stage.perlin_lesions
 
-    def recording(*args, window, **kwargs):
-        windows.append(window)
-        return real(*args, window=window, **kwargs)
+    def recording(*args, scale, **kwargs):
+        windows.append(scale.window)
+        return real(*args, scale=scale, **kwargs)
 
     monkeypatch.setattr(stage, "perlin_lesions", recording)
     run_train_gan(root / "pre", root / "gan", _config(steps=1), device="cpu")

@@ -1,24 +1,48 @@
 """The `covidseg` command line: one thin function per subcommand.
 
-Each command parses and validates its options, calls one stage, prints a short rich summary and maps
-errors to exit codes: 0 ok, 1 a case failed or a threshold was not met, 2 usage error. Heavy
-imports (torch, SimpleITK) happen inside the commands so that `covidseg --help` is instant.
+Each command turns its options into a config, calls one stage, prints a short rich summary and maps
+errors to exit codes: 0 ok, 1 a case failed or a threshold was not met, 2 usage error. Progress bars
+go to stderr (`--no-progress` turns them off); heavy imports (torch, SimpleITK) happen inside the
+commands so that `covidseg --help` is instant.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
 from rich.markup import escape as _rich_escape
+from typer.core import TyperCommand, TyperGroup
 
 from covidseg import __version__
 from covidseg.errors import CovidsegError, UsageError, one_line
+from covidseg.progress import Progress, ProgressFor, silent_for
+
+
+def _no_type_on_flags(params: list) -> list:
+    """Flags (--overwrite, --help) take no value: no metavar beside them in --help (typer 0.29's
+    rich help would show ``<bool>``)."""
+    for param in params:
+        if getattr(param, "is_flag", False):
+            param.metavar = ""
+    return params
+
+
+class _Command(TyperCommand):
+    def get_params(self, ctx) -> list:
+        return _no_type_on_flags(super().get_params(ctx))
+
+
+class _Group(TyperGroup):
+    def get_params(self, ctx) -> list:
+        return _no_type_on_flags(super().get_params(ctx))
+
 
 app = typer.Typer(
     name="covidseg",
@@ -26,7 +50,9 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    cls=_Group,
 )
+command = functools.partial(app.command, cls=_Command)
 console = Console(stderr=True)
 out = Console()
 
@@ -102,25 +128,69 @@ def _check_options(config: object, **extra: float | None) -> None:
         raise _option_error(exc) from None
 
 
-@contextlib.contextmanager
-def _progress(total: int, description: str, enabled: bool) -> Iterator[Callable[[str], None]]:
-    """A rich progress bar advanced by a callback that takes one message per finished item."""
-    if not enabled or total == 0:
-        yield lambda message: None
-        return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+def _intensity(text: str | None):
+    """`--intensity` ('window:LO,HI' or 'linear:A,B': non-HU images to HU) as a mapping, or None."""
+    from covidseg.imaging.intensity import parse_intensity
 
-    with Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TextColumn("{task.fields[last]}"),
+    try:
+        return parse_intensity(text) if text else None
+    except ValueError as exc:
+        raise UsageError(None, str(exc)) from None
+
+
+def _notes(notes) -> None:
+    for note in notes:
+        console.print(f"note: {escape(note)}", highlight=False, soft_wrap=True)
+
+
+def _failures(errors) -> None:
+    """One red line per failed case (its one-line error)."""
+    for error in errors:
+        console.print(f"[red]failed:[/] {escape(error)}", highlight=False, soft_wrap=True)
+
+
+@contextlib.contextmanager
+def _bars(enabled: bool, *, remaining: bool = False, label_width: int = 0) -> Iterator[ProgressFor]:
+    """Rich progress bars on stderr: ``bars(name)`` is the :data:`~covidseg.progress.Progress` of the
+    bar `name`. A bar appears at its first report (a job with nothing to report draws none) and
+    stops the bar before it (`run` and `demo` draw one per stage). `remaining`: show the time left
+    (training) instead of the time taken."""
+    if not enabled:
+        yield silent_for
+        return
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+    from rich.progress import Progress as RichProgress
+
+    bar = RichProgress(
+        TextColumn(f"{{task.description:<{label_width}}}"), BarColumn(), MofNCompleteColumn(),
+        TimeRemainingColumn() if remaining else TimeElapsedColumn(), TextColumn("{task.fields[last]}"),
         console=console,
-        transient=False,
-    ) as bar:
-        task = bar.add_task(description, total=total, last="")
-        yield lambda message: bar.update(task, advance=1, last=message)
+    )  # fmt: skip
+    tasks: dict[str, int] = {}
+
+    def bar_for(name: str) -> Progress:
+        def progress(done: int, total: int, message: str) -> None:
+            if name not in tasks:
+                if not tasks:
+                    bar.start()
+                for task in tasks.values():  # the previous stage has finished
+                    bar.stop_task(task)
+                tasks[name] = bar.add_task(name, total=total, last="")
+            bar.update(tasks[name], completed=done, total=total, last=escape(message[:80]))
+
+        return progress
+
+    try:
+        yield bar_for
+    finally:
+        if tasks:
+            bar.stop()
 
 
 NoProgress = Annotated[bool, typer.Option("--no-progress", help="No progress bar (batch jobs, logs).")]
@@ -129,7 +199,7 @@ SeedOpt = Annotated[int, typer.Option(help="Random seed.")]
 ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue the run in OUTPUT.")]
 
 
-@app.command()
+@command()
 def synth(
     output: Annotated[Path, typer.Option("-o", "--output", help="Folder to write the phantoms to.")],
     healthy: Annotated[int, typer.Option(help="Number of healthy phantoms.")] = 2,
@@ -156,24 +226,17 @@ def synth(
         spacing_zyx = _triple(spacing, float, "--spacing")
         from covidseg.stages.synth import run_synth
 
-        with _progress(healthy + covid, "synth", not no_progress) as advance:
+        with _bars(not no_progress) as bars:
             manifest = run_synth(
-                output,
-                healthy,
-                covid,
-                seed,
-                shape_zyx,
-                spacing_zyx,
-                montage=montage,
-                progress=advance,
+                output, healthy, covid, seed, shape_zyx, spacing_zyx, montage=montage, progress=bars("synth"),
                 surroundings=surroundings,
-            )
+            )  # fmt: skip
     except CovidsegError as exc:
         _fail(exc)
     out.print(f"wrote {len(manifest['cases'])} phantoms to {output} (manifest.json)")
 
 
-@app.command()
+@command()
 def preprocess(
     output: Annotated[Path, typer.Option("-o", "--output", help="Output folder (e.g. WORK/pre).")],
     healthy: Annotated[Path | None, typer.Option(help="Healthy CTs: a file or a folder (recursive).")] = None,
@@ -197,30 +260,27 @@ def preprocess(
     """CTs -> lung-cropped, HU-windowed, fixed-size arrays + lung masks + manifest."""
     try:
         from covidseg.config import PreprocessConfig
-        from covidseg.imaging.intensity import parse_intensity
 
         try:
             config = PreprocessConfig(
                 grid=_triple(grid, int, "--grid"), hu_window=_pair(hu_window, "--hu-window")
             )
-            mapping = parse_intensity(intensity) if intensity else None
         except ValueError as exc:
             raise _option_error(exc) from None
+        mapping = _intensity(intensity)
         if workers < 1:
             raise UsageError(None, "--workers must be >= 1")
-        from covidseg.stages.preprocess import collect_inputs, run_preprocess
+        from covidseg.stages.preprocess import run_preprocess
 
-        total = len(collect_inputs(healthy, covid, masks, allow_2d=mapping is not None))
-        with _progress(total, "preprocess", not no_progress) as advance:
+        with _bars(not no_progress) as bars:
             result = run_preprocess(
-                output, healthy, covid, masks, config, workers, series, mapping, overwrite, advance
-            )
+                output, healthy, covid, masks, config, workers=workers, series=series, intensity=mapping,
+                overwrite=overwrite, progress=bars("preprocess"),
+            )  # fmt: skip
     except CovidsegError as exc:
         _fail(exc)
-    for note in result.notes:
-        console.print(f"note: {escape(note)}", highlight=False, soft_wrap=True)
-    for failure in result.failures:
-        console.print(f"[red]failed:[/] {escape(failure['error'])}", highlight=False, soft_wrap=True)
+    _notes(result.notes)
+    _failures(f["error"] for f in result.failures)
     n_ok = len(result.manifest["cases"])
     out.print(
         f"preprocessed {n_ok} case(s) into {escape(str(output))}; {len(result.failures)} failed",
@@ -230,7 +290,7 @@ def preprocess(
         raise typer.Exit(1)
 
 
-@app.command()
+@command()
 def evaluate(
     pred: Annotated[Path, typer.Option(help="Folder of predicted masks (NIfTI/MHA/NRRD).")],
     ref: Annotated[Path, typer.Option(help="Folder of reference masks, or a synth manifest.json.")],
@@ -258,9 +318,10 @@ def evaluate(
     try:
         from covidseg.stages.evaluate import run_evaluate
 
-        with _progress(0, "evaluate", False) as advance:
+        with _bars(not no_progress) as bars:
             result = run_evaluate(
-                pred, ref, output, min_dice, min_sensitivity, min_specificity, per_slice, progress=advance,
+                pred, ref, output, min_dice=min_dice, min_sensitivity=min_sensitivity,
+                min_specificity=min_specificity, per_slice=per_slice, progress=bars("evaluate"),
                 overwrite=overwrite, threshold=threshold, allow_missing=allow_missing,
             )  # fmt: skip
     except CovidsegError as exc:
@@ -270,7 +331,7 @@ def evaluate(
         raise typer.Exit(1)
 
 
-@app.command("train-gan")
+@command("train-gan")
 def train_gan(
     pre: Annotated[Path, typer.Argument(help="A preprocess output folder (healthy + COVID cases).")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Output folder (e.g. WORK/gan).")],
@@ -301,12 +362,12 @@ def train_gan(
 ) -> None:
     """Train the 3D pseudo-healthy GAN: Î_H = De(En(I_C) + U_N)."""
     try:
-        from covidseg.config import GanTrainConfig
+        from covidseg.config import GanTrainConfig, gan_crop
 
         try:
             config = GanTrainConfig(
                 preset=preset, steps=steps, batch_size=batch_size, grad_accum=grad_accum,
-                crop=_gan_crop(crop, preset),
+                crop=gan_crop(_crop_option(crop), preset),
                 latent_noise=latent_noise, adversarial=adversarial, w_adv=w_adv, w_rec=w_rec,
                 w_identity=w_identity, lr_g=lr, lr_d=lr, seed=seed,
                 checkpoint_every=checkpoint_every, sample_every=checkpoint_every,
@@ -318,12 +379,22 @@ def train_gan(
         from covidseg.learning.distributed import env_rank
         from covidseg.stages.train_gan import run_train_gan
 
-        with _step_progress(steps, "train-gan", not no_progress and env_rank() == 0) as advance:
-            manifest = run_train_gan(pre, output, config, device=device, resume=resume, progress=advance)
+        with _bars(not no_progress and env_rank() == 0, remaining=True) as bars:
+            manifest = run_train_gan(
+                pre, output, config, device=device, resume=resume, progress=bars("train-gan")
+            )
     except CovidsegError as exc:
         _fail(exc)
-    if env_rank() > 0:  # under torchrun rank 0 reports for all
-        return
+    if env_rank() == 0:  # under torchrun rank 0 reports for all
+        _print_gan(manifest, output)
+
+
+def _crop_option(text: str) -> object:
+    """`--crop`: 'auto', 'none' or 'Z,Y,X' voxels, for :func:`covidseg.config.gan_crop`."""
+    return text.lower() if text.lower() in ("auto", "none") else _triple(text, int, "--crop")
+
+
+def _print_gan(manifest: dict, output: Path) -> None:
     cal = manifest["calibration"]
     out.print(
         f"trained {manifest['steps']} steps on {manifest['device']}; generator: {output / 'generator.pt'}; "
@@ -331,15 +402,7 @@ def train_gan(
     )
 
 
-def _gan_crop(text: str, preset: str) -> tuple[int, int, int] | None:
-    if text.lower() == "auto":
-        from covidseg.models.gan3d import PRESET_CROPS
-
-        return PRESET_CROPS.get(preset)
-    return None if text.lower() == "none" else _triple(text, int, "--crop")
-
-
-@app.command("make-masks")
+@command("make-masks")
 def make_masks(
     pre: Annotated[Path, typer.Argument(help="A preprocess output folder.")],
     gan: Annotated[
@@ -366,58 +429,41 @@ def make_masks(
 ) -> None:
     """Pseudo-healthy volumes and pseudo-masks M = I_C - Î_H; high/low-infected slice sets."""
     try:
-        from dataclasses import replace
-
         from covidseg.method.pseudo_masks import PseudoMaskConfig
-        from covidseg.stages._workdir import read_manifest
-        from covidseg.stages.make_masks import generator_calibration, run_make_masks
+        from covidseg.settings import SettingError
+        from covidseg.stages.make_masks import run_make_masks
 
-        default_component = PseudoMaskConfig.min_component if min_component is None else min_component
-        asked = PseudoMaskConfig(
-            high_infected=high_infected, low_infected=low_infected, min_component=default_component
-        )
-        _check_options(asked, threshold=threshold)  # before anything is read
-        n_cases = len(read_manifest(pre, "covidseg.preprocess")["cases"])
-        calibration = generator_calibration(gan, backend)
-        config = PseudoMaskConfig(
-            smooth_sigma=calibration.get("smooth_sigma", PseudoMaskConfig.smooth_sigma),
-            healthy_percentile=calibration.get("healthy_percentile", PseudoMaskConfig.healthy_percentile),
-            min_component=calibration.get("min_component", PseudoMaskConfig.min_component),
-        )
-        config = replace(config, high_infected=high_infected, low_infected=low_infected)
+        asked = {"high_infected": high_infected, "low_infected": low_infected}
         if min_component is not None:
-            config = replace(config, min_component=min_component)
-        _check_options(config)  # the calibrated settings too
-        with _progress(n_cases, "make-masks", not no_progress) as advance:
+            asked["min_component"] = min_component
+        _check_options(PseudoMaskConfig(**asked), threshold=threshold)  # before anything is read
+        with _bars(not no_progress) as bars:
             manifest = run_make_masks(
-                pre,
-                gan,
-                output,
-                device,
-                config,
-                threshold,
-                native=native,
-                overwrite=overwrite,
-                progress=advance,
-                backend=backend,
-            )
+                pre, gan, output, device, threshold=threshold, native=native, overwrite=overwrite,
+                progress=bars("make-masks"), backend=backend, overrides=asked,
+            )  # fmt: skip
+    except SettingError as exc:  # the generator's calibrated settings with the options
+        _fail(_option_error(exc))
     except CovidsegError as exc:
         _fail(exc)
+    _print_masks(manifest, output)
+    if manifest["failed"]:
+        raise typer.Exit(1)
+
+
+def _print_masks(manifest: dict, output: Path) -> None:
     if manifest["backend"]["kind"] == "onnx":
         console.print(f"generator on ONNX Runtime: {manifest['backend']['providers'][0]}", highlight=False)
-    for failure in manifest["failed"]:
-        console.print(f"[red]failed:[/] {escape(failure['error'])}", highlight=False, soft_wrap=True)
+    _failures(f["error"] for f in manifest["failed"])
     s = manifest["slices"]
     out.print(
         f"pseudo-masks for {len(manifest['cases'])} case(s) in {output} "
         f"(threshold {manifest['threshold']:.4f}); "
         f"2D set: {s['n']} slices, {s['high']} high-infected, {s['low']} low-infected"
     )
-    if manifest["failed"]:
-        raise typer.Exit(1)
 
 
-@app.command("train-seg")
+@command("train-seg")
 def train_seg(
     masks: Annotated[Path, typer.Argument(help="A make-masks output folder.")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Output folder (e.g. WORK/seg).")],
@@ -454,8 +500,7 @@ def train_seg(
         try:
             config = SegTrainConfig(
                 arch=arch, preset=preset, steps=steps, batch_size=batch_size, lr=lr, lr_schedule=lr_schedule,
-                augment=not no_augment,
-                eval_every=eval_every, seed=seed, grad_accum=grad_accum,
+                augment=not no_augment, eval_every=eval_every, seed=seed, grad_accum=grad_accum,
             )  # fmt: skip
             loss_config = SegLossConfig(
                 w_sensitivity=w_sensitivity,
@@ -470,12 +515,15 @@ def train_seg(
         from covidseg.learning.distributed import env_rank
         from covidseg.stages.train_seg import run_train_seg
 
-        with _step_progress(steps, "train-seg", not no_progress and env_rank() == 0) as advance:
-            manifest = run_train_seg(masks, output, config, loss_config, device, resume, advance)
+        with _bars(not no_progress and env_rank() == 0, remaining=True) as bars:
+            manifest = run_train_seg(masks, output, config, loss_config, device, resume, bars("train-seg"))
     except CovidsegError as exc:
         _fail(exc)
-    if env_rank() > 0:  # under torchrun rank 0 reports for all
-        return
+    if env_rank() == 0:  # under torchrun rank 0 reports for all
+        _print_seg(manifest, output)
+
+
+def _print_seg(manifest: dict, output: Path) -> None:
     best = manifest["best"]
     text = f"best step {best['step']}: validation Dice vs held-out pseudo-masks {best['val_dice_pseudo']:.3f}"
     if best["val_dice_pseudo"] < 0:
@@ -490,7 +538,7 @@ def _is_gan_output(source: Path) -> bool:
     return (source.is_dir() and (source / "generator.pt").is_file()) or source.name == "generator.pt"
 
 
-@app.command()
+@command()
 def export(
     source: Annotated[
         Path, typer.Argument(help="A train-seg output folder or its best.pt; or a train-gan folder.")
@@ -510,37 +558,41 @@ def export(
     For a train-gan folder the generator is exported (default: GAN/generator.onnx), so that
     `make-masks --backend onnx` can run it.
     """
+    generator = _is_gan_output(source)
     try:
-        if _is_gan_output(source):
+        if generator:
             if fp16 or name:
                 raise UsageError(source, "--fp16 and --name are for segmenters, not the GAN generator")
-            from covidseg.stages.export_generator import export_generator
+            from covidseg.stages.export import export_generator
 
             folder = source if source.is_dir() else source.parent
             with console.status("exporting the generator and checking parity ..."):
                 result = export_generator(source, output or folder / "generator.onnx", overwrite)
-            out.print(
-                f"wrote {escape(result['onnx'])} and {Path(result['sidecar']).name}; parity: max "
-                f"|removal diff| {result['parity']['max_abs_removal_diff']:.2g}",
-                soft_wrap=True,
-            )
-            return
-        from covidseg.stages.export import run_export
+        else:
+            from covidseg.stages.export import run_export
 
-        with console.status("exporting and checking parity ..."):
-            result = run_export(source, output, name, fp16, overwrite)
+            with console.status("exporting and checking parity ..."):
+                result = run_export(source, output, name, fp16, overwrite)
     except CovidsegError as exc:
         _fail(exc)
+    _print_export(result, generator)
+
+
+def _print_export(result: dict, generator: bool) -> None:
+    """The files an export wrote and its parity figures (`result`: what export_generator returns
+    for the `generator`, the sidecar for a segmenter)."""
     parity = result["parity"]
-    out.print(
-        f"wrote {escape(result['path'])} ({result['precision']}) and {Path(result['sidecar']).name}; "
-        f"parity on {parity['slices']} slices: max |logit diff| {parity['max_abs_logit_diff']:.2g}, "
-        f"mask Dice {parity['mask_dice']:.4f}",
-        soft_wrap=True,
-    )
+    if generator:
+        text = f"wrote {escape(result['onnx'])} and {Path(result['sidecar']).name}; parity: max "
+        text += f"|removal diff| {parity['max_abs_removal_diff']:.2g}"
+    else:
+        text = f"wrote {escape(result['path'])} ({result['precision']}) and {Path(result['sidecar']).name}; "
+        text += f"parity on {parity['slices']} slices: max |logit diff| {parity['max_abs_logit_diff']:.2g}, "
+        text += f"mask Dice {parity['mask_dice']:.4f}"
+    out.print(text, soft_wrap=True)
 
 
-@app.command()
+@command()
 def predict(
     inputs: Annotated[
         list[Path], typer.Argument(help="CT files and folders (recursive: NIfTI, MHA, NRRD, DICOM series).")
@@ -584,41 +636,42 @@ def predict(
 ) -> None:
     """Lesion masks and a clinical read-out (mL, % of lung, CT-0..CT-4) for every CT."""
     try:
-        from covidseg.imaging.intensity import parse_intensity
-
-        try:
-            mapping = parse_intensity(intensity) if intensity else None
-        except ValueError as exc:
-            raise UsageError(None, str(exc)) from None
+        mapping = _intensity(intensity)
         if resume and overwrite:
             raise UsageError(None, "--continue and --overwrite exclude each other")
-        from covidseg.stages.predict import PredictOptions, collect_cases, run_predict, select_part
+        from covidseg.config import PredictOptions
+        from covidseg.stages.predict import predict_inputs
 
         options = PredictOptions(
-            probabilities, snapshots, resume, overwrite, series, mapping,
-            tensorrt=tensorrt, num_parts=num_parts, part_id=part_id, keep_metadata=keep_metadata,
+            probabilities=probabilities, snapshots=snapshots, resume=resume, overwrite=overwrite,
+            series=series, intensity=mapping, tensorrt=tensorrt, num_parts=num_parts, part_id=part_id,
+            keep_metadata=keep_metadata,
         )  # fmt: skip
-        cases = collect_cases(list(inputs), output, allow_2d=mapping is not None)
-        cases = select_part(cases, num_parts, part_id)
-
-        def announce(runner) -> None:
-            console.print(f"model runs with {escape(runner.description)}", highlight=False)
-            if runner.warning:
-                console.print(f"[yellow]warning:[/] {escape(runner.warning)}", highlight=False)
-
-        with _progress(len(cases), "predict", not no_progress) as advance:
-            result = run_predict(cases, output, model, backend, device, options, advance, announce)
+        with _bars(not no_progress) as bars:
+            result = predict_inputs(
+                inputs, output, model, backend, device, options, bars("predict"), _announce
+            )
     except CovidsegError as exc:
-        for failure in getattr(exc, "failures", []):  # cases that failed before a report write failed
-            console.print(f"[red]failed:[/] {escape(failure['error'])}", highlight=False, soft_wrap=True)
+        _failures(f["error"] for f in getattr(exc, "failures", []))  # cases that failed before a report write
         _fail(exc)
     except KeyboardInterrupt:
         console.print("interrupted: finished cases are kept; rerun with --continue", highlight=False)
         raise typer.Exit(130) from None
-    for note in result.notes:
-        console.print(f"note: {escape(note)}", highlight=False, soft_wrap=True)
-    for failure in result.failures:
-        console.print(f"[red]failed:[/] {escape(failure['error'])}", highlight=False, soft_wrap=True)
+    _print_predict(result, output / f"summary{options.part_suffix}.csv")
+    if result.failures:
+        raise typer.Exit(1)
+
+
+def _announce(runner) -> None:
+    """The runner predict loaded (device, ONNX Runtime provider) and why it fell back, if it did."""
+    console.print(f"model runs with {escape(runner.description)}", highlight=False)
+    if runner.warning:
+        console.print(f"[yellow]warning:[/] {escape(runner.warning)}", highlight=False)
+
+
+def _print_predict(result, summary: Path) -> None:
+    _notes(result.notes)
+    _failures(f["error"] for f in result.failures)
     for warning in result.warnings:
         console.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False, soft_wrap=True)
     report = result.report
@@ -628,15 +681,12 @@ def predict(
     kept = f", {len(result.kept)} of earlier batches kept" if result.kept else ""
     out.print(
         f"predicted {report['predicted']} case(s){timing}, {len(result.skipped)} already done, "
-        f"{len(result.failures)} failed{not_graded}{kept} "
-        f"-> {escape(str(output / f'summary{options.part_suffix}.csv'))}",
+        f"{len(result.failures)} failed{not_graded}{kept} -> {escape(str(summary))}",
         soft_wrap=True,
     )
-    if result.failures:
-        raise typer.Exit(1)
 
 
-@app.command("merge-reports")
+@command("merge-reports")
 def merge_reports(
     output: Annotated[Path, typer.Argument(help="The folder the predict parts wrote to.")],
 ) -> None:
@@ -655,30 +705,6 @@ def merge_reports(
     )
     if report["failed"]:
         raise typer.Exit(1)
-
-
-@contextlib.contextmanager
-def _stage_progress(enabled: bool) -> Iterator[Callable[[str, int, int, str], None]]:
-    """One progress bar per pipeline stage, advanced by callback(stage, done, total, message)."""
-    if not enabled:
-        yield lambda stage, done, total, message: None
-        return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    tasks: dict[str, int] = {}
-    with Progress(
-        TextColumn("{task.description:<18}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        TextColumn("{task.fields[last]}"), console=console,
-    ) as bar:  # fmt: skip
-
-        def advance(stage: str, done: int, total: int, message: str) -> None:
-            if stage not in tasks:
-                for task in tasks.values():  # the previous stage has finished
-                    bar.stop_task(task)
-                tasks[stage] = bar.add_task(stage, total=total, last="")
-            bar.update(tasks[stage], completed=done, total=total, last=escape(message[:60]))
-
-        yield advance
 
 
 def _stage_text(record: dict) -> str:
@@ -720,7 +746,7 @@ def _print_stages(records: list[dict]) -> None:
     out.print(table)
 
 
-@app.command()
+@command()
 def run(
     healthy: Annotated[Path, typer.Option(help="Healthy CTs: a file or a folder (recursive).")],
     covid: Annotated[Path, typer.Option(help="COVID CTs: a file or a folder (recursive).")],
@@ -748,13 +774,12 @@ def run(
 
         settings = load_config(config)
         inputs = RunInputs(healthy, covid, masks, tuple(predict_inputs or ()), ref)
-        with _stage_progress(not no_progress) as advance:
-            result = run_pipeline(output, inputs, settings, device, force, advance)
+        with _bars(not no_progress, label_width=18) as bars:
+            result = run_pipeline(output, inputs, settings, device, force, bars)
     except CovidsegError as exc:
         _fail(exc)
     _print_stages(result.stages)
-    for failure in result.failures:
-        console.print(f"[red]failed:[/] {escape(failure)}", highlight=False, soft_wrap=True)
+    _failures(result.failures)
     out.print(
         f"work folder: {escape(str(output))} (model.onnx, pred/, settings in config.json)", soft_wrap=True
     )
@@ -762,7 +787,7 @@ def run(
         raise typer.Exit(1)
 
 
-@app.command()
+@command()
 def demo(
     output: Annotated[
         Path, typer.Option("-o", "--output", help="Folder for the phantoms, the run and report.html.")
@@ -780,10 +805,14 @@ def demo(
             raise UsageError(None, f"--seed must be >= 0, got {seed}")
         from covidseg.stages.demo import run_demo
 
-        with _stage_progress(not no_progress) as advance:
-            result = run_demo(output, seed, quick, device, advance)
+        with _bars(not no_progress, label_width=18) as bars:
+            result = run_demo(output, seed, quick, device, bars)
     except CovidsegError as exc:
         _fail(exc)
+    _print_demo(result)
+
+
+def _print_demo(result) -> None:
     from rich.table import Table
 
     table = Table(title="unseen test phantoms: Dice per volume (mean ± std)")
@@ -798,7 +827,7 @@ def demo(
     out.print(f"finished in {minutes:.1f} min; report: {escape(str(result.report))}", soft_wrap=True)
 
 
-@app.command()
+@command()
 def doctor(
     as_json: Annotated[bool, typer.Option("--json", help="Print the findings as JSON.")] = False,
 ) -> None:
@@ -853,27 +882,6 @@ def _print_doctor_table(found: dict) -> None:
     out.print(table)
 
 
-@contextlib.contextmanager
-def _step_progress(total: int, description: str, enabled: bool):
-    """A progress bar for training: callback(step, total, losses)."""
-    if not enabled:
-        yield lambda step, total, losses: None
-        return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    with Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-        TextColumn("{task.fields[losses]}"), console=console,
-    ) as bar:  # fmt: skip
-        task = bar.add_task(description, total=total, losses="")
-
-        def advance(step: int, total: int, losses: dict) -> None:
-            text = " ".join(f"{k.removeprefix('loss_')}={v:.3g}" for k, v in losses.items() if v)
-            bar.update(task, completed=step, losses=text)
-
-        yield advance
-
-
 def _print_evaluation(result) -> None:
     from rich.table import Table
 
@@ -898,8 +906,7 @@ def _print_evaluation(result) -> None:
             "",
         )
     out.print(table)
-    for failure in result.failed_cases:
-        console.print(f"[red]failed:[/] {escape(failure['error'])}", highlight=False, soft_wrap=True)
+    _failures(f["error"] for f in result.failed_cases)
     missing = result.unmatched.get("ref_without_pred") or []
     if result.failed_missing:
         console.print(f"[red]failed:[/] {escape(result.failed_missing)}", highlight=False, soft_wrap=True)

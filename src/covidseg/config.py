@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+from covidseg.imaging.grid import DEFAULT_HU_SCALE, HuScale
+from covidseg.imaging.intensity import IntensityMapping
 from covidseg.imaging.lungs import LungParams
-from covidseg.settings import check_config
+from covidseg.settings import CROP, RULES, SettingError, check_config
 
 
 @dataclass(frozen=True)
@@ -13,12 +15,17 @@ class PreprocessConfig:
     """How CTs become network inputs (HU, mm, voxels)."""
 
     grid: tuple[int, int, int] = (32, 128, 128)  # z, y, x voxels of the network grid
-    hu_window: tuple[float, float] = (-1000.0, 400.0)  # HU clipped to this, then scaled to [0, 1]
+    hu_window: tuple[float, float] = DEFAULT_HU_SCALE.window  # HU clipped to this, then scaled to [0, 1]
     margin_mm: float = 5.0  # added around the lung bounding box before cropping
     lungs: LungParams = field(default_factory=LungParams)
 
     def __post_init__(self) -> None:
         check_config(self)  # SettingError (a ValueError) naming the field; rules in covidseg.settings
+
+    @property
+    def hu_scale(self) -> HuScale:
+        """The [0, 1] scale of the grids this preprocessing makes (`hu_window`, HU)."""
+        return HuScale(*self.hu_window)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -86,8 +93,9 @@ class SegTrainConfig:
     augment: bool = True
     max_rotation_deg: float = 10.0
     scale_range: tuple[float, float] = (0.9, 1.1)
-    intensity_jitter: float = 0.05  # scale and offset jitter (unit scale; 0.05 = 70 HU)
-    noise_std: float = 0.01
+    gain_jitter: float = 0.05  # intensity gain in 1 ± this (about -1000 HU)
+    offset_jitter_hu: float = 70.0  # intensity offset in ± this (HU)
+    noise_std_hu: float = 14.0  # Gaussian noise (HU)
     threshold: float = 0.5  # probability -> mask
     seed: int = 0
     eval_every: int = 50  # validation, best-checkpoint selection, overlay PNG, checkpoint
@@ -103,4 +111,59 @@ class SegTrainConfig:
     def from_json(cls, data: dict) -> SegTrainConfig:
         data = dict(data)
         data["scale_range"] = tuple(float(v) for v in data["scale_range"])
+        width_hu = DEFAULT_HU_SCALE.width_hu  # a checkpoint from before the jitter was HU: unit values of
+        if "intensity_jitter" in data:  # the default window (1.0 = 1400 HU), the one those runs assumed
+            jitter = float(data.pop("intensity_jitter"))
+            data.update(gain_jitter=jitter, offset_jitter_hu=jitter * width_hu)
+        if "noise_std" in data:
+            data["noise_std_hu"] = float(data.pop("noise_std")) * width_hu
         return cls(**data)
+
+
+@dataclass(frozen=True)
+class PredictOptions:
+    """How `predict` reads its inputs and what it writes per case.
+
+    The fields with a rule in :data:`covidseg.settings.RULES` (batch_size, snapshots,
+    probabilities) are the ``[predict]`` table of `covidseg run`'s settings file; the others are
+    set on the `predict` command line only.
+    """
+
+    probabilities: bool = False  # also write <id>_probability.nii.gz
+    snapshots: bool = False  # also write <id>.png
+    resume: bool = False  # --continue: skip complete cases
+    overwrite: bool = False  # replace existing outputs
+    series: str | None = None  # DICOM series UID to read from series folders
+    intensity: IntensityMapping | None = None  # for inputs not in HU
+    batch_size: int = 16  # slices per network call
+    tensorrt: bool = False  # ask ONNX Runtime for TensorRT first
+    num_parts: int = 1  # split the batch over this many jobs ...
+    part_id: int = 0  # ... and run this one (0-based)
+    keep_metadata: bool = False  # copy the DICOM identifiers (io.DICOM_IDENTIFIERS) into <id>.json
+
+    def __post_init__(self) -> None:
+        check_config(self)
+
+    @property
+    def part_suffix(self) -> str:
+        """'' for a whole batch, '.part-2-of-4' (1-based in file names) for a part."""
+        return "" if self.num_parts == 1 else f".part-{self.part_id + 1}-of-{self.num_parts}"
+
+    def settings(self) -> dict:
+        """The settings-file fields (those with a rule), as `run` writes them to config.json."""
+        return {name: getattr(self, name) for name in RULES[type(self).__name__]}
+
+
+def gan_crop(value: object, preset: str) -> tuple[int, int, int] | None:
+    """train-gan's training crop (z, y, x voxels) from a setting or option value: ``"auto"`` the
+    preset's crop (:data:`covidseg.models.gan3d.PRESET_CROPS`; tiny: 16, 64, 64), ``"none"`` or None
+    whole grids (None), or three whole numbers. Anything else raises SettingError("crop", ...)."""
+    if value == "auto":
+        from covidseg.models.gan3d import PRESET_CROPS  # torch: only when asked
+
+        return PRESET_CROPS.get(preset)
+    if value is None or value == "none":
+        return None
+    if not CROP.ok(value):
+        raise SettingError("crop", value, 'must be [z, y, x], "auto" or "none"')
+    return tuple(int(v) for v in value)

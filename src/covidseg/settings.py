@@ -5,8 +5,9 @@ Every field of the settings dataclasses (:class:`~covidseg.config.PreprocessConf
 :class:`~covidseg.inference.ct_segment.SlicePreprocessing` (checked again when a model file is opened),
 :class:`~covidseg.config.GanTrainConfig`, :class:`~covidseg.method.pseudo_masks.PseudoMaskConfig`,
 :class:`~covidseg.config.SegTrainConfig`, :class:`~covidseg.learning.losses.SegLossConfig` and `run`'s own
-``ExportConfig``, ``PredictConfig``, ``RunConfig.workers``) has one :class:`Rule` in :data:`RULES`,
-keyed by class name and field name. :func:`check_values` applies them to the values of one settings
+``ExportConfig``, ``RunConfig.workers``) has one :class:`Rule` in :data:`RULES`, keyed by class name
+and field name; of :class:`~covidseg.config.PredictOptions` only the fields a settings file may set
+(the others are command-line flags) have one. :func:`check_values` applies them to the values of one settings
 table before a config is built (settings files of `covidseg run`), :func:`check_config` to a
 config already built (the single commands' options; the config classes of ``config.py`` call it in
 ``__post_init__``). The first broken rule raises a :class:`SettingError` naming the key, the value
@@ -241,7 +242,7 @@ RULES: dict[str, dict[str, Rule]] = {
     "PseudoMaskConfig": {
         "smooth_sigma": NON_NEGATIVE,
         "healthy_percentile": number(0, 100),
-        "min_threshold": NON_NEGATIVE,
+        "min_threshold_hu": number(0, 1000, unit="HU"),
         "min_component": whole(0),
         "high_infected": FRACTION,
         "low_infected": FRACTION,
@@ -261,8 +262,9 @@ RULES: dict[str, dict[str, Rule]] = {
         "augment": FLAG,
         "max_rotation_deg": number(0, 180),
         "scale_range": SCALE_RANGE,
-        "intensity_jitter": NON_NEGATIVE,
-        "noise_std": NON_NEGATIVE,
+        "gain_jitter": number(0, 1, open_hi=True),
+        "offset_jitter_hu": number(0, 1000, unit="HU"),
+        "noise_std_hu": number(0, 1000, unit="HU"),
         "threshold": number(0, 1, open_lo=True, open_hi=True),
         "seed": SEED,
         "eval_every": AT_LEAST_1,
@@ -278,7 +280,7 @@ RULES: dict[str, dict[str, Rule]] = {
         "init_temperature": POSITIVE,
     },
     "ExportConfig": {"fp16": FLAG},
-    "PredictConfig": {"batch_size": AT_LEAST_1, "snapshots": FLAG, "probabilities": FLAG},
+    "PredictOptions": {"batch_size": AT_LEAST_1, "snapshots": FLAG, "probabilities": FLAG},
     "RunConfig": {"workers": AT_LEAST_1},  # its other fields are the tables above
 }
 

@@ -4,10 +4,16 @@ Forward (``preprocess``): clip HU to a window -> crop to the lung box -> resize 
 (default 32x128x128, z, y, x) -> scale to [0, 1]. Backward (:func:`grid_to_canonical`): resize a
 grid array to the crop box and paste it into an empty canonical volume, so that a result computed
 on the grid lands on the right voxels of the native scan.
+
+:class:`HuScale` is the one HU window of a run: preprocess sets it (``--hu-window``), every manifest,
+checkpoint and sidecar after it records it (``hu_window: [lo, hi]``), and every density a setting
+gives in HU (lesion levels, thresholds, jitter) is put on the [0, 1] scale through it.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -15,6 +21,76 @@ import torch
 import torch.nn.functional as F
 
 from covidseg.imaging.lungs import LungMask
+
+
+@dataclass(frozen=True)
+class HuScale:
+    """The preprocess HU window: HU are clipped to ``low_hu..high_hu`` and scaled linearly to [0, 1],
+    ``unit = (HU - low_hu) / (high_hu - low_hu)``. The default -1000..400 HU makes 1.0 unit = 1400 HU.
+
+    JSON form: ``[low_hu, high_hu]`` (the ``hu_window`` of manifests, checkpoints and sidecars).
+    """
+
+    low_hu: float = -1000.0
+    high_hu: float = 400.0
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.low_hu) and math.isfinite(self.high_hu) and self.low_hu < self.high_hu):
+            raise ValueError(f"HU window {self.low_hu}..{self.high_hu}: must be two finite numbers, lo < hi")
+
+    @property
+    def width_hu(self) -> float:
+        """HU per unit of the [0, 1] scale (1400 HU on the default window)."""
+        return self.high_hu - self.low_hu
+
+    @property
+    def window(self) -> tuple[float, float]:
+        """(low_hu, high_hu)."""
+        return (self.low_hu, self.high_hu)
+
+    def to_unit(self, hu):
+        """A density (HU; float, array or tensor) on the [0, 1] scale, not clipped."""
+        return (hu - self.low_hu) / (self.high_hu - self.low_hu)
+
+    def to_hu(self, unit):
+        """A [0, 1]-scale value (float, array or tensor) back in HU."""
+        return unit * (self.high_hu - self.low_hu) + self.low_hu
+
+    def unit_of_hu_difference(self, delta_hu):
+        """A density difference (HU) as a difference on the [0, 1] scale: 350 HU -> 0.25 by default."""
+        return delta_hu / (self.high_hu - self.low_hu)
+
+    def hu_of_unit_difference(self, delta_unit):
+        """A difference on the [0, 1] scale as a density difference (HU): 0.25 -> 350 HU by default."""
+        return delta_unit * (self.high_hu - self.low_hu)
+
+    def normalise(self, hu: torch.Tensor | np.ndarray) -> torch.Tensor:
+        """HU clipped to the window and scaled to [0, 1] (float32 tensor)."""
+        lo, hi = self.low_hu, self.high_hu
+        t = torch.as_tensor(hu, dtype=torch.float32)
+        return ((t.clamp(lo, hi) - lo) / (hi - lo)).contiguous()
+
+    def to_json(self) -> list[float]:
+        return [self.low_hu, self.high_hu]
+
+    @classmethod
+    def from_json(cls, values: Sequence[float] | None) -> HuScale:
+        """From ``[lo, hi]`` (HU); ValueError for anything else. None, for a file written before the
+        window was recorded there (an older checkpoint), is the default window: the one those ran on."""
+        if values is None:
+            return cls()
+        try:
+            low_hu, high_hu = (float(v) for v in values)
+        except (TypeError, ValueError):
+            raise ValueError(f"hu_window {values!r}: must be two numbers [lo, hi] (HU)") from None
+        return cls(low_hu, high_hu)
+
+    def __str__(self) -> str:
+        return f"{self.low_hu:g}..{self.high_hu:g}"
+
+
+#: The default preprocess window, -1000..400 HU.
+DEFAULT_HU_SCALE = HuScale()
 
 
 @dataclass(frozen=True)
@@ -80,23 +156,14 @@ def resize(array: np.ndarray | torch.Tensor, shape: tuple[int, int, int]) -> tor
     return t[0, 0]
 
 
-def normalise_hu(hu: torch.Tensor | np.ndarray, window: tuple[float, float]) -> torch.Tensor:
-    """Clip HU to `window` (lo, hi) and scale linearly to [0, 1]."""
-    lo, hi = window
-    t = torch.as_tensor(hu, dtype=torch.float32)
-    return ((t.clamp(lo, hi) - lo) / (hi - lo)).contiguous()
-
-
-def hu_to_grid(
-    hu: np.ndarray, box: CropBox, grid: tuple[int, int, int], window: tuple[float, float]
-) -> np.ndarray:
-    """Canonical CT (HU) -> [0, 1] float32 array on the grid covering `box`.
+def hu_to_grid(hu: np.ndarray, box: CropBox, grid: tuple[int, int, int], scale: HuScale) -> np.ndarray:
+    """Canonical CT (HU) -> [0, 1] float32 array (on the HU `scale`) on the grid covering `box`.
 
     HU are clipped before resizing so that bone and metal do not bleed into the lung.
     """
     cropped = torch.from_numpy(np.ascontiguousarray(hu[box.slices], dtype=np.float32))
-    clipped = cropped.clamp(*window)
-    return normalise_hu(resize(clipped, grid), window).numpy()
+    clipped = cropped.clamp(*scale.window)
+    return scale.normalise(resize(clipped, grid)).numpy()
 
 
 def mask_to_grid(mask: np.ndarray, box: CropBox, grid: tuple[int, int, int]) -> np.ndarray:

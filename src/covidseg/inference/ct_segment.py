@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from covidseg.imaging.airways import AirwayParams
-from covidseg.imaging.grid import CropBox, lung_crop_box, normalise_hu, resize
+from covidseg.imaging.grid import CropBox, HuScale, lung_crop_box, resize
 from covidseg.imaging.lungs import LungMask, LungParams, segment_lungs
 from covidseg.settings import check_config, check_values
 
@@ -60,6 +60,11 @@ class SlicePreprocessing:
         (a hand-edited sidecar or checkpoint): SettingError (a ValueError) naming the value and its
         rule (:data:`covidseg.settings.RULES`)."""
         check_config(self)
+
+    @property
+    def hu_scale(self) -> HuScale:
+        """The [0, 1] scale the model was trained on (`hu_window`, HU)."""
+        return HuScale(*self.hu_window)
 
     def to_json(self) -> dict:
         """Plain JSON types (lists, not tuples), the same in a checkpoint and in a sidecar."""
@@ -103,7 +108,8 @@ def ct_to_slices(
     """
     shape = (slab_count(box, spacing_zyx, spec.slab_mm), *spec.slice_size)
     cropped = torch.from_numpy(np.ascontiguousarray(hu[box.slices], dtype=np.float32))
-    return normalise_hu(resize(cropped.clamp_(*spec.hu_window), shape), spec.hu_window).numpy()
+    scale = spec.hu_scale
+    return scale.normalise(resize(cropped.clamp_(*scale.window), shape)).numpy()
 
 
 @dataclass

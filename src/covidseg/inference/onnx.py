@@ -18,10 +18,11 @@ import logging
 import platform
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from covidseg.errors import CovidsegError, InputError, UsageError, first_line
@@ -135,6 +136,45 @@ def export_onnx(
     onnx.checker.check_model(model)
     with atomic_path(path) as tmp:
         onnx.save_model(model, str(tmp))
+
+
+#: ``[(ONNX Runtime output, torch output), ...]`` (one pair per batch size) ->
+#: ``(figures, None)`` when they agree closely enough, else ``(figures, what differs)``.
+ParityMeasure = Callable[[list[tuple[np.ndarray, np.ndarray]]], tuple[dict, str | None]]
+
+
+def check_parity(
+    onnx_path: str | Path,
+    module: torch.nn.Module,
+    inputs: Sequence[torch.Tensor],
+    input_names: Sequence[str],
+    batches: Sequence[int],
+    measure: ParityMeasure,
+) -> dict:
+    """ONNX Runtime (CPU) vs torch on the same inputs; ParityError when they differ.
+
+    Args:
+        module: the torch module that was exported (eval mode, CPU); its first output is compared.
+        inputs: one CPU float32 tensor per ONNX input (named `input_names`), batch first.
+        batches: each batch size checked, on the first `b` items of every input.
+        measure: the figures and the rule (see :data:`ParityMeasure`).
+
+    Returns:
+        the figures of `measure`, with ``provider`` (the ONNX Runtime provider that ran) added.
+    """
+    session = onnx_session(onnx_path)
+    pairs = []
+    for batch in batches:
+        feed = [t[:batch] for t in inputs]
+        with torch.inference_mode():
+            expected = module(*feed).numpy()
+        got = session.run(None, {n: t.numpy() for n, t in zip(input_names, feed, strict=True)})[0]
+        pairs.append((got, expected))
+    figures, problem = measure(pairs)
+    figures["provider"] = session.get_providers()[0]
+    if problem is not None:
+        raise ParityError(onnx_path, f"ONNX Runtime differs from torch: {problem}")
+    return figures
 
 
 def read_sidecar(

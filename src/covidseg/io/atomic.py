@@ -8,13 +8,15 @@ and leaves nothing. :func:`folder_lock` keeps two runs from writing one folder a
 from __future__ import annotations
 
 import contextlib
+import csv
 import errno
 import glob
 import hashlib
+import io
 import json
 import os
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -119,6 +121,33 @@ def write_text(path: str | Path, text: str) -> None:
 def write_json(path: str | Path, obj: Any) -> None:
     """Write `obj` as indented JSON to `path` atomically."""
     write_text(path, json.dumps(obj, indent=2, sort_keys=False, allow_nan=False) + "\n")
+
+
+def csv_text(columns: Sequence[str], rows: Iterable[Sequence | Mapping]) -> str:
+    """CSV text: a header line of `columns`, then one line per row, each ending in a bare newline.
+
+    A row is a sequence of cells in column order, or a mapping by column name (a missing column is an
+    empty cell; a key that is not a column raises ValueError, as :class:`csv.DictWriter` does). Cells
+    are written as :mod:`csv` writes them (``str``; floats as ``repr``; quoted where needed).
+    """
+    columns = list(columns)
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(columns)
+    for row in rows:
+        if isinstance(row, Mapping):
+            unknown = row.keys() - set(columns)
+            if unknown:
+                names = ", ".join(sorted(map(repr, unknown)))
+                raise ValueError(f"CSV row fields not in the columns: {names}")
+            row = [row.get(column, "") for column in columns]
+        writer.writerow(row)
+    return buffer.getvalue()
+
+
+def write_csv(path: str | Path, columns: Sequence[str], rows: Iterable[Sequence | Mapping]) -> None:
+    """Write :func:`csv_text` of `columns` and `rows` (UTF-8) to `path` atomically."""
+    write_text(path, csv_text(columns, rows))
 
 
 def save_npy(path: str | Path, array: np.ndarray) -> None:

@@ -10,10 +10,11 @@ decides how much it removes on real scans is how much they resemble real COVID-1
   ground-glass level but never darkens a vessel;
 * consolidated cores: the densest part of some lesions goes to a consolidation level.
 
-Values are in the preprocess scale: [0, 1] for the run's HU window (default -1000..400, where
-HU = 1400 v - 1000); lesion levels are given in HU and put on that scale, so a run preprocessed
-with another ``--hu-window`` gets lesions of the same density in HU. Shapes: ``[B, 1, D, H, W]``.
-Deterministic given the torch.Generator.
+Values are on the preprocess scale: [0, 1] for the run's HU window, a
+:class:`~covidseg.imaging.grid.HuScale` (default -1000..400, where HU = 1400 v - 1000). Lesion
+levels and texture are given in HU and put on that scale, so a run preprocessed with another
+``--hu-window`` gets lesions of the same density in HU. Shapes: ``[B, 1, D, H, W]``. Deterministic
+given the torch.Generator.
 """
 
 from __future__ import annotations
@@ -24,15 +25,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from covidseg.imaging.grid import HuScale
 from covidseg.method.noise import fractal_perlin_3d
-
-#: The preprocess HU window (HU) the unit-scale defaults below are written for.
-DEFAULT_WINDOW = (-1000.0, 400.0)
-
-
-def hu_to_unit(hu: float, window: tuple[float, float] = DEFAULT_WINDOW) -> float:
-    """A HU value on the preprocess [0, 1] scale."""
-    return (hu - window[0]) / (window[1] - window[0])
 
 
 @dataclass(frozen=True)
@@ -47,7 +41,7 @@ class CorruptionConfig:
     border_bias: float = 0.8  # preference for subpleural positions (field units)
     posterior_bias: float = 0.5  # preference for posterior positions (field units)
     edge: float = 0.04  # softness of lesion borders (field units)
-    texture: float = 0.03  # lesion intensity texture on DEFAULT_WINDOW's scale (42 HU; 42 HU on any window)
+    texture_hu: float = 42.0  # amplitude (HU) of the lesion intensity texture
 
 
 def _border_proximity(lung: torch.Tensor, radius: int = 4) -> torch.Tensor:
@@ -71,14 +65,17 @@ def perlin_lesions(
     lung: torch.Tensor,
     generator: torch.Generator,
     config: CorruptionConfig | None = None,
-    window: tuple[float, float] = DEFAULT_WINDOW,
+    *,
+    scale: HuScale,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Paint Perlin-noise lesions into healthy `image` inside `lung`.
 
     Args:
-        image: [B, 1, D, H, W] healthy volumes, preprocess scale [0, 1] of the HU `window`.
+        image: [B, 1, D, H, W] healthy volumes, preprocess scale [0, 1] of the HU `scale`.
         lung: [B, 1, D, H, W] lung masks (0/1).
         generator: torch.Generator on the CPU (fields are moved to the image's device).
+        config: lesion loads, shapes and levels (HU); the defaults when None.
+        scale: the grids' HU window, which puts the lesion levels (HU) on the [0, 1] scale.
 
     Returns:
         (corrupted [B, 1, D, H, W], lesion mask [B, 1, D, H, W] in {0, 1}).
@@ -100,15 +97,10 @@ def perlin_lesions(
     threshold = _quantile_per_sample(score, lung, 1.0 - load).view(b, 1, 1, 1, 1)
     weight = torch.sigmoid((score - threshold) / cfg.edge) * lung  # soft lesion [B, 1, D, H, W]
 
-    texture_scale = (DEFAULT_WINDOW[1] - DEFAULT_WINDOW[0]) / (window[1] - window[0])  # 1.0 by default
-    texture = (
-        cfg.texture
-        * texture_scale
-        * fractal_perlin_3d(
-            (b, 1, d, h, w), tuple(4 * f for f in cfg.frequency), octaves=2, generator=generator
-        ).to(device)
-    )
-    ggo = torch.tensor([hu_to_unit(v, window) for v in cfg.ggo_hu], device=device)
+    texture = scale.unit_of_hu_difference(cfg.texture_hu) * fractal_perlin_3d(
+        (b, 1, d, h, w), tuple(4 * f for f in cfg.frequency), octaves=2, generator=generator
+    ).to(device)
+    ggo = torch.tensor([scale.to_unit(v) for v in cfg.ggo_hu], device=device)
     ggo_level = (ggo[0] + (ggo[1] - ggo[0]) * uniform(0.0, 1.0)).view(b, 1, 1, 1, 1) + texture
     corrupted = torch.maximum(image, image + weight * (ggo_level - image))  # vessels stay brighter
 
@@ -116,7 +108,7 @@ def perlin_lesions(
     core_share = uniform(*cfg.core_fraction)
     core_threshold = _quantile_per_sample(score, lung, 1.0 - load * core_share).view(b, 1, 1, 1, 1)
     core = torch.sigmoid((score - core_threshold) / cfg.edge) * lung * has_core.view(b, 1, 1, 1, 1)
-    cons = torch.tensor([hu_to_unit(v, window) for v in cfg.consolidation_hu], device=device)
+    cons = torch.tensor([scale.to_unit(v) for v in cfg.consolidation_hu], device=device)
     cons_level = (cons[0] + (cons[1] - cons[0]) * uniform(0.0, 1.0)).view(b, 1, 1, 1, 1) + texture
     corrupted = corrupted + core * (cons_level - corrupted)
     return corrupted.clamp(0.0, 1.0), (weight >= 0.5).to(image.dtype)

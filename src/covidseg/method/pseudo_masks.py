@@ -1,7 +1,10 @@
 """Pseudo-masks from pseudo-healthy volumes, and the trivial threshold baseline.
 
 ``M = I_C - Î_H``: lesions are denser than lung, so the lesion evidence is the positive part of the
-difference inside the lung. Values are on the preprocess [0, 1] scale (1.0 = 1400 HU).
+difference inside the lung. Values are on the preprocess [0, 1] scale of the run's
+:class:`~covidseg.imaging.grid.HuScale` (1.0 = 1400 HU on the default window); the densities a
+setting gives (the smallest threshold, the full-lesion difference, the baseline's level) are HU,
+put on that scale.
 
 The binarisation threshold is chosen **without labels**: a high percentile of the (smoothed)
 difference over the lungs of *healthy* training volumes, which fixes the share of healthy lung that
@@ -15,12 +18,17 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
+from covidseg.imaging.grid import HuScale
+
+#: The difference (HU above the pseudo-healthy lung) that counts as a full lesion in the soft mask.
+SOFT_SCALE_HU = 350.0
+
 
 @dataclass(frozen=True)
 class PseudoMaskConfig:
     smooth_sigma: float = 0.7  # Gaussian smoothing of the difference map (grid voxels)
     healthy_percentile: float = 99.0  # threshold = this percentile of healthy-lung differences
-    min_threshold: float = 0.02  # never below (unit scale; 0.02 = 28 HU)
+    min_threshold_hu: float = 28.0  # the calibrated threshold is never below this difference (HU)
     min_component: int = 20  # connected components smaller than this (voxels) are removed
     high_infected: float = 0.05  # slice lesion fraction of its lung >= this: high-infected set
     low_infected: float = 0.005  # slice lesion fraction <= this: low-infected set
@@ -36,13 +44,21 @@ def difference_map(image: np.ndarray, healthy: np.ndarray, lung: np.ndarray, sig
 
 
 def calibrate_threshold(
-    healthy_differences: list[np.ndarray], lungs: list[np.ndarray], cfg: PseudoMaskConfig
+    healthy_differences: list[np.ndarray], lungs: list[np.ndarray], cfg: PseudoMaskConfig, scale: HuScale
 ) -> float:
-    """The label-free threshold: a percentile of difference values over healthy lung voxels."""
+    """The label-free threshold (on the [0, 1] `scale`): a percentile of difference values over healthy
+    lung voxels, never below ``cfg.min_threshold_hu`` (HU) put on `scale`."""
+    min_threshold = scale.unit_of_hu_difference(cfg.min_threshold_hu)
     values = np.concatenate([d[lung > 0].ravel() for d, lung in zip(healthy_differences, lungs, strict=True)])
     if values.size == 0:
-        return cfg.min_threshold
-    return max(float(np.percentile(values, cfg.healthy_percentile)), cfg.min_threshold)
+        return min_threshold
+    return max(float(np.percentile(values, cfg.healthy_percentile)), min_threshold)
+
+
+def soft_mask(difference: np.ndarray, scale: HuScale, full_lesion_hu: float = SOFT_SCALE_HU) -> np.ndarray:
+    """Continuous pseudo-mask in [0, 1] (float32): the difference map (on `scale`) divided by the
+    difference of a full lesion, `full_lesion_hu` (HU) put on `scale`."""
+    return np.clip(difference / scale.unit_of_hu_difference(full_lesion_hu), 0.0, 1.0).astype(np.float32)
 
 
 def remove_small_components(mask: np.ndarray, min_voxels: int) -> np.ndarray:
@@ -62,15 +78,14 @@ def binarise(difference: np.ndarray, threshold: float, min_component: int) -> np
 
 
 def threshold_baseline(
-    image: np.ndarray, lung: np.ndarray, hu: float = -600.0, min_component: int = 20,
-    window: tuple[float, float] = (-1000.0, 400.0),
-) -> np.ndarray:  # fmt: skip
+    image: np.ndarray, lung: np.ndarray, scale: HuScale, hu: float = -600.0, min_component: int = 20
+) -> np.ndarray:
     """The trivial baseline: voxels above `hu` HU inside the lung, small components removed.
 
-    `image` is on the preprocess [0, 1] scale of `window`. It flags vessels as well as lesions,
-    which is exactly what a learned method must beat.
+    `image` is on the preprocess [0, 1] `scale`. It flags vessels as well as lesions, which is
+    exactly what a learned method must beat.
     """
-    level = (hu - window[0]) / (window[1] - window[0])
+    level = scale.to_unit(hu)
     return remove_small_components((image > level) & (lung > 0), min_component)
 
 

@@ -24,10 +24,8 @@ divisible by the product of the strides (default 8, 16, 16).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -226,8 +224,9 @@ class GeneratorRemoval(nn.Module):
     """The generator as a backend: ``(image, lung, noise) -> removal``, noise given, no compositing.
 
     This is what is exported to ONNX (inputs ``image``, ``lung`` ``[B, 1, D, H, W]`` and ``noise``
-    ``[B, C_L, d, h, w]``, output ``removal`` ``[B, 1, D, H, W]``) and what :func:`run_generator`
-    calls for a torch model, so both backends share the host-side noise, windows and blending.
+    ``[B, C_L, d, h, w]``, output ``removal`` ``[B, 1, D, H, W]``) and what
+    :func:`covidseg.inference.sliding_window.run_generator` calls for a torch model, so both
+    backends share the host-side noise, windows and blending.
     """
 
     def __init__(self, model: Generator3D) -> None:
@@ -273,112 +272,3 @@ GAN_PRESETS: dict[str, GanModelConfig] = {
         DiscriminatorConfig(channels=(32, 64, 128, 256)),
     ),
 }
-
-
-def generator_from_payload(payload: dict) -> Generator3D:
-    """Rebuild a generator from a train-gan generator.pt or checkpoint.pt payload (plain dicts)."""
-    model = Generator3D(GeneratorConfig.from_json(payload["model"]["generator"]))
-    model.load_state_dict(payload["generator"])
-    return model.eval()
-
-
-#: Windows per generator call. A batch of one runs CPU conv3d on a slow path (0.27-0.37 s per
-#: 16x64x64 window for the tiny preset, vs 0.05 s per window in batches of 2-6; measured with
-#: torch 2.13 on 2 cores), so windows go through in small batches; the result is the same.
-WINDOW_BATCH = 4
-
-
-def _window_starts(size: int, window: int) -> list[int]:
-    """Start indices of windows of `window` covering `size` with ~50 % overlap."""
-    if window >= size:
-        return [0]
-    step = max(1, window // 2)
-    starts = list(range(0, size - window + 1, step))
-    if starts[-1] != size - window:
-        starts.append(size - window)
-    return starts
-
-
-def _blend_weight(window: tuple[int, int, int]) -> torch.Tensor:
-    """Separable tent weights [1, 1, d, h, w], highest in the window centre, never zero."""
-    axes = [torch.hann_window(n + 2, periodic=False)[1:-1] for n in window]
-    return (axes[0][:, None, None] * axes[1][None, :, None] * axes[2][None, None, :])[None, None] + 1e-3
-
-
-#: ``(image [B, 1, D, H, W], lung [B, 1, D, H, W], noise [B, C_L, d, h, w]) -> removal [B, 1, D, H, W]``:
-#: float32 torch tensors in (on the device given to :func:`run_generator`), a float tensor out (any
-#: device). :class:`GeneratorRemoval` is the torch backend; ``stages.make_masks`` wraps ONNX Runtime.
-GeneratorBackend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-@torch.no_grad()
-def run_generator(
-    model: Generator3D | GeneratorBackend,
-    image: np.ndarray,
-    lung: np.ndarray,
-    device: torch.device | str = "cpu",
-    seed: int = 0,
-    window: tuple[int, int, int] | None = None,
-    config: GeneratorConfig | None = None,
-) -> np.ndarray:
-    """Pseudo-healthy volume for one grid volume.
-
-    The latent noise is drawn here, on the host (`device`), one ``U_N`` per window in window order,
-    and handed to the backend, so a torch model and an exported one give the same result.
-
-    Args:
-        model: a :class:`Generator3D`, or a :data:`GeneratorBackend` callable (then `config`, the
-            generator's config, gives the latent shape, the noise and the lung gate).
-        image: [z, y, x] float32, preprocess scale [0, 1].
-        lung: [z, y, x] lung mask (nonzero = lung).
-        device: where inputs and noise are made (the CPU for an ONNX Runtime backend).
-        seed: seed of the latent noise, so the result is reproducible.
-        window: if given (the training crop), the removal map is computed on overlapping windows
-            of this size and blended, so the network sees what it saw in training (GroupNorm
-            statistics and context size); None runs the whole grid at once.
-
-    Returns:
-        [z, y, x] float32 pseudo-healthy volume on the same scale.
-    """
-    if isinstance(model, Generator3D):
-        model.eval()
-        config, backend = model.config, GeneratorRemoval(model)
-    elif config is None:
-        raise ValueError("a backend callable needs the generator's config")
-    else:
-        backend = model
-    device = torch.device(device)
-    x = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None, None].to(device)
-    m = torch.from_numpy(np.ascontiguousarray(lung > 0, dtype=np.float32))[None, None].to(device)
-    noise = torch.Generator().manual_seed(int(seed))
-
-    def removal_of(slices: list) -> torch.Tensor:  # [n, 1, d, h, w] float32 on `device`
-        image = torch.cat([x[sl] for sl in slices])
-        lung = torch.cat([m[sl] for sl in slices])
-        shapes = [generator_latent_shape(config, x[sl].shape) for sl in slices]
-        u_n = torch.cat([sample_latent_noise(config, s, noise, device) for s in shapes])  # in window order
-        return backend(image, lung, u_n).float().to(device)
-
-    shape = tuple(x.shape[2:])
-    everything = (..., slice(None), slice(None), slice(None))
-    if window is None or all(w >= s for w, s in zip(window, shape, strict=True)):
-        removal = removal_of([everything])
-    else:
-        window = tuple(min(w, s) for w, s in zip(window, shape, strict=True))
-        weight = _blend_weight(window).to(device)
-        removal = torch.zeros_like(x)
-        total = torch.zeros_like(x)
-        windows = [
-            (..., slice(z0, z0 + window[0]), slice(y0, y0 + window[1]), slice(x0, x0 + window[2]))
-            for z0 in _window_starts(shape[0], window[0])
-            for y0 in _window_starts(shape[1], window[1])
-            for x0 in _window_starts(shape[2], window[2])
-        ]
-        for first in range(0, len(windows), WINDOW_BATCH):
-            chunk = windows[first : first + WINDOW_BATCH]
-            for sl, part in zip(chunk, removal_of(chunk), strict=True):
-                removal[sl] += part[None] * weight
-                total[sl] += weight
-        removal = removal / total
-    healthy = (x - lung_gate(m, config.gate_dilation) * removal).clamp(0.0, 1.0)
-    return healthy[0, 0].cpu().numpy()

@@ -7,6 +7,7 @@ module is cheap.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +26,8 @@ def _pyplot():
 
 
 def _save(fig, path: str | Path, dpi: int) -> None:
-    """Write `fig` as PNG to `path` atomically and free it."""
+    """Lay `fig` out tightly, write it as PNG to `path` atomically and free it."""
+    fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=dpi, format="png")
     _pyplot().close(fig)
@@ -154,6 +156,145 @@ def _render(
     return rgb.astype(np.uint8)
 
 
+PAD, LABEL_H, LINE_H = 8, 18, 20  # montage margins and gaps, panel label height, title line height (px)
+
+
+@dataclass(frozen=True)
+class _AxialGrid:
+    """Where the axial panels of a montage go (pixels): `ncols` columns of `panel_w` x `panel_h`
+    panels, each under a label line, starting `top` pixels down (below the title)."""
+
+    top: int
+    panel_w: int
+    panel_h: int
+    ncols: int
+    nrows: int
+
+    @property
+    def cell_h(self) -> int:
+        return LABEL_H + self.panel_h
+
+    @property
+    def width(self) -> int:
+        return self.ncols * self.panel_w + (self.ncols - 1) * PAD
+
+    @property
+    def height(self) -> int:
+        return self.nrows * self.cell_h + (self.nrows - 1) * PAD
+
+    def origin(self, i: int) -> tuple[int, int]:
+        """(x, y) of the top left corner of the `i`-th cell (label above panel)."""
+        row, col = divmod(i, self.ncols)
+        return PAD + col * (self.panel_w + PAD), self.top + row * (self.cell_h + PAD)
+
+
+@dataclass(frozen=True)
+class _CoronalView:
+    """The coronal panel: slice `y` of the axial slices `z0`..`z1 - 1`, drawn `height` x `width` px."""
+
+    y: int
+    z0: int
+    z1: int
+    height: int
+    width: int
+
+
+def _axial_grid(
+    shape_zyx: tuple[int, int, int], spacing: tuple[float, float, float], n_panels: int, n_title_lines: int
+) -> _AxialGrid:
+    """Up to 3 panels a row, PANEL_PX wide, as high as the slice's aspect ratio (`spacing`, mm)
+    says (between a quarter and twice the width)."""
+    _, height, width = shape_zyx
+    _, sy, sx = spacing
+    panel_h = int(round(np.clip(PANEL_PX * height * sy / (width * sx), PANEL_PX / 4, 2 * PANEL_PX)))
+    ncols = min(n_panels, 3)
+    return _AxialGrid(
+        top=PAD + LINE_H * n_title_lines,
+        panel_w=PANEL_PX,
+        panel_h=panel_h,
+        ncols=ncols,
+        nrows=math.ceil(n_panels / ncols),
+    )
+
+
+def _coronal_view(
+    lesion: np.ndarray | None,
+    lung: np.ndarray | None,
+    shape_zyx: tuple[int, int, int],
+    spacing: tuple[float, float, float],
+    grid: _AxialGrid,
+) -> _CoronalView | None:
+    """The coronal slice of :func:`coronal_slice` cropped to the lungs' height (5 % margin), as high
+    as the axial grid and at most 1.25 axial panels wide; None without lungs over >= 4 slices."""
+    y_index = coronal_slice(lesion, lung)
+    if y_index is None:
+        return None
+    depth, _, width = shape_zyx
+    sz, _, sx = spacing
+    with_lung = np.flatnonzero(_per_slice(lung))
+    z_lo, z_hi = int(with_lung[0]), int(with_lung[-1])
+    if z_hi - z_lo + 1 < 4:
+        return None
+    margin = max(1, int(round(0.05 * (z_hi - z_lo + 1))))
+    z0, z1 = max(0, z_lo - margin), min(depth, z_hi + margin + 1)
+    ratio = (width * sx) / ((z1 - z0) * sz)  # width / height of the coronal view
+    c_h = grid.height - LABEL_H
+    c_w = max(16, min(int(round(c_h * ratio)), int(1.25 * grid.panel_w)))
+    c_h = max(1, min(c_h, int(round(c_w / ratio))))
+    return _CoronalView(y_index, z0, z1, c_h, c_w)
+
+
+def _draw_axial(
+    canvas, hu, lesion, lung, slices: list[int], grid: _AxialGrid
+) -> list[tuple[float, float, str]]:
+    """Lay the axial panels of `slices` into `canvas`; return their labels ((x, y) centre, text)."""
+    labels = []
+    for i, k in enumerate(slices):
+        x0, y0 = grid.origin(i)
+        canvas[y0 + LABEL_H : y0 + grid.cell_h, x0 : x0 + grid.panel_w] = _render(
+            hu[k],
+            None if lesion is None else lesion[k],
+            None if lung is None else lung[k],
+            (grid.panel_h, grid.panel_w),
+        )
+        labels.append((x0 + grid.panel_w / 2, y0 + LABEL_H / 2, f"z = {k}"))
+    return labels
+
+
+def _draw_coronal(
+    canvas, hu, lesion, lung, slices: list[int], grid: _AxialGrid, view: _CoronalView
+) -> tuple[float, float, str]:
+    """Lay the coronal panel right of the axial grid (head at the top) with cyan ticks at the axial
+    `slices` shown; return its label."""
+    x0, y0 = PAD + grid.width + 2 * PAD, grid.top + LABEL_H
+    flip = slice(view.z1 - 1, None if view.z0 == 0 else view.z0 - 1, -1)  # the head at the top
+    canvas[y0 : y0 + view.height, x0 : x0 + view.width] = _render(
+        hu[flip, view.y],
+        None if lesion is None else lesion[flip, view.y],
+        lung[flip, view.y],
+        (view.height, view.width),
+    )
+    for k in slices:
+        if view.z0 <= k < view.z1:
+            row = y0 + min(view.height - 1, int((view.z1 - 1 - k + 0.5) * view.height / (view.z1 - view.z0)))
+            canvas[max(row - 1, y0) : row + 1, x0 - PAD : x0] = MARK_RGB
+            canvas[max(row - 1, y0) : row + 1, x0 + view.width : x0 + view.width + PAD] = MARK_RGB
+    return x0 + view.width / 2, grid.top + LABEL_H / 2, f"coronal, y = {view.y}"
+
+
+def _checked_masks(hu_zyx, lesion_zyx, lung_zyx) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """The CT and masks as arrays; ValueError unless the CT is 3D and each mask has its shape."""
+    hu = np.asarray(hu_zyx)
+    if hu.ndim != 3:
+        raise ValueError(f"expected a [z, y, x] volume, got shape {hu.shape}")
+    for name, mask in (("lesion", lesion_zyx), ("lung", lung_zyx)):
+        if mask is not None and np.shape(mask) != hu.shape:
+            raise ValueError(f"{name} mask shape {np.shape(mask)} differs from the image {hu.shape}")
+    lesion = None if lesion_zyx is None else np.asarray(lesion_zyx)
+    lung = None if lung_zyx is None else np.asarray(lung_zyx)
+    return hu, lesion, lung
+
+
 def overlay_montage(
     hu_zyx: np.ndarray,
     lesion_zyx: np.ndarray | None,
@@ -180,74 +321,20 @@ def overlay_montage(
     """
     if path is None:
         raise ValueError("overlay_montage needs the path of the PNG to write")
-    hu = np.asarray(hu_zyx)
-    if hu.ndim != 3:
-        raise ValueError(f"expected a [z, y, x] volume, got shape {hu.shape}")
-    for name, mask in (("lesion", lesion_zyx), ("lung", lung_zyx)):
-        if mask is not None and np.shape(mask) != hu.shape:
-            raise ValueError(f"{name} mask shape {np.shape(mask)} differs from the image {hu.shape}")
-    lesion = None if lesion_zyx is None else np.asarray(lesion_zyx)
-    lung = None if lung_zyx is None else np.asarray(lung_zyx)
-    depth, height, width = hu.shape
-    sz, sy, sx = (1.0, 1.0, 1.0) if spacing_zyx is None else (float(v) for v in spacing_zyx)
-    slices = montage_slices(lesion, lung, n_slices, depth)
-
-    pad, label_h, line_h = 8, 18, 20
+    hu, lesion, lung = _checked_masks(hu_zyx, lesion_zyx, lung_zyx)
+    spacing = (1.0, 1.0, 1.0) if spacing_zyx is None else tuple(float(v) for v in spacing_zyx)
+    slices = montage_slices(lesion, lung, n_slices, hu.shape[0])
     title_lines = title.splitlines() if title else []
-    top = pad + line_h * len(title_lines)
-    panel_w = PANEL_PX
-    panel_h = int(round(np.clip(panel_w * height * sy / (width * sx), panel_w / 4, 2 * panel_w)))
-    ncols = min(len(slices), 3)
-    nrows = math.ceil(len(slices) / ncols)
-    cell_h = label_h + panel_h
-    grid_w, grid_h = ncols * panel_w + (ncols - 1) * pad, nrows * cell_h + (nrows - 1) * pad
+    grid = _axial_grid(hu.shape, spacing, len(slices), len(title_lines))
+    view = _coronal_view(lesion, lung, hu.shape, spacing, grid) if coronal else None
 
-    view = None  # (y index, z0, z1, panel height, panel width) of the coronal panel
-    y_index = coronal_slice(lesion, lung) if coronal else None
-    if y_index is not None:
-        with_lung = np.flatnonzero(_per_slice(lung))
-        z_lo, z_hi = int(with_lung[0]), int(with_lung[-1])
-        if z_hi - z_lo + 1 >= 4:
-            margin = max(1, int(round(0.05 * (z_hi - z_lo + 1))))
-            z0, z1 = max(0, z_lo - margin), min(depth, z_hi + margin + 1)
-            ratio = (width * sx) / ((z1 - z0) * sz)  # width / height of the coronal view
-            c_h = grid_h - label_h
-            c_w = max(16, min(int(round(c_h * ratio)), int(1.25 * panel_w)))
-            c_h = max(1, min(c_h, int(round(c_w / ratio))))
-            view = (y_index, z0, z1, c_h, c_w)
-
-    canvas_w = pad + grid_w + pad + (view[4] + 2 * pad if view else 0)
-    canvas_h = top + max(grid_h, label_h + view[3] if view else 0) + pad
+    canvas_w = PAD + grid.width + PAD + (view.width + 2 * PAD if view else 0)
+    canvas_h = grid.top + max(grid.height, LABEL_H + view.height if view else 0) + PAD
     canvas = np.full((canvas_h, canvas_w, 3), 255, dtype=np.uint8)
-    labels: list[tuple[float, float, str]] = []  # (x, y) pixel centre, text
-    for i, k in enumerate(slices):
-        x0 = pad + (i % ncols) * (panel_w + pad)
-        y0 = top + (i // ncols) * (cell_h + pad)
-        canvas[y0 + label_h : y0 + cell_h, x0 : x0 + panel_w] = _render(
-            hu[k],
-            None if lesion is None else lesion[k],
-            None if lung is None else lung[k],
-            (panel_h, panel_w),
-        )
-        labels.append((x0 + panel_w / 2, y0 + label_h / 2, f"z = {k}"))
+    labels = _draw_axial(canvas, hu, lesion, lung, slices, grid)
     if view:
-        y_index, z0, z1, c_h, c_w = view
-        x0, y0 = pad + grid_w + 2 * pad, top + label_h
-        flip = slice(z1 - 1, None if z0 == 0 else z0 - 1, -1)  # the head at the top
-        canvas[y0 : y0 + c_h, x0 : x0 + c_w] = _render(
-            hu[flip, y_index],
-            None if lesion is None else lesion[flip, y_index],
-            lung[flip, y_index],
-            (c_h, c_w),
-        )
-        for k in slices:
-            if z0 <= k < z1:
-                row = y0 + min(c_h - 1, int((z1 - 1 - k + 0.5) * c_h / (z1 - z0)))
-                canvas[max(row - 1, y0) : row + 1, x0 - pad : x0] = MARK_RGB
-                canvas[max(row - 1, y0) : row + 1, x0 + c_w : x0 + c_w + pad] = MARK_RGB
-        labels.append((x0 + c_w / 2, top + label_h / 2, f"coronal, y = {y_index}"))
-
-    _write_png(canvas, labels, title_lines, pad, line_h, path)
+        labels.append(_draw_coronal(canvas, hu, lesion, lung, slices, grid, view))
+    _write_png(canvas, labels, title_lines, PAD, LINE_H, path)
     return slices
 
 
@@ -302,7 +389,6 @@ def loss_curves(rows: list[dict], columns: list[str], path: str | Path, title: s
     ax.legend(fontsize=8)
     if title:
         ax.set_title(title, fontsize=10)
-    fig.tight_layout()
     _save(fig, path, dpi=90)
 
 
@@ -329,7 +415,6 @@ def panels(
         ax.axis("off")
     if suptitle:
         fig.suptitle(suptitle, fontsize=10)
-    fig.tight_layout()
     _save(fig, path, dpi=90)
 
 
@@ -364,5 +449,4 @@ def mask_comparison(
                 ax.contour(np.asarray(outline, dtype=bool), levels=[0.5], colors="red", linewidths=0.7)
             ax.set_title(title, fontsize=8)
             ax.set_axis_off()
-    fig.tight_layout()
     _save(fig, path, dpi=80)

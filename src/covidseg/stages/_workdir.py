@@ -63,6 +63,54 @@ def inside(folder: Path, relative: str) -> Path:
     return path
 
 
+def portable_path(target: Path | str, folder: Path | str, work: Path | str | None = None) -> str:
+    """How a file in `folder` (a manifest, a sidecar, run.json) stores a path to `target`.
+
+    Relative to `folder`, with ``/`` separators, when `target` lies inside `work` — the folder that
+    moves with the file: by default `folder`'s parent, i.e. the work folder holding the stage
+    folders (``masks/`` stores ``../pre``). Anything outside it (the input CTs, a generator elsewhere)
+    stays absolute: the work folder moves without it, so only its absolute path still finds it.
+    Paths are made absolute lexically (no symlink resolution), as :func:`stored_path` reads them.
+    """
+    folder = os.path.abspath(folder)
+    target = os.path.abspath(target)
+    work = os.path.abspath(work) if work is not None else os.path.dirname(folder)
+    try:
+        inside_work = os.path.commonpath([target, work]) == work
+    except ValueError:  # another drive (Windows)
+        inside_work = False
+    if not inside_work:
+        return Path(target).as_posix()
+    return Path(os.path.relpath(target, folder)).as_posix()
+
+
+def stored_path(
+    folder: Path | str, value: object, where: Path | None = None, work: Path | None = None
+) -> Path:
+    """The path that a file in `folder` stored with :func:`portable_path`.
+
+    An absolute path stays absolute (inputs outside the work folder, and every path of manifests
+    written before paths became relative); a relative one is taken from `folder`, and must stay
+    inside `work` (default `folder`'s parent: the work folder), or it is refused as hand-edited.
+    `where` names the file that holds the path in the error (default ``folder/manifest.json``).
+    """
+    where = where if where is not None else Path(folder) / "manifest.json"
+    if not isinstance(value, str) or not value or "\0" in value:
+        raise InputError(where, f"not a path: {str(value)[:100]!r}")
+    if os.path.isabs(value):
+        return Path(value)
+    folder = os.path.abspath(folder)
+    work = os.path.abspath(work) if work is not None else os.path.dirname(folder)
+    path = os.path.normpath(os.path.join(folder, value))
+    try:
+        leaves = os.path.commonpath([path, work]) != work
+    except ValueError:  # a drive-relative path on another drive (Windows)
+        leaves = True
+    if leaves:
+        raise InputError(where, f"path {value!r} points outside {work}")
+    return Path(path)
+
+
 @dataclass
 class GridCase:
     """One preprocessed case: grid arrays and its manifest record."""
@@ -71,6 +119,13 @@ class GridCase:
     image: np.ndarray  # [z, y, x] float32 in [0, 1]
     lungs: np.ndarray  # [z, y, x] uint8 (0, 1 right, 2 left)
     ref: np.ndarray | None  # [z, y, x] uint8 reference lesion mask, if any
+    folder: Path  # the preprocess folder whose manifest holds `record`
+
+    @property
+    def source(self) -> Path:
+        """The case's source CT (the manifest stores it relative to the preprocess folder when it
+        lies in the work folder, absolute otherwise)."""
+        return stored_path(self.folder, self.record["source"])
 
     @property
     def case_id(self) -> str:
@@ -99,8 +154,17 @@ def load_grid_cases(pre_dir: Path, groups: tuple[str, ...] = ("healthy", "covid"
         ref = load_array(inside(pre_dir, record["ref"])) if record.get("ref") else None
         if image.ndim != 3 or image.shape != lungs.shape or (ref is not None and ref.shape != image.shape):
             raise InputError(pre_dir / record["image"], "image, lung and reference grids differ in shape")
-        cases.append(GridCase(record=record, image=image.astype(np.float32), lungs=lungs, ref=ref))
+        cases.append(GridCase(record, image.astype(np.float32), lungs, ref, folder=Path(pre_dir)))
     return cases
+
+
+def median_slab_mm(records: list[dict], where: Path) -> float:
+    """The median grid z spacing (mm, rounded to 0.001) of preprocessed case records: the z thickness
+    of one network slice, which `predict` cuts CTs into for a segmenter trained on these grids."""
+    slabs = [float(r["grid_spacing_mm"][0]) for r in records]
+    if not slabs:
+        raise InputError(where, "no preprocessed cases")
+    return round(float(np.median(slabs)), 3)
 
 
 def load_array(path: Path) -> np.ndarray:

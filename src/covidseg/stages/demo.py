@@ -17,7 +17,6 @@ The settings (:data:`PRESETS`) were chosen on phantoms of another seed, never on
 from __future__ import annotations
 
 import os
-import platform
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -26,13 +25,16 @@ import numpy as np
 
 from covidseg import __version__
 from covidseg.config import GanTrainConfig, PreprocessConfig, SegTrainConfig
+from covidseg.imaging.grid import HuScale
 from covidseg.imaging.lungs import LungParams, segment_lungs
 from covidseg.io import read_ct, read_mask, write_array
 from covidseg.io.atomic import write_json
 from covidseg.method.pseudo_masks import threshold_baseline
+from covidseg.progress import ProgressFor, silent_for
 from covidseg.reporting.html import DemoReport, MethodScores, demo_report, write_report
 from covidseg.stages._workdir import read_manifest
-from covidseg.stages.run import RunConfig, RunInputs, StageProgress, run_pipeline
+from covidseg.stages.run import RunConfig, RunInputs, run_pipeline
+from covidseg.versions import software_versions
 
 TEST_SEED_OFFSET = 1  # test phantoms: synth seed S + 1 (unseen cases)
 BASELINE_HU = -600.0
@@ -81,9 +83,9 @@ QUICK = DemoPreset(
     spacing_zyx=(10.0, 2.8, 2.8),
     train=(3, 3),
     test=(1, 2),
-    run=RunConfig(
+    run=replace(
+        DEFAULT.run,
         preprocess=PreprocessConfig(grid=(16, 64, 64)),
-        workers=2,
         train_gan=replace(DEFAULT.run.train_gan, steps=100, sample_every=100),
         train_seg=replace(DEFAULT.run.train_seg, steps=300, batch_size=8),
     ),
@@ -121,7 +123,9 @@ class _Clock:
         self._last = time.perf_counter()
 
 
-def _synth(folder: Path, counts: tuple[int, int], seed: int, preset: DemoPreset, progress) -> bool:
+def _synth(
+    folder: Path, counts: tuple[int, int], seed: int, preset: DemoPreset, progress: ProgressFor
+) -> bool:
     """Make the phantoms unless `folder` already holds exactly these; True when (re)made."""
     from covidseg.stages.synth import run_synth
 
@@ -137,13 +141,6 @@ def _synth(folder: Path, counts: tuple[int, int], seed: int, preset: DemoPreset,
         parameters = read_manifest(folder, "covidseg.synth")["parameters"]
         if all(parameters.get(k) == v for k, v in wanted.items()):
             return False
-    done = [0]
-    name = f"synth {folder.name}"
-
-    def advance(message: str) -> None:
-        done[0] += 1
-        progress(name, done[0], sum(counts), message)
-
     run_synth(
         folder,
         counts[0],
@@ -151,23 +148,22 @@ def _synth(folder: Path, counts: tuple[int, int], seed: int, preset: DemoPreset,
         seed,
         preset.shape_zyx,
         preset.spacing_zyx,
-        progress=advance,
+        progress=progress(f"synth {folder.name}"),
         surroundings=preset.surroundings,
     )
     return True
 
 
-def _baseline(test_dir: Path, out_dir: Path, hu_window: tuple[float, float]) -> dict[str, float]:
-    """HU > -600 inside the classical lung mask for every test CT, written in its native geometry;
-    returns the % of lung flagged per healthy case."""
+def _baseline(test_dir: Path, out_dir: Path, scale: HuScale) -> dict[str, float]:
+    """HU > -600 inside the classical lung mask for every test CT (on the run's HU `scale`), written
+    in its native geometry; returns the % of lung flagged per healthy case."""
     manifest = read_manifest(test_dir, "covidseg.synth")
-    lo, hi = hu_window
     flagged = {}
     for record in manifest["cases"]:
         volume, _ = read_ct(test_dir / record["image"])
         lungs = segment_lungs(volume.hu, volume.spacing_zyx, LungParams()).full()
-        unit = (np.clip(volume.hu, lo, hi) - lo) / (hi - lo)
-        mask = threshold_baseline(unit, lungs, BASELINE_HU, window=hu_window)
+        unit = scale.to_unit(np.clip(volume.hu, *scale.window))
+        mask = threshold_baseline(unit, lungs, scale, BASELINE_HU)
         write_array(out_dir / f"{record['id']}.nii.gz", volume.orientation.to_native(mask.astype(np.uint8)),
                     volume.geometry)  # fmt: skip
         if record["kind"] == "healthy":
@@ -182,8 +178,8 @@ def _test_pseudo_masks(work: Path, test_dir: Path, config: RunConfig, device: st
     from covidseg.stages.preprocess import run_preprocess
 
     pre = work / "pre_test"
-    run_preprocess(pre, test_dir / "healthy", test_dir / "covid", None, config.preprocess, config.workers,
-                   overwrite=True)  # fmt: skip
+    run_preprocess(pre, test_dir / "healthy", test_dir / "covid", None, config.preprocess,
+                   workers=config.workers, overwrite=True)  # fmt: skip
     manifest = run_make_masks(
         pre, work / "gan", work / "masks_test", device, config.make_masks, overwrite=True
     )
@@ -276,20 +272,15 @@ def _overlay_figure(test_dir: Path, work: Path, fig_dir: Path, n_cases: int) -> 
 
 
 def _versions(run_records: list[dict]) -> dict[str, object]:
-    import onnxruntime
-    import SimpleITK
+    """The report's versions table: the software, torch's CPU threads, the cores and the devices used."""
     import torch
 
     figures = {r["stage"]: r.get("figures", {}) for r in run_records}
+    versions = software_versions()
+    versions["torch"] += f" ({torch.get_num_threads()} threads)"
     return {
-        "covidseg": __version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
+        **versions,
         "CPU cores": os.cpu_count(),
-        "torch": f"{torch.__version__} ({torch.get_num_threads()} threads)",
-        "onnxruntime": onnxruntime.__version__,
-        "SimpleITK": SimpleITK.Version_VersionString(),
-        "numpy": np.__version__,
         "training device": figures.get("train-gan", {}).get("device", "?"),
         "predict ran on": figures.get("predict", {}).get("runs_on", "?"),
     }
@@ -338,7 +329,7 @@ def run_demo(
     seed: int = 0,
     quick: bool = False,
     device: str = "auto",
-    progress: StageProgress | None = None,
+    progress: ProgressFor | None = None,
 ) -> DemoResult:
     """Phantoms -> `run` -> scores on unseen phantoms -> report.html in `out_dir`.
 
@@ -346,51 +337,14 @@ def run_demo(
     from scratch when the seed or the variant changed).
     """
     preset = QUICK if quick else DEFAULT
-    progress = progress or (lambda *args: None)
+    progress = progress or silent_for
     out_dir = Path(out_dir)
-    train_dir, test_dir = out_dir / "phantoms" / "train", out_dir / "phantoms" / "test"
-    work, fig_dir = out_dir / "work", out_dir / "figures"
+    work, test_dir, fig_dir = out_dir / "work", out_dir / "phantoms" / "test", out_dir / "figures"
     load_before = os.getloadavg()
     clock = _Clock()
-    made = _synth(train_dir, preset.train, seed, preset, progress)
-    clock.lap("synth training phantoms", "ran" if made else "skipped")
-    made_test = _synth(test_dir, preset.test, seed + TEST_SEED_OFFSET, preset, progress)
-    clock.lap("synth test phantoms", "ran" if made_test else "skipped")
-
-    inputs = RunInputs(
-        train_dir / "healthy", train_dir / "covid", train_dir / "masks",
-        predict=(test_dir / "covid", test_dir / "healthy"), reference=test_dir / "manifest.json",
-    )  # fmt: skip
-    config = preset.run
-    previous = _read_config(work)
-    force = made or made_test or (previous is not None and previous != config.to_json())
-    result = run_pipeline(work, inputs, config, device, force, progress)
-    clock.skip()
-    clock.steps += [(r["stage"], r["status"], float(r.get("seconds") or 0.0)) for r in result.stages]
-
-    progress("test pseudo-masks", 0, 1, "make-masks on the test phantoms")
-    pseudo_flagged = _test_pseudo_masks(work, test_dir, config, device)
-    pseudo = _evaluate(work / "masks_test" / "pseudo_masks", test_dir / "manifest.json", work / "eval_pseudo")
-    progress("test pseudo-masks", 1, 1, "done")
-    clock.lap("test pseudo-masks (make-masks + evaluate)")
-    progress("baseline", 0, 1, f"HU > {BASELINE_HU:g} in the lung")
-    baseline_flagged = _baseline(test_dir, work / "baseline", config.preprocess.hu_window)
-    baseline = _evaluate(work / "baseline", test_dir / "manifest.json", work / "eval_baseline")
-    progress("baseline", 1, 1, "done")
-    clock.lap("baseline (threshold + evaluate)")
-
-    test_manifest = read_manifest(test_dir, "covidseg.synth")
-    healthy_ids = [r["id"] for r in test_manifest["cases"] if r["kind"] == "healthy"]
-    transunet = _read_json_file(work / "eval" / "summary.json")
-    methods = [
-        MethodScores(f"{ARCH_NAMES[config.train_seg.arch]} (label-free)", transunet,
-                     list(_predicted_flagged(work / "pred", healthy_ids).values())),
-        MethodScores("GAN pseudo-masks", pseudo,
-                     list(pseudo_flagged.values())),
-        MethodScores(f"baseline: HU > {BASELINE_HU:g} in the lung", baseline,
-                     list(baseline_flagged.values())),
-    ]  # fmt: skip
-    progress("report", 0, 1, "figures")
+    stages = _phantoms_and_pipeline(out_dir, preset, seed, device, progress, clock)
+    methods, test_manifest = _scored_methods(work, test_dir, preset.run, device, progress, clock)
+    progress("report")(0, 1, "figures")
     fig_dir.mkdir(parents=True, exist_ok=True)
     loss_figures = _loss_figures(work, fig_dir)
     overlay = _overlay_figure(test_dir, work, fig_dir, preset.overlay_cases)
@@ -407,11 +361,65 @@ def run_demo(
         "load_average": {"start": list(load_before), "end": list(os.getloadavg())},
     }
     report = _report(preset, seed, methods, test_manifest, loss_figures, overlay, clock, load_before,
-                     result.stages, config)  # fmt: skip
+                     stages, preset.run)  # fmt: skip
     write_json(out_dir / "report.json", numbers)
     path = write_report(out_dir / "report.html", report)
-    progress("report", 1, 1, "done")
+    progress("report")(1, 1, "done")
     return DemoResult(report=path, numbers=numbers, seconds=time.perf_counter() - clock.started)
+
+
+def _phantoms_and_pipeline(
+    out_dir: Path, preset: DemoPreset, seed: int, device: str, progress: ProgressFor, clock: _Clock
+) -> list[dict]:
+    """The training and test phantoms (unless already there), then `covidseg run` in work/ (redone
+    from scratch when the phantoms or the settings changed); returns run's stage records."""
+    train_dir, test_dir = out_dir / "phantoms" / "train", out_dir / "phantoms" / "test"
+    work = out_dir / "work"
+    made = _synth(train_dir, preset.train, seed, preset, progress)
+    clock.lap("synth training phantoms", "ran" if made else "skipped")
+    made_test = _synth(test_dir, preset.test, seed + TEST_SEED_OFFSET, preset, progress)
+    clock.lap("synth test phantoms", "ran" if made_test else "skipped")
+    inputs = RunInputs(
+        train_dir / "healthy", train_dir / "covid", train_dir / "masks",
+        predict=(test_dir / "covid", test_dir / "healthy"), reference=test_dir / "manifest.json",
+    )  # fmt: skip
+    previous = _read_config(work)
+    force = made or made_test or (previous is not None and previous != preset.run.to_json())
+    result = run_pipeline(work, inputs, preset.run, device, force, progress)
+    clock.skip()
+    clock.steps += [(r["stage"], r["status"], float(r.get("seconds") or 0.0)) for r in result.stages]
+    return result.stages
+
+
+def _scored_methods(
+    work: Path, test_dir: Path, config: RunConfig, device: str, progress: ProgressFor, clock: _Clock
+) -> tuple[list[MethodScores], dict]:
+    """The scores on the test phantoms of the label-free segmenter (from run's evaluate), of the GAN's
+    pseudo-masks and of the HU baseline (both made here); and the test phantoms' manifest."""
+    reference = test_dir / "manifest.json"
+    progress("test pseudo-masks")(0, 1, "make-masks on the test phantoms")
+    pseudo_flagged = _test_pseudo_masks(work, test_dir, config, device)
+    pseudo = _evaluate(work / "masks_test" / "pseudo_masks", reference, work / "eval_pseudo")
+    progress("test pseudo-masks")(1, 1, "done")
+    clock.lap("test pseudo-masks (make-masks + evaluate)")
+    progress("baseline")(0, 1, f"HU > {BASELINE_HU:g} in the lung")
+    baseline_flagged = _baseline(test_dir, work / "baseline", config.preprocess.hu_scale)
+    baseline = _evaluate(work / "baseline", reference, work / "eval_baseline")
+    progress("baseline")(1, 1, "done")
+    clock.lap("baseline (threshold + evaluate)")
+
+    test_manifest = read_manifest(test_dir, "covidseg.synth")
+    healthy_ids = [r["id"] for r in test_manifest["cases"] if r["kind"] == "healthy"]
+    segmenter = _read_json_file(work / "eval" / "summary.json")
+    methods = [
+        MethodScores(f"{ARCH_NAMES[config.train_seg.arch]} (label-free)", segmenter,
+                     list(_predicted_flagged(work / "pred", healthy_ids).values())),
+        MethodScores("GAN pseudo-masks", pseudo,
+                     list(pseudo_flagged.values())),
+        MethodScores(f"baseline: HU > {BASELINE_HU:g} in the lung", baseline,
+                     list(baseline_flagged.values())),
+    ]  # fmt: skip
+    return methods, test_manifest
 
 
 def _read_config(work: Path) -> dict | None:

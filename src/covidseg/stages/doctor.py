@@ -9,13 +9,12 @@ session really gets count as usable.
 from __future__ import annotations
 
 import os
-import platform
 import tempfile
 from pathlib import Path
 
-from covidseg import __version__
 from covidseg.errors import CovidsegError, first_line
 from covidseg.inference.model_home import ENV, home_dir, installed_models, models_dir
+from covidseg.versions import software_versions
 
 
 def _tiny_onnx(path: Path) -> None:
@@ -80,24 +79,17 @@ def _model_entry(name: str, path: Path) -> dict:
 
 def run_doctor() -> dict:
     """Versions, devices, usable ONNX Runtime providers and the model home."""
-    import onnxruntime
-    import SimpleITK
     import torch
 
     cuda = torch.cuda.is_available()
     return {
-        "covidseg": __version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "torch": torch.__version__,
+        **software_versions(("covidseg", "python", "platform", "torch", "onnxruntime", "SimpleITK")),
         "torch_cuda_build": torch.version.cuda,
         "cuda_available": cuda,
         "cuda_devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
         if cuda
         else [],
-        "onnxruntime": onnxruntime.__version__,
         "onnxruntime_providers": usable_providers(),
-        "SimpleITK": SimpleITK.Version_VersionString(),
         "home": {
             "path": str(home_dir()),
             "from": f"${ENV}" if os.environ.get(ENV) else "platform default",

@@ -39,11 +39,8 @@ the plain rule: voxel > 0 is lesion.
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import math
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -60,8 +57,9 @@ from covidseg.imaging.metrics import (
     summarize_slice_dice,
 )
 from covidseg.io import find_cases, read_labels, read_mask
-from covidseg.io.atomic import write_json, write_text
-from covidseg.stages._workdir import check_output_dir, inside
+from covidseg.io.atomic import write_csv, write_json
+from covidseg.progress import Progress
+from covidseg.stages._workdir import check_output_dir, inside, portable_path, stored_path
 
 FORMAT = "covidseg.evaluate"
 VERSION = 1
@@ -74,8 +72,6 @@ CSV_COLUMNS = ("case_id",) + METRIC_KEYS + ("tp", "fp", "fn", "tn")
 PER_SLICE_COLUMNS = ("lesion_slices", "slice_dice_mean", "slice_dice_std")
 THRESHOLD_METRICS = ("dice", "sensitivity", "specificity")
 MISSING_SHOWN = 5  # case ids named in the message about missing predictions
-
-Progress = Callable[[str], None]
 
 
 @dataclass
@@ -106,7 +102,8 @@ def _manifest_references(manifest_path: Path) -> list[tuple[str, Path]]:
     """(case id, mask path) for every case of a synth or preprocess manifest with a reference mask.
 
     A synth manifest names the mask relative to its folder (``"mask"``); a preprocess manifest
-    names the reference mask it was given as an absolute path (``"mask_source"``).
+    names the reference mask it was given (``"mask_source"``) relative to its folder when it lies
+    in the work folder, else (and in manifests of older versions) as an absolute path.
     """
     try:
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
@@ -130,12 +127,14 @@ def _manifest_references(manifest_path: Path) -> list[tuple[str, Path]]:
             )
         if case_id in references:
             raise UsageError(manifest_path, f"case id {case_id!r} appears twice")
-        if not preprocess:  # a synth manifest names its masks inside its own folder
-            try:
+        try:
+            if preprocess:  # relative to the preprocess folder, or absolute
+                references[case_id] = stored_path(manifest_path.parent, mask, where=manifest_path)
+            else:  # a synth manifest names its masks inside its own folder
                 inside(manifest_path.parent, mask)
-            except InputError as exc:
-                raise UsageError(manifest_path, exc.cause) from None
-        references[case_id] = manifest_path.parent / mask
+                references[case_id] = manifest_path.parent / mask
+        except InputError as exc:
+            raise UsageError(manifest_path, exc.cause) from None
     return sorted(references.items())
 
 
@@ -178,18 +177,10 @@ def _json_safe(obj):
 
 
 def _csv_cell(value) -> str:
+    """A metrics.csv cell: empty for an undefined value (None, NaN), floats as repr."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return ""
     return repr(value) if isinstance(value, float) else str(value)
-
-
-def _metrics_csv(cases: list[dict], columns: tuple[str, ...]) -> str:
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(columns)
-    for case in cases:
-        writer.writerow([_csv_cell(case.get(col)) for col in columns])
-    return buffer.getvalue()
 
 
 def _not_binary(values: np.ndarray) -> str | None:
@@ -268,75 +259,18 @@ def run_evaluate(
     """
     pred, ref, out_dir = Path(pred), Path(ref), Path(out_dir)
     thresholds = {"dice": min_dice, "sensitivity": min_sensitivity, "specificity": min_specificity}
-    for name, value in thresholds.items():
-        _check_threshold(name, value)
-    if threshold is not None and not (math.isfinite(threshold) and threshold > 0):
-        raise UsageError(None, f"--threshold must be a finite number > 0, got {threshold}")
-    for label, path in (("--pred", pred), ("--ref", ref)):
-        if not path.exists():
-            raise UsageError(path, f"{label}: no such file or folder")
-        if out_dir.resolve() in (path.resolve(), *path.resolve().parents):
-            raise UsageError(out_dir, f"output folder contains the input {label} {path}; choose another")
-    if not overwrite and any((out_dir / name).exists() for name in (METRICS_CSV, SUMMARY_JSON)):
-        raise UsageError(out_dir, "holds a previous evaluation report; pass --overwrite to replace it")
-    check_output_dir(out_dir)
-
-    predictions = dict(find_cases(pred))
-    references = dict(_references(ref))
-    matched = sorted(predictions.keys() & references.keys())
-    unmatched = {
-        "ref_without_pred": sorted(references.keys() - predictions.keys()),
-        "pred_without_ref": sorted(predictions.keys() - references.keys()),
-    }
-    if not matched:
-        raise UsageError(
-            None,
-            f"no case id in common between --pred {pred} ({len(predictions)} cases) "
-            f"and --ref {ref} ({len(references)} cases)",
-        )
-
-    cases: list[dict] = []
-    slice_dice: list[np.ndarray] = []
-    failed_cases: list[dict] = []
-    for i, case_id in enumerate(matched, start=1):
-        pred_path, ref_path = predictions[case_id], references[case_id]
-        try:
-            record, slices = _evaluate_case(case_id, pred_path, ref_path, per_slice, threshold)
-        except CovidsegError as exc:
-            failed_cases.append(
-                {"case_id": case_id, "pred": str(pred_path), "ref": str(ref_path), "error": str(exc)}
-            )
-            if progress is not None:
-                progress(f"[{i}/{len(matched)}] {case_id}: failed: {exc}")
-            continue
-        cases.append(record)
-        slice_dice.append(slices)
-        if progress is not None:
-            progress(
-                f"[{i}/{len(matched)}] {case_id}: dice {record['dice']:.3f}, "
-                f"hd95 {record['hd95_mm']:.1f} mm, lesion {record['ref_ml']:.1f} mL"
-            )
+    _check_arguments(pred, ref, out_dir, thresholds, threshold, overwrite)
+    predictions, references = dict(find_cases(pred)), dict(_references(ref))
+    matched, unmatched = _match(pred, ref, predictions, references)
+    pairs = [(case_id, predictions[case_id], references[case_id]) for case_id in matched]
+    cases, slice_dice, failed_cases = _evaluate_cases(pairs, per_slice, threshold, progress)
 
     summary_stats = aggregate(cases, slice_dice if per_slice else None)
-    failed_thresholds = []
-    for name, minimum in thresholds.items():
-        if minimum is None:
-            continue
-        mean = summary_stats["metrics"][name]["mean"] if name in summary_stats["metrics"] else math.nan
-        if math.isnan(mean):
-            failed_thresholds.append(f"{name} undefined (no case with a defined value) < {minimum:g}")
-        elif mean < minimum:
-            failed_thresholds.append(f"{name} {_format_below(mean, minimum)} < {minimum:g}")
+    failed_thresholds = _failed_thresholds(thresholds, summary_stats)
     gated = any(minimum is not None for minimum in thresholds.values())
-    missing = unmatched["ref_without_pred"]
     failed_missing = None
-    if gated and missing and not allow_missing:
-        shown = ", ".join(missing[:MISSING_SHOWN]) + (", …" if len(missing) > MISSING_SHOWN else "")
-        failed_missing = (
-            f"{pred}: {len(missing)} of {len(references)} reference case(s) have no prediction: {shown} "
-            "(pass --allow-missing to gate on the predicted cases only)"
-        )
-
+    if gated and not allow_missing:
+        failed_missing = _missing_predictions(pred, unmatched["ref_without_pred"], len(references))
     summary = _json_safe(
         {
             "format": FORMAT,
@@ -356,10 +290,11 @@ def run_evaluate(
             "cases": cases,
         }
     )
+    for record in (summary, *summary["cases"], *summary["failed_cases"]):  # as summary.json stores them
+        record.update({key: portable_path(record[key], out_dir) for key in ("pred", "ref")})
     columns = CSV_COLUMNS + (PER_SLICE_COLUMNS if per_slice else ())
-    metrics_csv = out_dir / METRICS_CSV
-    summary_json = out_dir / SUMMARY_JSON
-    write_text(metrics_csv, _metrics_csv(cases, columns))
+    metrics_csv, summary_json = out_dir / METRICS_CSV, out_dir / SUMMARY_JSON
+    write_csv(metrics_csv, columns, ([_csv_cell(case.get(col)) for col in columns] for case in cases))
     write_json(summary_json, summary)
     return EvaluationResult(
         cases=cases,
@@ -370,4 +305,92 @@ def run_evaluate(
         summary_json=summary_json,
         unmatched=unmatched,
         failed_missing=failed_missing,
+    )
+
+
+def _check_arguments(
+    pred: Path, ref: Path, out_dir: Path, thresholds: dict, threshold: float | None, overwrite: bool
+) -> None:
+    """UsageError for a bad threshold, a missing input, an output folder that holds an input or (unless
+    `overwrite`) a previous report, or one that cannot be written."""
+    for name, value in thresholds.items():
+        _check_threshold(name, value)
+    if threshold is not None and not (math.isfinite(threshold) and threshold > 0):
+        raise UsageError(None, f"--threshold must be a finite number > 0, got {threshold}")
+    for label, path in (("--pred", pred), ("--ref", ref)):
+        if not path.exists():
+            raise UsageError(path, f"{label}: no such file or folder")
+        if out_dir.resolve() in (path.resolve(), *path.resolve().parents):
+            raise UsageError(out_dir, f"output folder contains the input {label} {path}; choose another")
+    if not overwrite and any((out_dir / name).exists() for name in (METRICS_CSV, SUMMARY_JSON)):
+        raise UsageError(out_dir, "holds a previous evaluation report; pass --overwrite to replace it")
+    check_output_dir(out_dir)
+
+
+def _match(pred: Path, ref: Path, predictions: dict, references: dict) -> tuple[list[str], dict]:
+    """The case ids found on both sides (sorted) and the unmatched ones of each side; UsageError when
+    no id is shared."""
+    matched = sorted(predictions.keys() & references.keys())
+    unmatched = {
+        "ref_without_pred": sorted(references.keys() - predictions.keys()),
+        "pred_without_ref": sorted(predictions.keys() - references.keys()),
+    }
+    if not matched:
+        raise UsageError(
+            None,
+            f"no case id in common between --pred {pred} ({len(predictions)} cases) "
+            f"and --ref {ref} ({len(references)} cases)",
+        )
+    return matched, unmatched
+
+
+def _evaluate_cases(
+    pairs: list[tuple[str, Path, Path]], per_slice: bool, threshold: float | None, progress: Progress | None
+) -> tuple[list[dict], list[np.ndarray], list[dict]]:
+    """Evaluate each (case id, prediction, reference): the records of the evaluated cases, their
+    per-slice Dice, and a record with the error of each case that could not be evaluated."""
+    cases: list[dict] = []
+    slice_dice: list[np.ndarray] = []
+    failed_cases: list[dict] = []
+    for i, (case_id, pred_path, ref_path) in enumerate(pairs, start=1):
+        try:
+            record, slices = _evaluate_case(case_id, pred_path, ref_path, per_slice, threshold)
+        except CovidsegError as exc:
+            failed_cases.append(
+                {"case_id": case_id, "pred": str(pred_path), "ref": str(ref_path), "error": str(exc)}
+            )
+            message = f"failed: {exc}"
+        else:
+            cases.append(record)
+            slice_dice.append(slices)
+            dice, hd95, lesion_ml = record["dice"], record["hd95_mm"], record["ref_ml"]
+            message = f"dice {dice:.3f}, hd95 {hd95:.1f} mm, lesion {lesion_ml:.1f} mL"
+        if progress is not None:
+            progress(i, len(pairs), f"{case_id}: {message}")
+    return cases, slice_dice, failed_cases
+
+
+def _failed_thresholds(thresholds: dict[str, float | None], summary_stats: dict) -> list[str]:
+    """One line per threshold the mean over cases does not reach (e.g. "dice 0.812 < 0.9"); an
+    undefined mean fails."""
+    failed = []
+    for name, minimum in thresholds.items():
+        if minimum is None:
+            continue
+        mean = summary_stats["metrics"][name]["mean"] if name in summary_stats["metrics"] else math.nan
+        if math.isnan(mean):
+            failed.append(f"{name} undefined (no case with a defined value) < {minimum:g}")
+        elif mean < minimum:
+            failed.append(f"{name} {_format_below(mean, minimum)} < {minimum:g}")
+    return failed
+
+
+def _missing_predictions(pred: Path, missing: list[str], n_references: int) -> str | None:
+    """The gate's message when references have no prediction (`missing` case ids), else None."""
+    if not missing:
+        return None
+    shown = ", ".join(missing[:MISSING_SHOWN]) + (", …" if len(missing) > MISSING_SHOWN else "")
+    return (
+        f"{pred}: {len(missing)} of {n_references} reference case(s) have no prediction: {shown} "
+        "(pass --allow-missing to gate on the predicted cases only)"
     )

@@ -4,8 +4,8 @@ For every case of a preprocess output: ``Î_H = G(I_C)``, ``M = max(I_C - Î_H, 
 (smoothed), a continuous pseudo-mask (for the MSE term of the 2D stage) and a binary one (label-free
 threshold from train-gan's calibration, small components removed), and the high-/low-infected
 slice sets for the contrastive loss. The generator runs on torch (generator.pt) or on ONNX Runtime
-(an exported generator .onnx, see ``stages.export_generator``); both share the host-side noise,
-windows and blending of :func:`covidseg.models.gan3d.run_generator`.
+(an exported generator .onnx, see ``covidseg.inference.generator_files``); both share the host-side
+noise, windows and blending of :func:`covidseg.inference.sliding_window.run_generator`.
 
 Output folder::
 
@@ -19,10 +19,8 @@ Output folder::
 
 from __future__ import annotations
 
-import csv
-import io as _io
 import time
-from collections.abc import Callable
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -32,17 +30,32 @@ from covidseg import __version__
 from covidseg.devices import resolve_device
 from covidseg.errors import CovidsegError, InputError, UsageError
 from covidseg.imaging.geometry import Geometry, Orientation
-from covidseg.imaging.grid import CropBox, grid_to_canonical
+from covidseg.imaging.grid import CropBox, HuScale, grid_to_canonical
 from covidseg.imaging.intensity import parse_intensity
+from covidseg.inference.generator_files import OnnxGenerator, generator_from_payload, load_generator_payload
 from covidseg.inference.runners import requested_providers
+from covidseg.inference.sliding_window import run_generator
 from covidseg.io import read_ct, write_array
-from covidseg.io.atomic import folder_lock, save_npy, write_json, write_text
-from covidseg.method.pseudo_masks import PseudoMaskConfig, binarise, difference_map, split_slices
-from covidseg.models.gan3d import generator_from_payload, run_generator
-from covidseg.stages._workdir import STAGE_LOCK, GridCase, load_grid_cases
-from covidseg.stages.export_generator import OnnxGenerator, load_generator_payload, read_generator_sidecar
+from covidseg.io.atomic import folder_lock, save_npy, write_csv, write_json
+from covidseg.method.pseudo_masks import (
+    SOFT_SCALE_HU,
+    PseudoMaskConfig,
+    binarise,
+    difference_map,
+    soft_mask,
+    split_slices,
+)
+from covidseg.progress import Progress
+from covidseg.settings import check_config
+from covidseg.stages._workdir import (
+    STAGE_LOCK,
+    GridCase,
+    load_grid_cases,
+    median_slab_mm,
+    portable_path,
+    read_manifest,
+)
 
-SOFT_SCALE = 0.25  # difference (unit scale) that counts as a full lesion: 350 HU above healthy lung
 BACKENDS = ("auto", "torch", "onnx")
 
 
@@ -66,14 +79,6 @@ def resolve_generator(gan: Path, backend: str = "auto") -> tuple[str, Path]:
     return kind, gan
 
 
-def generator_calibration(gan: Path, backend: str = "auto") -> dict:
-    """train-gan's label-free calibration (threshold, smoothing, smallest component) of `gan`."""
-    kind, path = resolve_generator(gan, backend)
-    if kind == "onnx":
-        return read_generator_sidecar(path, verify=False)["calibration"]
-    return load_generator_payload(path)[1]["calibration"]
-
-
 def _onnx_grid_check(onnx: OnnxGenerator, cases: list[GridCase], pre_dir: Path) -> None:
     """The ONNX generator runs at one fixed window: grids must hold it (or equal it, for a
     generator trained on whole grids) so that it runs exactly as the torch one would."""
@@ -90,16 +95,34 @@ def _onnx_grid_check(onnx: OnnxGenerator, cases: list[GridCase], pre_dir: Path) 
             )
 
 
-def _native_outputs(case: GridCase, pseudo: np.ndarray, binary: np.ndarray, window) -> tuple:
-    """(pseudo-healthy HU, binary mask) as native-geometry arrays, via the case's crop box."""
+def grids_hu_scale(pre_dir: Path, generator_path: Path, info: Mapping) -> HuScale:
+    """The HU scale of the grids in `pre_dir` (its preprocess manifest records it); a generator
+    trained on another HU window (`info`: its generator.pt payload or sidecar) is refused."""
+    try:
+        grids = HuScale.from_json(read_manifest(pre_dir, "covidseg.preprocess")["config"]["hu_window"])
+    except (KeyError, ValueError) as exc:
+        raise InputError(pre_dir / "manifest.json", f"no HU window ({exc})") from None
+    try:
+        trained = HuScale.from_json(info["preprocess"].get("hu_window"))  # None (older files): default
+    except ValueError as exc:
+        raise InputError(generator_path, str(exc)) from None
+    if trained != grids:
+        cause = f"trained on HU window {trained}, the grids in {pre_dir} use {grids}"
+        raise UsageError(generator_path, cause)
+    return grids
+
+
+def _native_outputs(case: GridCase, pseudo: np.ndarray, binary: np.ndarray, scale: HuScale) -> tuple:
+    """(pseudo-healthy HU, binary mask) as native-geometry arrays, via the case's crop box; `scale`
+    is the grids' HU scale."""
     record = case.record
     intensity = parse_intensity(record["intensity"]) if record.get("intensity") else None
-    volume, _ = read_ct(record["source"], series=record.get("series_uid"), intensity=intensity)
+    volume, _ = read_ct(case.source, series=record.get("series_uid"), intensity=intensity)
     box = CropBox.from_json(record["crop_box"])
     shape = tuple(record["canonical_shape"])
     if tuple(volume.hu.shape) != shape:
-        raise InputError(record["source"], "source CT changed since preprocessing (shape differs)")
-    removal_hu = grid_to_canonical((case.image - pseudo) * (window[1] - window[0]), box, shape)
+        raise InputError(case.source, "source CT changed since preprocessing (shape differs)")
+    removal_hu = grid_to_canonical(scale.hu_of_unit_difference(case.image - pseudo), box, shape)
     healthy_hu = volume.hu - np.clip(removal_hu, 0.0, None)
     mask = grid_to_canonical(binary.astype(np.float32), box, shape) >= 0.5
     orientation = Orientation.from_json(record["orientation"])
@@ -112,21 +135,21 @@ def _native_outputs(case: GridCase, pseudo: np.ndarray, binary: np.ndarray, wind
 
 
 def _write_case(
-    out_dir: Path, case: GridCase, pseudo: np.ndarray, binary: np.ndarray, soft: np.ndarray, window
+    out_dir: Path, case: GridCase, pseudo: np.ndarray, binary: np.ndarray, soft: np.ndarray, scale
 ) -> dict[str, str]:
-    """Write one case's grids (and, with an HU `window`, its native NIfTI outputs); return the files
-    (relative paths). A write that fails (disk full) or Ctrl-C leaves no file of the case."""
+    """Write one case's grids (and, with the grids' HU `scale`, its native NIfTI outputs); return the
+    files (relative paths). A write that fails (disk full) or Ctrl-C leaves no file of the case."""
     files = {
         "pseudo_healthy_grid": f"grid/pseudo_healthy/{case.case_id}.npy",
         "soft_grid": f"grid/soft/{case.case_id}.npy",
         "binary_grid": f"grid/binary/{case.case_id}.npy",
     }
-    if window is not None:
+    if scale is not None:
         files["pseudo_healthy"] = f"pseudo_healthy/{case.case_id}.nii.gz"
         files["pseudo_mask"] = f"pseudo_masks/{case.case_id}.nii.gz"
     try:
-        if window is not None:
-            healthy_native, mask_native, geometry = _native_outputs(case, pseudo, binary, window)
+        if scale is not None:
+            healthy_native, mask_native, geometry = _native_outputs(case, pseudo, binary, scale)
             write_array(out_dir / files["pseudo_healthy"], healthy_native, geometry)
             write_array(out_dir / files["pseudo_mask"], mask_native, geometry)
         save_npy(out_dir / files["pseudo_healthy_grid"], pseudo.astype(np.float32))
@@ -148,15 +171,19 @@ def run_make_masks(
     threshold: float | None = None,
     native: bool = True,
     overwrite: bool = False,
-    progress: Callable[[str], None] | None = None,
+    progress: Progress | None = None,
     backend: str = "auto",
+    overrides: Mapping[str, object] | None = None,
 ) -> dict:
     """Run the generator over every case and write pseudo-masks; return the manifest.
 
     `gan` is a train-gan output folder, its generator.pt or an exported generator .onnx (with its
     sidecar, checked by sha256); `backend` (auto, torch, onnx) as in :func:`resolve_generator`.
-    `threshold` overrides the calibrated one (unit scale). With `native`, NIfTI outputs in the source
-    geometry are written too (this re-reads each source CT).
+    `config` None: train-gan's calibrated smoothing, percentile and smallest component (voxels) with
+    `overrides` (PseudoMaskConfig fields, e.g. the command's options) on top; the result is checked
+    (:class:`~covidseg.settings.SettingError`). `threshold` overrides the calibrated one (unit scale).
+    With `native`, NIfTI outputs in the source geometry are written too (this re-reads each source
+    CT). `progress` gets (cases done, cases, "<case id>: N % of lung" or ": failed") per case.
     """
     pre_dir, out_dir, gan = Path(pre_dir), Path(out_dir), Path(gan)
     kind, generator_path = resolve_generator(gan, backend)
@@ -167,17 +194,16 @@ def run_make_masks(
         onnx = OnnxGenerator(generator_path, requested_providers(device))  # checks the sha256
         info = onnx.sidecar
     calibration = info["calibration"]
-    config = config or PseudoMaskConfig(
-        smooth_sigma=calibration["smooth_sigma"],
-        healthy_percentile=calibration["healthy_percentile"],
-        min_component=calibration["min_component"],
-    )
+    if config is None:
+        calibrated = ("smooth_sigma", "healthy_percentile", "min_component")
+        config = PseudoMaskConfig(**{**{key: calibration[key] for key in calibrated}, **(overrides or {})})
+        check_config(config)
     threshold = float(calibration["threshold"] if threshold is None else threshold)
     _refuse_previous_output(out_dir, overwrite)
     cases = load_grid_cases(pre_dir)
     if not cases:
         raise UsageError(pre_dir, "no cases")
-    window = tuple(info["preprocess"]["hu_window"])  # HU window of the [0, 1] scale
+    scale = grids_hu_scale(pre_dir, generator_path, info)  # the [0, 1] scale of the grids
     if kind == "torch":
         torch_device = resolve_device(device)
         model = generator_from_payload(payload).to(torch_device)
@@ -202,10 +228,11 @@ def run_make_masks(
     with folder_lock(out_dir, STAGE_LOCK, "covidseg make-masks"):
         _refuse_previous_output(out_dir, overwrite)  # again: another run may have finished meanwhile
         (out_dir / "manifest.json").unlink(missing_ok=True)
-        native_window = window if native else None
-        outcome = _mask_cases(out_dir, cases, generate, config, threshold, native_window, progress)
+        outcome = _mask_cases(out_dir, cases, generate, config, threshold, scale, native, progress)
         _write_slices(out_dir, outcome)
-        manifest = _manifest(pre_dir, generator_path, backend_info, threshold, config, cases, window, outcome)
+        manifest = _manifest(
+            out_dir, pre_dir, generator_path, backend_info, threshold, config, cases, scale, outcome
+        )
         write_json(out_dir / "manifest.json", manifest)
     return manifest
 
@@ -229,9 +256,12 @@ class _Outcome:
     failures: list[dict] = field(default_factory=list)
 
 
-def _mask_cases(out_dir: Path, cases, generate, config, threshold: float, window, progress) -> _Outcome:
-    """Pseudo-healthy volume, difference map and pseudo-mask of every case, written per case (with
-    native NIfTI outputs when `window` is given); a case that fails is recorded and the others go on."""
+def _mask_cases(
+    out_dir: Path, cases, generate, config, threshold: float, scale: HuScale, native: bool, progress
+) -> _Outcome:
+    """Pseudo-healthy volume, difference map and pseudo-mask of every case (grids on the HU `scale`),
+    written per case (with native NIfTI outputs when `native`); a case that fails is recorded and the
+    others go on."""
     outcome = _Outcome(has_refs=all(c.ref is not None for c in cases if c.group == "covid"))
     for case in cases:
         start = time.perf_counter()
@@ -239,12 +269,12 @@ def _mask_cases(out_dir: Path, cases, generate, config, threshold: float, window
             pseudo = generate(case)
             diff = difference_map(case.image, pseudo, case.lungs, config.smooth_sigma)
             binary = binarise(diff, threshold, config.min_component)
-            soft = np.clip(diff / SOFT_SCALE, 0.0, 1.0).astype(np.float32)
-            files = _write_case(out_dir, case, pseudo, binary, soft, window)
+            soft = soft_mask(diff, scale)
+            files = _write_case(out_dir, case, pseudo, binary, soft, scale if native else None)
         except CovidsegError as exc:
             outcome.failures.append({"id": case.case_id, "error": str(exc)})
             if progress:
-                progress(f"{case.case_id}: failed")
+                progress(len(outcome.records) + len(outcome.failures), len(cases), f"{case.case_id}: failed")
             continue
         _add_slices(outcome, case, binary, soft, config)
         lung_voxels = int((case.lungs > 0).sum())
@@ -258,7 +288,9 @@ def _mask_cases(out_dir: Path, cases, generate, config, threshold: float, window
             }
         )
         if progress:
-            progress(f"{case.case_id}: {outcome.records[-1]['pseudo_lesion_percent_of_lung']:.1f} % of lung")
+            percent = outcome.records[-1]["pseudo_lesion_percent_of_lung"]
+            done = len(outcome.records) + len(outcome.failures)
+            progress(done, len(cases), f"{case.case_id}: {percent:.1f} % of lung")
     return outcome
 
 
@@ -280,32 +312,34 @@ def _write_slices(out_dir: Path, outcome: _Outcome) -> None:
     for name, arrays in outcome.stacks.items():
         if arrays:
             save_npy(out_dir / "slices" / f"{name}.npy", np.stack(arrays))
-    buffer = _io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["n", "case_id", "group", "z", "set", "lesion_fraction"])
-    writer.writerows(outcome.index_rows)
-    write_text(out_dir / "slices" / "index.csv", buffer.getvalue())
+    columns = ["n", "case_id", "group", "z", "set", "lesion_fraction"]
+    write_csv(out_dir / "slices" / "index.csv", columns, outcome.index_rows)
 
 
 def _manifest(
-    pre_dir: Path, generator_path: Path, backend_info: dict, threshold: float, config, cases, window,
-    outcome: _Outcome,
+    out_dir: Path, pre_dir: Path, generator_path: Path, backend_info: dict, threshold: float, config, cases,
+    scale: HuScale, outcome: _Outcome,
 ) -> dict:  # fmt: skip
-    """make-masks' manifest.json."""
+    """make-masks' manifest.json. Paths are relative to `out_dir` (absolute outside the work folder);
+    `preprocess_config` and `slab_mm` are what train-seg needs of the preprocess folder, so that it
+    reads only this folder."""
     index_rows = outcome.index_rows
     sets = [row[4] for row in index_rows]
     return {
         "format": "covidseg.masks",
         "version": 1,
         "covidseg_version": __version__,
-        "preprocess": str(pre_dir.resolve()),
-        "generator": str(generator_path.resolve()),
+        "preprocess": portable_path(pre_dir, out_dir),
+        "generator": portable_path(generator_path, out_dir),
         "backend": backend_info,
         "threshold": threshold,
-        "soft_scale": SOFT_SCALE,
+        "soft_scale": scale.unit_of_hu_difference(SOFT_SCALE_HU),  # [0, 1] scale
+        "soft_scale_hu": SOFT_SCALE_HU,
         "config": asdict(replace(config)),
         "grid": list(cases[0].image.shape),
-        "hu_window": list(window),
+        "hu_window": scale.to_json(),
+        "preprocess_config": read_manifest(pre_dir, "covidseg.preprocess")["config"],
+        "slab_mm": median_slab_mm([case.record for case in cases], pre_dir / "manifest.json"),
         "slices": {
             "n": len(index_rows),
             "high": sets.count("high"),

@@ -52,9 +52,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import io as _io
 import json
-import platform
 import re
 import signal
 import threading
@@ -67,16 +65,18 @@ from pathlib import Path
 import numpy as np
 
 from covidseg import __version__
+from covidseg.config import PredictOptions
 from covidseg.errors import CovidsegError, InputError, UsageError
-from covidseg.imaging.intensity import IntensityMapping
 from covidseg.imaging.readout import NOT_GRADED, read_out
 from covidseg.inference.ct_segment import segment_ct
 from covidseg.inference.model_files import SegModelFile, open_seg_model
 from covidseg.inference.model_home import resolve_model
 from covidseg.inference.runners import OnnxRunner, TorchRunner
 from covidseg.io import CTVolume, find_cases, read_ct, write_array
-from covidseg.io.atomic import NAME_MAX, folder_lock, remove_stale_temps, shortened, write_json, write_text
-from covidseg.stages._workdir import check_output_dir
+from covidseg.io.atomic import NAME_MAX, folder_lock, remove_stale_temps, shortened, write_csv, write_json
+from covidseg.progress import Progress
+from covidseg.stages._workdir import check_output_dir, portable_path
+from covidseg.versions import software_versions
 
 SUMMARY_COLUMNS = [
     "case_id", "status", "lesion_ml", "lung_ml", "involvement_pct", "right_involvement_pct",
@@ -86,26 +86,6 @@ SUMMARY_COLUMNS = [
 LONGEST_OUTPUT_SUFFIX = "_probability.nii.gz"
 #: Case ids that would take the batch's own file names (or those of a sharded batch's parts).
 RESERVED_CASE_IDS = re.compile(r"(report|summary)(\.part-\d+-of-\d+)?", re.IGNORECASE)
-
-
-@dataclass(frozen=True)
-class PredictOptions:
-    probabilities: bool = False  # also write <id>_probability.nii.gz
-    snapshots: bool = False  # also write <id>.png
-    resume: bool = False  # --continue: skip complete cases
-    overwrite: bool = False  # replace existing outputs
-    series: str | None = None  # DICOM series UID to read from series folders
-    intensity: IntensityMapping | None = None  # for inputs not in HU
-    batch_size: int = 16  # slices per network call
-    tensorrt: bool = False  # ask ONNX Runtime for TensorRT first
-    num_parts: int = 1  # split the batch over this many jobs ...
-    part_id: int = 0  # ... and run this one (0-based)
-    keep_metadata: bool = False  # copy the DICOM identifiers (io.DICOM_IDENTIFIERS) into <id>.json
-
-    @property
-    def part_suffix(self) -> str:
-        """'' for a whole batch, '.part-2-of-4' (1-based in file names) for a part."""
-        return "" if self.num_parts == 1 else f".part-{self.part_id + 1}-of-{self.num_parts}"
 
 
 @dataclass
@@ -419,11 +399,7 @@ def select_part(cases: list[tuple[str, Path]], num_parts: int, part_id: int) -> 
 
 def write_summary(out_dir: Path, records: list[dict], name: str = "summary.csv") -> None:
     """summary.csv: one row per case, in case order."""
-    buffer = _io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=SUMMARY_COLUMNS, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(_summary_row(r) for r in records)
-    write_text(out_dir / name, buffer.getvalue())
+    write_csv(out_dir / name, SUMMARY_COLUMNS, (_summary_row(r) for r in records))
 
 
 def _check_existing(out_dir: Path, cases: list[tuple[str, Path]], options: PredictOptions) -> None:
@@ -499,6 +475,24 @@ class _Interrupts:
             signal.signal(signal.SIGINT, previous)
 
 
+def predict_inputs(
+    inputs: list[Path],
+    out_dir: Path,
+    model: str | None = None,
+    backend: str = "auto",
+    device: str = "auto",
+    options: PredictOptions | None = None,
+    progress: Progress | None = None,
+    on_runner: Callable[[object], None] | None = None,
+) -> PredictResult:
+    """`covidseg predict`: :func:`run_predict` on the CTs under the files and folders `inputs`
+    (this job's part of them with ``options.num_parts``)."""
+    options = options or PredictOptions()
+    cases = collect_cases(list(inputs), Path(out_dir), allow_2d=options.intensity is not None)
+    cases = select_part(cases, options.num_parts, options.part_id)
+    return run_predict(cases, out_dir, model, backend, device, options, progress, on_runner)
+
+
 def run_predict(
     cases: list[tuple[str, Path]],
     out_dir: Path,
@@ -506,11 +500,12 @@ def run_predict(
     backend: str = "auto",
     device: str = "auto",
     options: PredictOptions | None = None,
-    progress: Callable[[str], None] | None = None,
+    progress: Progress | None = None,
     on_runner: Callable[[object], None] | None = None,
 ) -> PredictResult:
     """Predict every case of `cases` (from :func:`collect_cases`); failing cases are recorded and
-    the others go on. `progress` gets one message per case, `on_runner` the runner once loaded.
+    the others go on. `progress` gets (cases done, cases, "<case id>: done|failed|already done")
+    per case, `on_runner` the runner once loaded.
 
     Before the model is loaded: the output folder must be usable, no output may be an input and
     no two outputs may share a name. The folder is locked for the run (UsageError if another run
@@ -552,8 +547,8 @@ def _run_batch(cases, out_dir: Path, seg, runner, options: PredictOptions, progr
     if on_runner:
         on_runner(runner)
     if progress:
-        for case_id in skipped:
-            progress(f"{case_id}: already done")
+        for done, case_id in enumerate(skipped, start=1):
+            progress(done, len(cases), f"{case_id}: already done")
     # a killed run may have left temporary files of the outputs this job now writes
     names = [p.name for case_id, _ in todo for p in case_outputs(out_dir, case_id, options).values()]
     remove_stale_temps(out_dir, [*names, *batch_files(options)[:2]])
@@ -580,7 +575,8 @@ def _run_batch(cases, out_dir: Path, seg, runner, options: PredictOptions, progr
             failures.append({"case_id": case_id, "status": "failed", "source": str(path), "error": error})
         interrupts.check()
         if progress:
-            progress(f"{case_id}: {'failed' if failures and failures[-1]['case_id'] == case_id else 'done'}")
+            failed = failures and failures[-1]["case_id"] == case_id
+            progress(len(records) + len(failures), len(cases), f"{case_id}: {'failed' if failed else 'done'}")
 
     interrupts.check()
     all_records = sorted(records + failures + kept, key=lambda r: r["case_id"])
@@ -591,6 +587,7 @@ def _run_batch(cases, out_dir: Path, seg, runner, options: PredictOptions, progr
         write_summary(out_dir, all_records, f"summary{suffix}.csv")
         report = _report(seg, runner, cases, all_records, skipped, kept_ids, seconds)
         report["part"] = {"num_parts": options.num_parts, "part_id": options.part_id}
+        report["model"]["path"] = portable_path(seg.path, out_dir)
         write_json(out_dir / f"report{suffix}.json", report)
     except CovidsegError as exc:  # a full disk: the caller still tells which cases failed
         exc.failures = failures
@@ -605,21 +602,12 @@ def _run_batch(cases, out_dir: Path, seg, runner, options: PredictOptions, progr
 def _report(
     seg: SegModelFile, runner, cases, records: list[dict], skipped: list[str], kept: list[str], seconds: float
 ) -> dict:
-    import onnxruntime
-    import SimpleITK
-    import torch
-
     done = [r for r in records if r.get("status") == "ok" and r["case_id"] not in {*skipped, *kept}]
     return {
         "format": "covidseg.predict-report",
         "version": 1,
         "covidseg_version": __version__,
-        "versions": {
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "onnxruntime": onnxruntime.__version__,
-            "SimpleITK": SimpleITK.Version_VersionString(),
-        },
+        "versions": software_versions(("python", "torch", "onnxruntime", "SimpleITK")),
         "model": {"path": str(seg.path.resolve()), "kind": seg.kind, **seg.info},
         "preprocessing": seg.spec.to_json(),
         "backend": runner.backend,
@@ -695,11 +683,7 @@ def _merge_parts(out_dir: Path, paths: list[Path]) -> dict:
     if any(None in row or None in row.values() for row in rows):
         raise InputError(out_dir, "a part's summary has torn rows: run that part again with --continue")
     rows.sort(key=lambda r: r["case_id"])
-    buffer = _io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=SUMMARY_COLUMNS, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    write_text(out_dir / "summary.csv", buffer.getvalue())
+    write_csv(out_dir / "summary.csv", SUMMARY_COLUMNS, rows)
     parts.sort(key=lambda p: p["part"]["part_id"])
     report = {
         **{

@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +30,8 @@ from covidseg.imaging.intensity import IntensityMapping
 from covidseg.imaging.lungs import segment_lungs
 from covidseg.io import find_cases, read_ct, read_mask
 from covidseg.io.atomic import folder_lock, save_npy, write_json
-from covidseg.stages._workdir import STAGE_LOCK, check_output_dir
+from covidseg.progress import Progress
+from covidseg.stages._workdir import STAGE_LOCK, check_output_dir, portable_path
 
 MANIFEST_FORMAT = "covidseg.preprocess"
 MANIFEST_VERSION = 1
@@ -100,7 +100,7 @@ def preprocess_case(
     if box is None:
         raise InputError(case.path, "no lungs found (is this a chest CT, and in HU?)")
     lung_labels = lungs.full()
-    image = hu_to_grid(volume.hu, box, config.grid, config.hu_window)
+    image = hu_to_grid(volume.hu, box, config.grid, config.hu_scale)
     lung_grid = mask_to_grid(lung_labels, box, config.grid)
 
     ref_grid = None
@@ -118,10 +118,10 @@ def preprocess_case(
     record = {
         "id": case.case_id,
         "group": case.group,
-        "source": str(case.path.resolve()),
+        "source": portable_path(case.path.resolve(), out_dir),
         "series_uid": volume.series_uid,
         "note": note,
-        "mask_source": None if case.mask_path is None else str(case.mask_path.resolve()),
+        "mask_source": None if case.mask_path is None else portable_path(case.mask_path.resolve(), out_dir),
         "intensity": None if intensity is None else intensity.spec,
         "native_geometry": volume.geometry.to_json(),
         "orientation": volume.orientation.to_json(),
@@ -191,7 +191,7 @@ def _run_cases(jobs: list[tuple], workers: int, progress) -> dict[str, tuple[dic
         for case_id, record, error in outcomes:
             results[case_id] = (record, error)
             if progress:
-                progress(f"{case_id}: {'failed' if error else 'done'}")
+                progress(len(results), len(jobs), f"{case_id}: {'failed' if error else 'done'}")
     return results
 
 
@@ -201,15 +201,17 @@ def run_preprocess(
     covid: Path | None = None,
     masks: Path | None = None,
     config: PreprocessConfig | None = None,
+    *,
     workers: int = 1,
     series: str | None = None,
     intensity: IntensityMapping | None = None,
     overwrite: bool = False,
-    progress: Callable[[str], None] | None = None,
+    progress: Progress | None = None,
 ) -> PreprocessResult:
     """Preprocess every case; failing cases are recorded and the others go on.
 
-    The manifest lists the finished cases (`cases`) and the failed ones (`failed`) with the one-line
+    `progress` gets (cases finished, cases found, "<case id>: done|failed") after each case. The
+    manifest lists the finished cases (`cases`) and the failed ones (`failed`) with the one-line
     reason. It is written last, so a folder with a manifest is complete.
     """
     config = config or PreprocessConfig()
@@ -226,17 +228,16 @@ def run_preprocess(
         for case in inputs:
             record, error = results[case.case_id]
             if error is not None:
-                failures.append(
-                    {"id": case.case_id, "group": case.group, "source": str(case.path), "error": error}
-                )
+                source = portable_path(case.path, out_dir)
+                failures.append({"id": case.case_id, "group": case.group, "source": source, "error": error})
                 continue
             records.append(record)
             if record["note"]:
                 notes.append(f"{case.case_id}: {record['note']}")
         inputs_json = {
-            "healthy": None if healthy is None else str(healthy),
-            "covid": None if covid is None else str(covid),
-            "masks": None if masks is None else str(masks),
+            "healthy": None if healthy is None else portable_path(healthy, out_dir),
+            "covid": None if covid is None else portable_path(covid, out_dir),
+            "masks": None if masks is None else portable_path(masks, out_dir),
             "series": series,
             "intensity": None if intensity is None else intensity.spec,
         }

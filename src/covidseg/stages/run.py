@@ -23,7 +23,8 @@ dataclass: ``[preprocess]`` :class:`PreprocessConfig` (+ ``workers``; ``[preproc
 :class:`LungParams`), ``[train-gan]`` :class:`GanTrainConfig` (``crop`` also ``"auto"`` = the
 preset's crop, the default, or ``"none"``), ``[make-masks]`` :class:`PseudoMaskConfig` (also used
 for train-gan's threshold calibration), ``[train-seg]`` :class:`SegTrainConfig` (``[train-seg.loss]``
-:class:`SegLossConfig`), ``[export]`` :class:`ExportConfig`, ``[predict]`` :class:`PredictConfig`.
+:class:`SegLossConfig`), ``[export]`` :class:`ExportConfig`, ``[predict]`` :class:`PredictOptions`
+(the fields with a rule: batch_size, snapshots, probabilities).
 Unknown tables or keys, and values that break their rule (:mod:`covidseg.settings`: the type, NaN
 or infinite numbers, ranges, presets, a grid too large or not a multiple of the GAN's strides) are
 usage errors naming the file, the table, the key and the cause, raised before any stage runs.
@@ -40,15 +41,13 @@ from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 
 from covidseg import __version__
-from covidseg.config import GanTrainConfig, PreprocessConfig, SegTrainConfig
+from covidseg.config import GanTrainConfig, PredictOptions, PreprocessConfig, SegTrainConfig, gan_crop
 from covidseg.errors import UsageError
 from covidseg.io.atomic import write_json
 from covidseg.learning.losses import SegLossConfig
 from covidseg.method.pseudo_masks import PseudoMaskConfig
-from covidseg.settings import CROP, SettingError, check_config, check_values, default_of, show
-
-#: (stage, done, total, message): one call per finished item (case, step) of the running stage
-StageProgress = Callable[[str, int, int, str], None]
+from covidseg.progress import ProgressFor, silent_for
+from covidseg.settings import RULES, SettingError, check_values, default_of, show
 
 CONFIG_JSON = "config.json"
 RUN_JSON = "run.json"
@@ -62,18 +61,6 @@ class ExportConfig:
 
 
 @dataclass(frozen=True)
-class PredictConfig:
-    """How `run` predicts."""
-
-    batch_size: int = 16  # slices per network call
-    snapshots: bool = False  # an overlay PNG per case
-    probabilities: bool = False  # <case>_probability.nii.gz per case
-
-    def __post_init__(self) -> None:
-        check_config(self)
-
-
-@dataclass(frozen=True)
 class RunConfig:
     """Every stage's settings for one pipeline run."""
 
@@ -84,7 +71,7 @@ class RunConfig:
     train_seg: SegTrainConfig = field(default_factory=SegTrainConfig)
     seg_loss: SegLossConfig = field(default_factory=SegLossConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
-    predict: PredictConfig = field(default_factory=PredictConfig)
+    predict: PredictOptions = field(default_factory=PredictOptions)  # only its settings (see to_json)
 
     def to_json(self) -> dict:
         """The settings as config-file tables (JSON-ready: tuples become lists)."""
@@ -94,7 +81,7 @@ class RunConfig:
             "make-masks": asdict(self.make_masks),
             "train-seg": {**self.train_seg.to_json(), "loss": self.seg_loss.to_json()},
             "export": asdict(self.export),
-            "predict": asdict(self.predict),
+            "predict": self.predict.settings(),
         }
         return json.loads(json.dumps(tables))
 
@@ -117,8 +104,9 @@ def _convert(value: object, default: object) -> object:
 
 def _build(cls: type, data: dict, name: str, source: Path | None, extra: tuple[str, ...] = ()):
     """An instance of the settings dataclass `cls` from the table `[name]`: unknown keys and values
-    that break their rule are usage errors naming the file, the table, the key and the cause."""
-    known = {f.name: f for f in fields(cls)}
+    that break their rule are usage errors naming the file, the table, the key and the cause. The
+    table's keys are the fields with a rule (PredictOptions' command-line flags have none)."""
+    known = {f.name: f for f in fields(cls) if f.name in RULES[cls.__name__]}
     values = {}
     for key, value in data.items():
         if key in extra:
@@ -145,19 +133,6 @@ def _check(cls: type, values: dict, name: str, source: Path | None) -> None:
         check_values(cls, values)
     except SettingError as exc:
         raise UsageError(source, f"[{name}] {exc}") from None
-
-
-def _gan_crop(value: object, preset: str, source: Path | None) -> tuple[int, int, int] | None:
-    """train-gan's crop: ``"auto"`` (the preset's), ``"none"`` / null (whole grids) or [z, y, x]."""
-    if value == "auto":
-        from covidseg.models.gan3d import PRESET_CROPS
-
-        return PRESET_CROPS.get(preset)
-    if value is None or value == "none":
-        return None
-    if not CROP.ok(value):
-        raise UsageError(source, f'[train-gan] crop = {show(value)}: must be [z, y, x], "auto" or "none"')
-    return tuple(int(v) for v in value)
 
 
 def _check_gan_grid(config: RunConfig, source: Path | None) -> None:
@@ -206,15 +181,20 @@ def config_from_tables(tables: dict, source: Path | None = None) -> RunConfig:
     loss = seg.pop("loss", {})
     if not isinstance(loss, dict):
         raise UsageError(source, f"[train-seg.loss] must be a table, got {loss!r}")
+    preprocess = _build(PreprocessConfig, pre, "preprocess", source, extra=("workers",))
+    try:
+        crop = gan_crop(crop, gan_config.preset)
+    except SettingError as exc:
+        raise UsageError(source, f"[train-gan] {exc}") from None
     config = RunConfig(
-        preprocess=_build(PreprocessConfig, pre, "preprocess", source, extra=("workers",)),
+        preprocess=preprocess,
         workers=workers,
-        train_gan=replace(gan_config, crop=_gan_crop(crop, gan_config.preset, source)),
+        train_gan=replace(gan_config, crop=crop),
         make_masks=_build(PseudoMaskConfig, _table(tables, "make-masks", source), "make-masks", source),
         train_seg=_build(SegTrainConfig, seg, "train-seg", source),
         seg_loss=_build(SegLossConfig, loss, "train-seg.loss", source),
         export=_build(ExportConfig, _table(tables, "export", source), "export", source),
-        predict=_build(PredictConfig, _table(tables, "predict", source), "predict", source),
+        predict=_build(PredictOptions, _table(tables, "predict", source), "predict", source),
     )
     _check_gan_grid(config, source)
     return config
@@ -335,36 +315,16 @@ class _Context:
     inputs: RunInputs
     config: RunConfig
     device: str
-    progress: StageProgress
-
-
-def _case_counter(ctx: _Context, stage: str, total: int) -> Callable[[str], None]:
-    """A per-case progress callback that counts finished cases."""
-    done = [0]
-
-    def advance(message: str) -> None:
-        done[0] += 1
-        ctx.progress(stage, done[0], total, message)
-
-    return advance
-
-
-def _step_counter(ctx: _Context, stage: str) -> Callable[[int, int, dict], None]:
-    def advance(step: int, total: int, losses: dict) -> None:
-        text = " ".join(f"{k.removeprefix('loss_')}={v:.3g}" for k, v in losses.items() if v)
-        ctx.progress(stage, step, total, text)
-
-    return advance
+    progress: ProgressFor  # the Progress of a stage, by its name
 
 
 def _run_preprocess(ctx: _Context, resume: bool) -> dict:
-    from covidseg.stages.preprocess import collect_inputs, run_preprocess
+    from covidseg.stages.preprocess import run_preprocess
 
     i = ctx.inputs
-    total = len(collect_inputs(i.healthy, i.covid, i.masks))
     result = run_preprocess(
-        ctx.work / "pre", i.healthy, i.covid, i.masks, ctx.config.preprocess, ctx.config.workers,
-        overwrite=True, progress=_case_counter(ctx, "preprocess", total),
+        ctx.work / "pre", i.healthy, i.covid, i.masks, ctx.config.preprocess, workers=ctx.config.workers,
+        overwrite=True, progress=ctx.progress("preprocess"),
     )  # fmt: skip
     return {
         "cases": len(result.manifest["cases"]),
@@ -378,7 +338,7 @@ def _run_train_gan(ctx: _Context, resume: bool) -> dict:
 
     manifest = run_train_gan(
         ctx.work / "pre", ctx.work / "gan", ctx.config.train_gan, ctx.device, resume,
-        ctx.config.make_masks, _step_counter(ctx, "train-gan"),
+        ctx.config.make_masks, ctx.progress("train-gan"),
     )  # fmt: skip
     return {
         "steps": manifest["steps"],
@@ -388,13 +348,11 @@ def _run_train_gan(ctx: _Context, resume: bool) -> dict:
 
 
 def _run_make_masks(ctx: _Context, resume: bool) -> dict:
-    from covidseg.stages._workdir import read_manifest
     from covidseg.stages.make_masks import run_make_masks
 
-    total = len(read_manifest(ctx.work / "pre", "covidseg.preprocess")["cases"])
     manifest = run_make_masks(
         ctx.work / "pre", ctx.work / "gan", ctx.work / "masks", ctx.device, ctx.config.make_masks,
-        overwrite=True, progress=_case_counter(ctx, "make-masks", total),
+        overwrite=True, progress=ctx.progress("make-masks"),
     )  # fmt: skip
     return {
         "cases": len(manifest["cases"]),
@@ -409,7 +367,7 @@ def _run_train_seg(ctx: _Context, resume: bool) -> dict:
 
     manifest = run_train_seg(
         ctx.work / "masks", ctx.work / "seg", ctx.config.train_seg, ctx.config.seg_loss, ctx.device,
-        resume, _step_counter(ctx, "train-seg"),
+        resume, ctx.progress("train-seg"),
     )  # fmt: skip
     return {"steps": manifest["steps"], "device": manifest["device"], "best": manifest["best"]}
 
@@ -417,27 +375,22 @@ def _run_train_seg(ctx: _Context, resume: bool) -> dict:
 def _run_export(ctx: _Context, resume: bool) -> dict:
     from covidseg.stages.export import run_export
 
-    ctx.progress("export", 0, 1, "exporting and checking parity")
+    progress = ctx.progress("export")
+    progress(0, 1, "exporting and checking parity")
     sidecar = run_export(
         ctx.work / "seg", ctx.work / "model.onnx", fp16=ctx.config.export.fp16, overwrite=True
     )
-    ctx.progress("export", 1, 1, "done")
+    progress(1, 1, "done")
     return {"precision": sidecar["precision"], "parity": sidecar["parity"]}
 
 
 def _run_predict(ctx: _Context, resume: bool) -> dict:
-    from covidseg.stages.predict import PredictOptions, collect_cases, run_predict
+    from covidseg.stages.predict import predict_inputs
 
-    out = ctx.work / "pred"
-    cases = collect_cases(list(ctx.inputs.to_predict), out)
-    p = ctx.config.predict
-    options = PredictOptions(
-        probabilities=p.probabilities, snapshots=p.snapshots, resume=resume, overwrite=not resume,
-        batch_size=p.batch_size,
-    )  # fmt: skip
-    result = run_predict(
-        cases, out, str(ctx.work / "model.onnx"), "auto", ctx.device, options,
-        _case_counter(ctx, "predict", len(cases)),
+    options = replace(ctx.config.predict, resume=resume, overwrite=not resume)
+    result = predict_inputs(
+        list(ctx.inputs.to_predict), ctx.work / "pred", str(ctx.work / "model.onnx"), "auto", ctx.device,
+        options, ctx.progress("predict"),
     )  # fmt: skip
     report = result.report
     return {
@@ -455,11 +408,10 @@ def _run_predict(ctx: _Context, resume: bool) -> dict:
 def _run_evaluate(ctx: _Context, resume: bool) -> dict:
     from covidseg.stages.evaluate import run_evaluate
 
-    ctx.progress("evaluate", 0, 1, "scoring")
     result = run_evaluate(
-        ctx.work / "pred", ctx.inputs.evaluation_reference, ctx.work / "eval", overwrite=True
-    )
-    ctx.progress("evaluate", 1, 1, "done")
+        ctx.work / "pred", ctx.inputs.evaluation_reference, ctx.work / "eval",
+        progress=ctx.progress("evaluate"), overwrite=True,
+    )  # fmt: skip
     agg = result.summary["aggregate"]
     return {
         "cases": result.summary["n_cases"],
@@ -549,12 +501,13 @@ def run_pipeline(
     config: RunConfig | None = None,
     device: str = "auto",
     force: bool = False,
-    progress: StageProgress | None = None,
+    progress: ProgressFor | None = None,
 ) -> RunResult:
     """Run every stage into `work` (skipping finished ones unless `force`); return what was done.
 
-    Stage errors (a :class:`~covidseg.errors.CovidsegError`) stop the run; cases that fail inside
-    a stage are recorded in the result's ``failures`` and the run goes on with the others.
+    ``progress(stage name)`` gives the :data:`~covidseg.progress.Progress` of each stage. Stage
+    errors (a :class:`~covidseg.errors.CovidsegError`) stop the run; cases that fail inside a stage
+    are recorded in the result's ``failures`` and the run goes on with the others.
     """
     work = Path(work)
     config = config or RunConfig()
@@ -562,7 +515,7 @@ def run_pipeline(
     old_records = {r.get("stage"): r for r in previous.get("stages", []) if isinstance(r, dict)}
     work.mkdir(parents=True, exist_ok=True)
     write_json(work / CONFIG_JSON, config.to_json())
-    ctx = _Context(work, inputs, config, device, progress or (lambda *args: None))
+    ctx = _Context(work, inputs, config, device, progress or silent_for)
     stages = [s for s in STAGES if s.name != "evaluate" or inputs.evaluation_reference is not None]
     records: list[dict] = []
     stale = force  # once a stage runs, the outputs of every later stage are stale
@@ -570,7 +523,7 @@ def run_pipeline(
         if not stale and stage.done(work):
             old = old_records.get(stage.name, {})
             records.append({**old, "stage": stage.name, "status": "skipped"})
-            ctx.progress(stage.name, 1, 1, "already done")
+            ctx.progress(stage.name)(1, 1, "already done")
             continue
         resume = not stale and stage.can_resume(work)
         if not resume:

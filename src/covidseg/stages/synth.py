@@ -22,7 +22,6 @@ never share a seed and another ``seed`` gives unseen cases.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +32,7 @@ from covidseg.imaging.geometry import axis_aligned_geometry
 from covidseg.imaging.phantom import HU_RANGE, Phantom, make_phantom
 from covidseg.io import write_array
 from covidseg.io.atomic import write_json
+from covidseg.progress import Progress
 
 MANIFEST_FORMAT = "covidseg.synth"
 MANIFEST_VERSION = 1
@@ -132,16 +132,16 @@ def run_synth(
     shape_zyx: tuple[int, int, int],
     spacing_zyx: tuple[float, float, float],
     montage: bool = False,
-    progress: Callable[[str], None] | None = None,
+    progress: Progress | None = None,
     surroundings: bool = True,
 ) -> dict:
     """Make `n_healthy` healthy and `n_covid` COVID phantoms in `out_dir`; returns the manifest.
 
-    `shape_zyx` (voxels) and `spacing_zyx` (mm) set the grid; `progress` gets one short message per
-    finished case; `surroundings` puts table, arms, clothing, bowel gas and scanner variety around
-    the patient (False: the plain phantoms). Raises UsageError for nonsense parameters, before
-    writing anything. Files of an earlier run in `out_dir` are overwritten case by case; the
-    manifest lists this run's only.
+    `shape_zyx` (voxels) and `spacing_zyx` (mm) set the grid; `progress` gets (phantoms made, all
+    phantoms, case id) per finished case; `surroundings` puts table, arms, clothing, bowel gas and
+    scanner variety around the patient (False: the plain phantoms). Raises UsageError for nonsense
+    parameters, before writing anything. Files of an earlier run in `out_dir` are overwritten case
+    by case; the manifest lists this run's only.
     """
     shape, spacing = _validate(n_healthy, n_covid, seed, shape_zyx, spacing_zyx)
     out_dir = Path(out_dir)
@@ -160,7 +160,7 @@ def run_synth(
             files = _write_case(out_dir, case_id, kind, phantom, geometry, montage)
             cases.append(_case_record(case_id, kind, phantom_seed, phantom, files))
             if progress is not None:
-                progress(f"{case_id} ({len(cases)}/{total})")
+                progress(len(cases), total, case_id)
     manifest = {
         "format": MANIFEST_FORMAT,
         "version": MANIFEST_VERSION,

@@ -20,7 +20,6 @@ Output folder::
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -30,12 +29,15 @@ import torch.nn.functional as F
 
 from covidseg import __version__
 from covidseg.config import GanTrainConfig
+from covidseg.devices import autocast
 from covidseg.errors import UsageError
+from covidseg.imaging.grid import HuScale
+from covidseg.inference.generator_files import GENERATOR_FORMAT
+from covidseg.inference.sliding_window import run_generator
 from covidseg.io.atomic import remove_stale_temps, write_json
 from covidseg.learning import distributed
 from covidseg.learning.loop import (
     CsvLog,
-    autocast,
     load_checkpoint,
     resume_checkpoint_path,
     save_checkpoint,
@@ -44,20 +46,13 @@ from covidseg.learning.loop import (
 )
 from covidseg.method.lesions import perlin_lesions
 from covidseg.method.pseudo_masks import PseudoMaskConfig, calibrate_threshold, difference_map
-from covidseg.models.gan3d import (
-    GAN_PRESETS,
-    Discriminator3D,
-    Generator3D,
-    run_generator,
-)
+from covidseg.models.gan3d import GAN_PRESETS, Discriminator3D, Generator3D
+from covidseg.progress import Progress, losses_text
 from covidseg.reporting.plots import loss_curves, panels
-from covidseg.stages._workdir import GridCase, load_grid_cases, read_manifest
+from covidseg.stages._workdir import GridCase, load_grid_cases, portable_path, read_manifest
 
 CHECKPOINT_FORMAT = "covidseg.gan.checkpoint"
-GENERATOR_FORMAT = "covidseg.gan.generator"
 LOSS_COLUMNS = ["loss_d", "loss_adv", "loss_rec", "loss_identity", "loss_g"]
-
-ProgressFn = Callable[[int, int, dict], None]
 
 
 def _stack(cases: list[GridCase]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -138,14 +133,25 @@ def _write_plots(
     )
 
 
-def _calibrate(model, healthy: list[GridCase], device, mask_config: PseudoMaskConfig, window) -> dict:
-    """Label-free threshold from the difference maps on the healthy training volumes."""
+def _refuse_other_hu_scale(checkpoint_path: Path, state: dict, hu_scale: HuScale) -> None:
+    """A run resumes only on grids of the HU window it started on (a checkpoint without one is from
+    before it was recorded: the default window)."""
+    trained = HuScale.from_json(state.get("hu_window"))
+    if trained != hu_scale:
+        raise UsageError(checkpoint_path, f"trained on HU window {trained}, these grids use {hu_scale}")
+
+
+def _calibrate(
+    model, healthy: list[GridCase], device, mask_config: PseudoMaskConfig, window, scale: HuScale
+) -> dict:
+    """Label-free threshold (on the grids' HU `scale`) from the difference maps on the healthy
+    training volumes; `window` is the generator's spatial window (voxels)."""
     diffs, lungs = [], []
     for case in healthy:
         pseudo = run_generator(model, case.image, case.lungs > 0, device, seed=0, window=window)
         diffs.append(difference_map(case.image, pseudo, case.lungs, mask_config.smooth_sigma))
         lungs.append(case.lungs)
-    threshold = calibrate_threshold(diffs, lungs, mask_config)
+    threshold = calibrate_threshold(diffs, lungs, mask_config, scale)
     flagged = [
         float(((d > threshold) & (lung > 0)).sum() / max((lung > 0).sum(), 1))
         for d, lung in zip(diffs, lungs, strict=True)
@@ -214,11 +220,11 @@ def _update_d(
 
 def _update_g(
     micros: list[_Micro], g_model: torch.nn.Module, discriminator: Discriminator3D, opt_g, config, device,
-    hu_window: tuple[float, float],
+    hu_scale: HuScale,
 ) -> dict[str, float]:  # fmt: skip
     """(b) adversarial term on COVID volumes and (c) restoration of Perlin-corrupted healthy ones: one
     G step over the micro-batches; returns the mean losses. The synthetic lesions get their HU on the
-    grids' scale, the preprocess `hu_window` (HU)."""
+    grids' scale, the preprocess `hu_scale`."""
     k = len(micros)
     generator = distributed.unwrap(g_model)
     opt_g.zero_grad(set_to_none=True)
@@ -227,7 +233,7 @@ def _update_g(
         parts = {"loss_adv": 0.0, "loss_identity": 0.0}
         with distributed.no_sync(g_model, skip=m < k - 1):
             with autocast(device):
-                corrupted, _ = perlin_lesions(mb.h_img, mb.h_lung, mb.gen, window=hu_window)
+                corrupted, _ = perlin_lesions(mb.h_img, mb.h_lung, mb.gen, scale=hu_scale)
                 restored, _ = g_model(corrupted, mb.h_lung, noise_generator=mb.gen)
                 gate = generator.gate(mb.h_lung)
                 loss_rec = _masked_mse(restored.float(), mb.h_img, gate)
@@ -258,7 +264,7 @@ def run_train_gan(
     device: str = "auto",
     resume: bool = False,
     mask_config: PseudoMaskConfig | None = None,
-    progress: ProgressFn | None = None,
+    progress: Progress | None = None,
 ) -> dict:
     """Train (or resume) the GAN; return the output manifest.
 
@@ -276,7 +282,7 @@ def _train_gan(
     torch_device: torch.device,
     resume: bool,
     mask_config: PseudoMaskConfig | None,
-    progress: ProgressFn | None,
+    progress: Progress | None,
 ) -> dict:
     config = config or GanTrainConfig()
     mask_config = mask_config or PseudoMaskConfig()
@@ -285,7 +291,7 @@ def _train_gan(
 
     cases = load_grid_cases(pre_dir)
     pre_config = read_manifest(pre_dir, "covidseg.preprocess")["config"]
-    hu_window = tuple(float(v) for v in pre_config["hu_window"])  # the [0, 1] scale of the grids
+    hu_scale = HuScale.from_json(pre_config["hu_window"])  # the [0, 1] scale of the grids
     healthy = [c for c in cases if c.group == "healthy"]
     covid = [c for c in cases if c.group == "covid"]
     if not healthy:
@@ -297,6 +303,7 @@ def _train_gan(
     state = None
     if resume:
         state = load_checkpoint(checkpoint_path, map_location=torch_device)
+        _refuse_other_hu_scale(checkpoint_path, state, hu_scale)
         # steps and grad_accum are taken from this call: a run may resume on another number of processes
         overrides = {"steps": config.steps, "grad_accum": config.grad_accum}
         config = GanTrainConfig.from_json({**state["train_config"], **overrides})
@@ -350,6 +357,7 @@ def _train_gan(
                 "covidseg_version": __version__,
                 "step": step,
                 "train_config": config.to_json(),
+                "hu_window": hu_scale.to_json(),  # the grids' HU scale (a resume must use the same)
                 "model": model_config,
                 "world_size": world,
                 "generator": generator.state_dict(),
@@ -370,7 +378,7 @@ def _train_gan(
         losses = {
             "loss_d": _update_d(micros, generator, d_model, opt_d, config, torch_device) if use_adv else 0.0
         }
-        losses.update(_update_g(micros, g_model, discriminator, opt_g, config, torch_device, hu_window))
+        losses.update(_update_g(micros, g_model, discriminator, opt_g, config, torch_device, hu_scale))
         for key, value in losses.items():
             sums[key] = sums.get(key, 0.0) + value
         if step % config.log_every == 0 or step == config.steps:
@@ -390,11 +398,11 @@ def _train_gan(
             sample = covid[0] if covid else healthy[0]
             _write_plots(out_dir, log, generator, sample, step, torch_device, config.crop)
         if progress and main:
-            progress(step, config.steps, losses)
+            progress(step, config.steps, losses_text(losses))
 
     manifest = None
     if main:
-        calibration = _calibrate(generator, healthy, torch_device, mask_config, config.crop)
+        calibration = _calibrate(generator, healthy, torch_device, mask_config, config.crop, hu_scale)
         write_json(out_dir / "calibration.json", calibration)
         save_checkpoint(
             out_dir / "generator.pt",
@@ -405,7 +413,7 @@ def _train_gan(
                 "model": model_config,
                 "generator": generator.state_dict(),
                 "calibration": calibration,
-                "preprocess": pre_config,
+                "preprocess": pre_config,  # with its hu_window: make-masks refuses grids of another
                 "train_config": config.to_json(),
             },
         )
@@ -413,12 +421,13 @@ def _train_gan(
             "format": "covidseg.gan",
             "version": 1,
             "covidseg_version": __version__,
-            "preprocess": str(pre_dir.resolve()),
+            "preprocess": portable_path(pre_dir, out_dir),
             "device": str(torch_device),
             "steps": config.steps,
             "distributed": parallel,
             "n_healthy": len(healthy),
             "n_covid": len(covid),
+            "hu_window": hu_scale.to_json(),
             "calibration": calibration,
             "files": {"generator": "generator.pt", "checkpoint": "checkpoint.pt", "metrics": "metrics.csv"},
         }

@@ -18,7 +18,6 @@ from __future__ import annotations
 import csv
 import math
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +25,9 @@ import torch
 
 from covidseg import __version__
 from covidseg.config import PreprocessConfig, SegTrainConfig
+from covidseg.devices import autocast
 from covidseg.errors import InputError, UsageError
+from covidseg.imaging.grid import HuScale
 from covidseg.imaging.metrics import dice
 from covidseg.inference.ct_segment import SlicePreprocessing
 from covidseg.inference.model_files import MODEL_FORMAT
@@ -36,7 +37,6 @@ from covidseg.learning import distributed
 from covidseg.learning.augment import augment_batch
 from covidseg.learning.loop import (
     CsvLog,
-    autocast,
     load_checkpoint,
     lr_at,
     resume_checkpoint_path,
@@ -46,8 +46,9 @@ from covidseg.learning.loop import (
 )
 from covidseg.learning.losses import SegLossConfig, SegmentationLoss
 from covidseg.models.segmenters import make_segmenter, segmenter_config_dict
+from covidseg.progress import Progress, losses_text
 from covidseg.reporting.plots import loss_curves, panels
-from covidseg.stages._workdir import inside, read_manifest
+from covidseg.stages._workdir import inside, median_slab_mm, portable_path, read_manifest, stored_path
 
 CHECKPOINT_FORMAT = "covidseg.seg.checkpoint"
 LOSS_COLUMNS = ["loss_sensitivity", "loss_mse", "loss_contrastive", "loss_dice", "loss_total"]
@@ -58,6 +59,10 @@ class SliceSet:
 
     def __init__(self, masks_dir: Path) -> None:
         self.manifest = read_manifest(masks_dir, "covidseg.masks")
+        try:  # the slices' [0, 1] scale; a masks manifest without hu_window: the default window
+            self.hu_scale = HuScale.from_json(self.manifest.get("hu_window"))
+        except ValueError as exc:
+            raise InputError(Path(masks_dir) / "manifest.json", str(exc)) from None
         folder = inside(masks_dir, "slices")
         with open(folder / "index.csv", newline="", encoding="utf-8") as fh:
             self.index = list(csv.DictReader(fh))
@@ -96,23 +101,30 @@ def _batch(data: SliceSet, train_idx: np.ndarray, size: int, gen: torch.Generato
     return np.concatenate([pick_high, pick_rest])
 
 
-def slice_preprocessing(masks_manifest: dict, threshold: float) -> SlicePreprocessing:
+def slice_preprocessing(masks_dir: Path, masks_manifest: dict, threshold: float) -> SlicePreprocessing:
     """How `predict` must cut a CT into slices for a model trained on this data: the preprocess
-    settings, the grid's in-plane size and its median slab thickness (mm) over the training cases."""
-    pre_dir = Path(masks_manifest["preprocess"])
-    pre = read_manifest(pre_dir, "covidseg.preprocess")
-    config = PreprocessConfig.from_json(pre["config"])
-    slabs = [float(r["grid_spacing_mm"][0]) for r in pre["cases"]]
-    if not slabs:
-        raise InputError(pre_dir / "manifest.json", "no preprocessed cases")
-    return SlicePreprocessing(
-        hu_window=config.hu_window,
-        slice_size=tuple(config.grid[1:]),
-        slab_mm=round(float(np.median(slabs)), 3),
-        margin_mm=config.margin_mm,
-        threshold=threshold,
-        lungs=config.lungs,
-    )
+    settings, the grid's in-plane size and its median slab thickness (mm) over the training cases,
+    as make-masks recorded them (`preprocess_config`, `slab_mm`). A masks manifest written before
+    they existed names its preprocess folder instead, which is read for them."""
+    if "preprocess_config" in masks_manifest:
+        pre_config, slab_mm = masks_manifest["preprocess_config"], masks_manifest["slab_mm"]
+    else:
+        pre_dir = stored_path(masks_dir, masks_manifest.get("preprocess"))
+        pre = read_manifest(pre_dir, "covidseg.preprocess")
+        pre_config, slab_mm = pre["config"], median_slab_mm(pre["cases"], pre_dir / "manifest.json")
+    try:
+        config = PreprocessConfig.from_json(pre_config)
+        return SlicePreprocessing(
+            hu_window=config.hu_window,
+            slice_size=tuple(config.grid[1:]),
+            slab_mm=float(slab_mm),
+            margin_mm=config.margin_mm,
+            threshold=threshold,
+            lungs=config.lungs,
+        )
+    except (KeyError, TypeError, ValueError) as exc:  # a hand-edited manifest
+        where = Path(masks_dir) / "manifest.json"
+        raise InputError(where, f"bad preprocess_config or slab_mm ({exc})") from None
 
 
 class _SegStep(torch.nn.Module):
@@ -149,8 +161,8 @@ def _micro_batch(
     )  # each [B, 1, H, W]
     if config.augment:
         image, (lung, soft, binary) = augment_batch(
-            image, [lung, soft, binary], gen, config.max_rotation_deg, config.scale_range,
-            config.intensity_jitter, config.noise_std,
+            image, [lung, soft, binary], gen, data.hu_scale, config.max_rotation_deg, config.scale_range,
+            config.gain_jitter, config.offset_jitter_hu, config.noise_std_hu,
         )  # fmt: skip
         binary = (binary >= 0.5).float()
     sets = data.sets[idx]
@@ -212,7 +224,7 @@ def run_train_seg(
     loss_config: SegLossConfig | None = None,
     device: str = "auto",
     resume: bool = False,
-    progress: Callable[[int, int, dict], None] | None = None,
+    progress: Progress | None = None,
 ) -> dict:
     """Train (or resume) the 2D segmenter; return the output manifest.
 
@@ -230,7 +242,7 @@ def _train_seg(
     loss_config: SegLossConfig | None,
     torch_device: torch.device,
     resume: bool,
-    progress: Callable[[int, int, dict], None] | None,
+    progress: Progress | None,
 ) -> dict:
     config = config or SegTrainConfig()
     loss_config = loss_config or SegLossConfig()
@@ -288,7 +300,7 @@ def _train_seg(
         columns = ["step", *LOSS_COLUMNS, "temperature", "val_dice_pseudo", "ref_dice", "seconds"]
         log = CsvLog(out_dir / "metrics.csv", columns, keep_until_step=start_step if resume else None)
     model_config = {"arch": config.arch, "config": segmenter_config_dict(model)}
-    preprocessing = slice_preprocessing(data.manifest, config.threshold).to_json()
+    preprocessing = slice_preprocessing(masks_dir, data.manifest, config.threshold).to_json()
 
     def model_payload(step: int, val: dict) -> dict:
         return {
@@ -362,7 +374,7 @@ def _train_seg(
             _overlay(out_dir, model, data, val_idx, step, config, torch_device)
             loss_curves(log.read(), LOSS_COLUMNS, out_dir / "plots" / "loss.png", title="train-seg losses")
         if progress and main:
-            progress(step, config.steps, parts)
+            progress(step, config.steps, losses_text(parts))
 
     if not main:
         return distributed.broadcast_object(None)  # rank 0's manifest, once it is written
@@ -370,7 +382,7 @@ def _train_seg(
         "format": "covidseg.seg",
         "version": 1,
         "covidseg_version": __version__,
-        "masks": str(masks_dir.resolve()),
+        "masks": portable_path(masks_dir, out_dir),
         "device": str(torch_device),
         "arch": config.arch,
         "preset": config.preset,
