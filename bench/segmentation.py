@@ -24,13 +24,12 @@ import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 
-from covidseg.config import SegTrainConfig
+from covidseg.config import SegLossConfig, SegTrainConfig
 from covidseg.imaging.grid import DEFAULT_HU_SCALE
 from covidseg.imaging.intensity import parse_intensity
 from covidseg.inference.runners import predict_probabilities
 from covidseg.io import read_ct
 from covidseg.learning.loop import load_checkpoint
-from covidseg.learning.losses import SegLossConfig
 from covidseg.method.pseudo_masks import remove_small_components, threshold_baseline
 from covidseg.models.segmenters import segmenter_from_config
 from covidseg.stages._workdir import load_grid_cases

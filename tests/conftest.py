@@ -162,3 +162,54 @@ def shared_data() -> Path:
     if not SHARED_DATA.exists():
         pytest.fail(f"real test data expected at {SHARED_DATA}")
     return SHARED_DATA
+
+
+# --- models and a phantom the export, predict, make-masks and model-home tests share (read only) ---
+
+
+@pytest.fixture(scope="session")
+def model_pt(tmp_path_factory) -> Path:
+    """An untrained tiny TransUNet saved as train-seg saves its best.pt: its masks are arbitrary
+    but neither empty nor full, which is all geometry and parity checks need."""
+    return save_untrained_segmenter(tmp_path_factory.mktemp("model") / "best.pt")
+
+
+@pytest.fixture(scope="session")
+def model_onnx(model_pt, tmp_path_factory) -> Path:
+    from covidseg.stages.export import run_export
+
+    out = tmp_path_factory.mktemp("onnx") / "model.onnx"
+    run_export(model_pt, out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def phantom():
+    from _small_inputs import SHAPE, SPACING
+    from covidseg.imaging.phantom import make_phantom
+
+    return make_phantom(SHAPE, SPACING, covid=True, seed=3)
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory):
+    """A preprocess folder, a 2-step tiny GAN trained on 8x32x32 crops, and its ONNX export."""
+    from types import SimpleNamespace
+
+    from _small_inputs import CROP, GRID
+    from covidseg.config import GanTrainConfig, PreprocessConfig
+    from covidseg.stages import export
+    from covidseg.stages.preprocess import run_preprocess
+    from covidseg.stages.synth import run_synth
+    from covidseg.stages.train_gan import run_train_gan
+
+    root = tmp_path_factory.mktemp("export_gan")
+    run_synth(root / "synth", 1, 1, seed=11, shape_zyx=(28, 96, 96), spacing_zyx=(10.0, 3.75, 3.75))
+    s = root / "synth"
+    run_preprocess(root / "pre", s / "healthy", s / "covid", s / "masks", PreprocessConfig(grid=GRID))
+    config = GanTrainConfig(
+        preset="tiny", steps=2, batch_size=1, crop=CROP, checkpoint_every=2, sample_every=2, log_every=1
+    )
+    run_train_gan(root / "pre", root / "gan", config, device="cpu")
+    result = export.export_generator(root / "gan", root / "onnx" / "generator.onnx")
+    return SimpleNamespace(root=root, pre=root / "pre", gan=root / "gan", export=result)

@@ -16,17 +16,23 @@ import numpy as np
 import pytest
 
 from conftest import ct_like
-from covidseg.config import GanTrainConfig, PredictOptions, PreprocessConfig, SegTrainConfig
+from covidseg.config import (
+    CorruptionConfig,
+    ExportConfig,
+    GanTrainConfig,
+    PredictOptions,
+    PreprocessConfig,
+    SegLossConfig,
+    SegTrainConfig,
+)
 from covidseg.imaging.airways import AirwayParams
 from covidseg.imaging.geometry import axis_aligned_geometry
 from covidseg.imaging.lungs import LungParams
 from covidseg.inference.ct_segment import SlicePreprocessing
 from covidseg.io import write_array
-from covidseg.learning.losses import SegLossConfig
 from covidseg.method.pseudo_masks import PseudoMaskConfig
 from covidseg.models.gan3d import GAN_PRESETS
 from covidseg.settings import RULES, check_config
-from covidseg.stages.run import ExportConfig
 from test_bad_inputs import cli, error_line
 
 SHAPE = (4, 8, 8)
@@ -40,8 +46,9 @@ def _write(path: Path, array: np.ndarray) -> Path:
 
 # ---- the rules cover every setting ------------------------------------------------------------------
 
-SETTINGS_CLASSES = (PreprocessConfig, LungParams, AirwayParams, GanTrainConfig, PseudoMaskConfig,
-                    SegTrainConfig, SegLossConfig, ExportConfig, SlicePreprocessing)  # fmt: skip
+SETTINGS_CLASSES = (PreprocessConfig, LungParams, AirwayParams, GanTrainConfig, CorruptionConfig,
+                    PseudoMaskConfig, SegTrainConfig, SegLossConfig, ExportConfig,
+                    SlicePreprocessing)  # fmt: skip
 
 
 def test_every_setting_has_a_rule_and_every_default_passes_it():
@@ -92,6 +99,7 @@ BAD_SETTINGS = [
     ('[train-seg]\nlr = "fast"', '[train-seg] lr = "fast": must be a finite number > 0'),
     ("[train-seg.loss]\nbeta = nan", "[train-seg.loss] beta = nan: must be a finite number >= 0"),
     ("[preprocess.lungs]\nwork_mm = 0", "[preprocess.lungs] work_mm = 0.0: must be a number in [0.1, 20] mm"),
+    ("[train-gan.lesions]\ntexture_hu = -5", "[train-gan.lesions] texture_hu = -5.0: must be a number in [0"),
     ("[train-gan]\nseed = -1", "[train-gan] seed = -1: must be a whole number in 0.."),
     ("[make-masks]\nlow_infected = 0.5", "[make-masks] low_infected = 0.5: must be <= high_infected"),
     ("[preprocess]\ngrid = [30, 128, 128]", "[preprocess] grid = [30, 128, 128]: must be a multiple of"),

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import torch
 
+from covidseg.config import CorruptionConfig
 from covidseg.imaging.grid import DEFAULT_HU_SCALE, HuScale
-from covidseg.method.lesions import CorruptionConfig, perlin_lesions
+from covidseg.method.lesions import perlin_lesions
 from covidseg.method.pseudo_masks import (
     PseudoMaskConfig,
     binarise,

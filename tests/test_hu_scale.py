@@ -215,5 +215,5 @@ def test_make_masks_refuses_a_generator_trained_on_another_window(chain, tmp_pat
 def test_train_gan_resumes_only_on_the_window_it_started_on(chain, tmp_path):
     shutil.copytree(chain / "gan", tmp_path / "gan")
     config = GanTrainConfig(preset="tiny", steps=3, batch_size=1, crop=None)
-    with pytest.raises(UsageError, match="trained on HU window -1100..300, these grids use -1000..400"):
+    with pytest.raises(UsageError, match="trained on HU window -1100..300, the grids in .* use -1000..400"):
         run_train_gan(chain / "pre_default", tmp_path / "gan", config, device="cpu", resume=True)

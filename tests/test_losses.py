@@ -8,9 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from covidseg.config import SegLossConfig
 from covidseg.learning.losses import (
     ContrastiveLoss,
-    SegLossConfig,
     SegmentationLoss,
     dice_loss,
     mse_to_soft,

@@ -14,10 +14,11 @@ from typer.testing import CliRunner
 
 from conftest import one_torch_thread
 from covidseg.cli import app
+from covidseg.config import config_from_tables
 from covidseg.errors import InputError
 from covidseg.stages import make_masks
 from covidseg.stages._workdir import portable_path, read_manifest, stored_path
-from covidseg.stages.run import RunInputs, config_from_tables, run_pipeline
+from covidseg.stages.run import RunInputs, run_pipeline
 from covidseg.stages.synth import run_synth
 from covidseg.stages.train_seg import run_train_seg, slice_preprocessing
 

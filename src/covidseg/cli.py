@@ -494,8 +494,7 @@ def train_seg(
 ) -> None:
     """Train the 2D TransUNet (or UNet) on pseudo-masks: contrastive + MSE + sensitivity-enhanced loss."""
     try:
-        from covidseg.config import SegTrainConfig
-        from covidseg.learning.losses import SegLossConfig
+        from covidseg.config import SegLossConfig, SegTrainConfig
 
         try:
             config = SegTrainConfig(
@@ -508,8 +507,7 @@ def train_seg(
                 w_mse=w_mse,
                 w_contrastive=w_contrastive,
                 w_dice=w_dice,
-            )
-            _check_options(loss_config)
+            )  # checks itself (covidseg.settings), like SegTrainConfig
         except ValueError as exc:
             raise _option_error(exc) from None
         from covidseg.learning.distributed import env_rank
@@ -770,7 +768,8 @@ def run(
 ) -> None:
     """The whole pipeline: preprocess, train-gan, make-masks, train-seg, export, predict (, evaluate)."""
     try:
-        from covidseg.stages.run import RunInputs, load_config, run_pipeline
+        from covidseg.config import load_config
+        from covidseg.stages.run import RunInputs, run_pipeline
 
         settings = load_config(config)
         inputs = RunInputs(healthy, covid, masks, tuple(predict_inputs or ()), ref)

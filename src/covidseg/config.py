@@ -1,13 +1,45 @@
-"""Frozen configuration dataclasses, one per stage; saved as JSON beside every output."""
+"""Every user-settable configuration, and the settings-file loader of `covidseg run`.
+
+Frozen dataclasses, saved as JSON beside every output; each checks its fields in ``__post_init__``
+with the rules of :mod:`covidseg.settings` (a :class:`~covidseg.settings.SettingError` naming the
+field). Defined here: :class:`PreprocessConfig`, :class:`GanTrainConfig` with its synthetic lesions
+:class:`CorruptionConfig`, :class:`SegTrainConfig`, :class:`SegLossConfig`, :class:`ExportConfig`,
+:class:`PredictOptions` and :class:`RunConfig`, which holds one of each for `covidseg run`.
+Three are parameters of one library function and live beside it (this module composes them):
+:class:`~covidseg.imaging.lungs.LungParams` with its
+:class:`~covidseg.imaging.airways.AirwayParams` (lung and airway segmentation, HU and mm) and
+:class:`~covidseg.method.pseudo_masks.PseudoMaskConfig` (thresholds of the pseudo-masks); they
+import nothing of this module, so the library can use them without it. The configs of the
+learning and method code (the loss weights, the lesions) live here instead: they are settings of
+a stage first, and the library modules that use them (learning/losses, method/lesions) import them.
+
+Settings file (TOML or JSON; :func:`load_config`): one table per stage whose keys are the fields of
+the stage's config dataclass: ``[preprocess]`` :class:`PreprocessConfig` (+ ``workers``;
+``[preprocess.lungs]`` :class:`LungParams`, ``[preprocess.lungs.airway]`` :class:`AirwayParams`),
+``[train-gan]`` :class:`GanTrainConfig` (``crop`` also ``"auto"`` = the preset's crop, the default,
+or ``"none"``; ``[train-gan.lesions]`` :class:`CorruptionConfig`), ``[make-masks]``
+:class:`PseudoMaskConfig` (also used for train-gan's threshold calibration), ``[train-seg]``
+:class:`SegTrainConfig` (``[train-seg.loss]`` :class:`SegLossConfig`), ``[export]``
+:class:`ExportConfig`, ``[predict]`` :class:`PredictOptions` (the fields with a rule: batch_size,
+snapshots, probabilities). Unknown tables or keys, and values that break their rule
+(:mod:`covidseg.settings`: the type, NaN or infinite numbers, ranges, presets, a grid too large or
+not a multiple of the GAN's strides) are usage errors naming the file, the table, the key and the
+cause, raised before any stage runs.
+"""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import json
+import tomllib
+from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
+from pathlib import Path
 
+from covidseg.errors import UsageError
 from covidseg.imaging.grid import DEFAULT_HU_SCALE, HuScale
 from covidseg.imaging.intensity import IntensityMapping
 from covidseg.imaging.lungs import LungParams
-from covidseg.settings import CROP, RULES, SettingError, check_config
+from covidseg.method.pseudo_masks import PseudoMaskConfig
+from covidseg.settings import CROP, RULES, SettingError, check_config, check_values, default_of, show
 
 
 @dataclass(frozen=True)
@@ -41,8 +73,38 @@ class PreprocessConfig:
 
 
 @dataclass(frozen=True)
+class CorruptionConfig:
+    """The synthetic lesions train-gan paints into healthy lungs for the generator to remove
+    (:func:`covidseg.method.lesions.perlin_lesions`): loads, Perlin-field shapes and HU levels.
+    "Field units": the Perlin field is scaled to unit standard deviation per volume."""
+
+    load_range: tuple[float, float] = (0.005, 0.3)  # lesion volume / lung volume, log-uniform
+    ggo_hu: tuple[float, float] = (-700.0, -300.0)  # ground-glass level drawn in this range (HU)
+    consolidation_hu: tuple[float, float] = (-100.0, 50.0)  # consolidated cores' level (HU)
+    core_probability: float = 0.6  # share of volumes whose densest lesion parts consolidate
+    core_fraction: tuple[float, float] = (0.1, 0.5)  # share of the lesion volume that is core
+    frequency: tuple[float, float, float] = (2.0, 4.0, 4.0)  # Perlin cells over the grid (z, y, x)
+    octaves: int = 3  # Perlin octaves, each twice the frequency of the one before
+    border_bias: float = 0.8  # preference for subpleural positions (field units)
+    posterior_bias: float = 0.5  # preference for posterior positions (field units)
+    edge: float = 0.04  # softness of lesion borders (field units)
+    texture_hu: float = 42.0  # amplitude (HU) of the lesion intensity texture
+
+    def __post_init__(self) -> None:
+        check_config(self)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict) -> CorruptionConfig:
+        ranges = ("load_range", "ggo_hu", "consolidation_hu", "core_fraction", "frequency")
+        return cls(**{k: tuple(float(x) for x in v) if k in ranges else v for k, v in data.items()})
+
+
+@dataclass(frozen=True)
 class GanTrainConfig:
-    """How `train-gan` trains (steps, batch, losses and their weights)."""
+    """How `train-gan` trains (steps, batch, losses and their weights, the synthetic lesions)."""
 
     preset: str = "small"  # tiny (2 CPU cores) | small (default, GPU) | base (GPU); see GAN_PRESETS
     steps: int = 900
@@ -61,6 +123,7 @@ class GanTrainConfig:
     checkpoint_every: int = 100
     sample_every: int = 100
     log_every: int = 10
+    lesions: CorruptionConfig = field(default_factory=CorruptionConfig)  # w_rec's synthetic lesions
 
     def __post_init__(self) -> None:
         check_config(self)
@@ -70,9 +133,11 @@ class GanTrainConfig:
 
     @classmethod
     def from_json(cls, data: dict) -> GanTrainConfig:
+        """Also a train_config written before ``lesions`` was a setting: the default lesions."""
         data = dict(data)
         data["crop"] = None if data.get("crop") is None else tuple(int(v) for v in data["crop"])
         data["betas"] = tuple(float(v) for v in data["betas"])
+        data["lesions"] = CorruptionConfig.from_json(data.get("lesions", {}))
         return cls(**data)
 
 
@@ -117,6 +182,30 @@ class SegTrainConfig:
             data.update(gain_jitter=jitter, offset_jitter_hu=jitter * width_hu)
         if "noise_std" in data:
             data["noise_std_hu"] = float(data.pop("noise_std")) * width_hu
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class SegLossConfig:
+    """Weights of the segmentation losses and the contrastive head's settings
+    (:class:`covidseg.learning.losses.SegmentationLoss`)."""
+
+    w_sensitivity: float = 1.0  # sensitivity-enhanced BCE against the binary pseudo-mask
+    beta: float = 4.0  # false-negative weight inside that BCE (4 vs 1: see docs/results.md)
+    w_mse: float = 1.0  # MSE against the continuous pseudo-mask
+    w_contrastive: float = 0.1  # high- vs low-infected InfoNCE on encoder features
+    w_dice: float = 0.0  # soft Dice against the binary pseudo-mask
+    contrastive_proj_dim: int = 64
+    init_temperature: float = 0.1
+
+    def __post_init__(self) -> None:
+        check_config(self)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict) -> SegLossConfig:
         return cls(**data)
 
 
@@ -167,3 +256,168 @@ def gan_crop(value: object, preset: str) -> tuple[int, int, int] | None:
     if not CROP.ok(value):
         raise SettingError("crop", value, 'must be [z, y, x], "auto" or "none"')
     return tuple(int(v) for v in value)
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """How `run` exports the segmenter."""
+
+    fp16: bool = False  # half-precision weights (for GPUs)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Every stage's settings for one pipeline run."""
+
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    workers: int = 1  # cases preprocessed in parallel
+    train_gan: GanTrainConfig = field(default_factory=GanTrainConfig)
+    make_masks: PseudoMaskConfig = field(default_factory=PseudoMaskConfig)
+    train_seg: SegTrainConfig = field(default_factory=SegTrainConfig)
+    seg_loss: SegLossConfig = field(default_factory=SegLossConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    predict: PredictOptions = field(default_factory=PredictOptions)  # only its settings (see to_json)
+
+    def to_json(self) -> dict:
+        """The settings as config-file tables (JSON-ready: tuples become lists)."""
+        tables = {
+            "preprocess": {**self.preprocess.to_json(), "workers": self.workers},
+            "train-gan": self.train_gan.to_json(),
+            "make-masks": asdict(self.make_masks),
+            "train-seg": {**self.train_seg.to_json(), "loss": self.seg_loss.to_json()},
+            "export": asdict(self.export),
+            "predict": self.predict.settings(),
+        }
+        return json.loads(json.dumps(tables))
+
+
+# ---- settings files ---------------------------------------------------------------------------
+
+
+def _convert(value: object, default: object) -> object:
+    """`value` from a settings file in the Python type of the field's `default` where that is exact
+    (a whole number for a float field, a list for a tuple); anything else is left as it is for the
+    field's rule (:mod:`covidseg.settings`) to refuse."""
+    if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(default, tuple) and isinstance(value, list | tuple):
+        if len(value) == len(default):
+            return tuple(_convert(v, d) for v, d in zip(value, default, strict=True))
+        return tuple(value)
+    return value
+
+
+def _build(cls: type, data: dict, name: str, source: Path | None, extra: tuple[str, ...] = ()):
+    """An instance of the settings dataclass `cls` from the table `[name]`: unknown keys and values
+    that break their rule are usage errors naming the file, the table, the key and the cause. The
+    table's keys are the fields with a rule (PredictOptions' command-line flags have none)."""
+    known = {f.name: f for f in fields(cls) if f.name in RULES[cls.__name__]}
+    values = {}
+    for key, value in data.items():
+        if key in extra:
+            continue
+        if key not in known:
+            raise UsageError(
+                source, f"unknown key {key!r} in [{name}] (known: {', '.join([*known, *extra])})"
+            )
+        default = default_of(known[key])
+        if is_dataclass(default) and isinstance(value, dict):
+            values[key] = _build(type(default), value, f"{name}.{key}", source)
+        else:
+            values[key] = _convert(value, default)
+    _check(cls, values, name, source)
+    try:
+        return cls(**values)
+    except (TypeError, ValueError) as exc:
+        raise UsageError(source, f"[{name}]: {exc}") from None
+
+
+def _check(cls: type, values: dict, name: str, source: Path | None) -> None:
+    """The rules of :mod:`covidseg.settings` on one table's values, as a usage error."""
+    try:
+        check_values(cls, values)
+    except SettingError as exc:
+        raise UsageError(source, f"[{name}] {exc}") from None
+
+
+def _check_gan_grid(config: RunConfig, source: Path | None) -> None:
+    """train-gan needs a grid and a crop that are multiples of its generator's strides, the crop
+    within the grid: checked here so a run does not stop there after preprocessing."""
+    from covidseg.models.gan3d import GAN_PRESETS
+
+    preset = config.train_gan.preset
+    divisor = GAN_PRESETS[preset].generator.divisor
+    grid, crop = config.preprocess.grid, config.train_gan.crop
+    for where, size in (("[preprocess] grid", grid), ("[train-gan] crop", crop)):
+        if size is not None and any(s % d for s, d in zip(size, divisor, strict=True)):
+            raise UsageError(
+                source,
+                f"{where} = {show(size)}: must be a multiple of {show(divisor)} (z, y, x) "
+                f"for the train-gan preset {show(preset)}",
+            )
+    if crop is not None and any(c > g for c, g in zip(crop, grid, strict=True)):
+        raise UsageError(source, f"[train-gan] crop = {show(crop)}: must fit in the grid {show(grid)}")
+
+
+def _table(tables: dict, name: str, source: Path | None) -> dict:
+    table = tables.get(name, {})
+    if not isinstance(table, dict):
+        raise UsageError(source, f"[{name}] must be a table, got {table!r}")
+    return table
+
+
+TABLES = ("preprocess", "train-gan", "make-masks", "train-seg", "export", "predict")
+
+
+def config_from_tables(tables: dict, source: Path | None = None) -> RunConfig:
+    """A RunConfig from settings tables (a parsed TOML/JSON file); missing keys take the defaults."""
+    if not isinstance(tables, dict):
+        raise UsageError(source, "the settings must be a table of tables")
+    unknown = [name for name in tables if name not in TABLES]
+    if unknown:
+        raise UsageError(source, f"unknown table [{unknown[0]}] (known: {', '.join(TABLES)})")
+    pre = _table(tables, "preprocess", source)
+    workers = pre.get("workers", 1)
+    _check(RunConfig, {"workers": workers}, "preprocess", source)
+    gan = dict(_table(tables, "train-gan", source))
+    crop = gan.pop("crop", "auto")
+    gan_config = _build(GanTrainConfig, gan, "train-gan", source)
+    seg = dict(_table(tables, "train-seg", source))
+    loss = seg.pop("loss", {})
+    if not isinstance(loss, dict):
+        raise UsageError(source, f"[train-seg.loss] must be a table, got {loss!r}")
+    preprocess = _build(PreprocessConfig, pre, "preprocess", source, extra=("workers",))
+    try:
+        crop = gan_crop(crop, gan_config.preset)
+    except SettingError as exc:
+        raise UsageError(source, f"[train-gan] {exc}") from None
+    config = RunConfig(
+        preprocess=preprocess,
+        workers=workers,
+        train_gan=replace(gan_config, crop=crop),
+        make_masks=_build(PseudoMaskConfig, _table(tables, "make-masks", source), "make-masks", source),
+        train_seg=_build(SegTrainConfig, seg, "train-seg", source),
+        seg_loss=_build(SegLossConfig, loss, "train-seg.loss", source),
+        export=_build(ExportConfig, _table(tables, "export", source), "export", source),
+        predict=_build(PredictOptions, _table(tables, "predict", source), "predict", source),
+    )
+    _check_gan_grid(config, source)
+    return config
+
+
+def load_config(path: Path | None) -> RunConfig:
+    """The settings of a TOML (``.toml``) or JSON (``.json``) file; defaults without a file."""
+    if path is None:
+        return RunConfig()
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(path, "--config: no such file")
+    suffix = path.suffix.lower()
+    if suffix not in (".toml", ".json"):
+        raise UsageError(path, "--config must be a .toml or .json file")
+    try:
+        text = path.read_text(encoding="utf-8")
+        tables = tomllib.loads(text) if suffix == ".toml" else json.loads(text)
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError, json.JSONDecodeError) as exc:
+        raise UsageError(path, f"unreadable settings ({str(exc)[:200]})") from None
+    return config_from_tables(tables, path)

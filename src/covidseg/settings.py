@@ -3,9 +3,10 @@
 Every field of the settings dataclasses (:class:`~covidseg.config.PreprocessConfig` with
 :class:`~covidseg.imaging.lungs.LungParams` and :class:`~covidseg.imaging.airways.AirwayParams`, a segmenter's
 :class:`~covidseg.inference.ct_segment.SlicePreprocessing` (checked again when a model file is opened),
-:class:`~covidseg.config.GanTrainConfig`, :class:`~covidseg.method.pseudo_masks.PseudoMaskConfig`,
-:class:`~covidseg.config.SegTrainConfig`, :class:`~covidseg.learning.losses.SegLossConfig` and `run`'s own
-``ExportConfig``, ``RunConfig.workers``) has one :class:`Rule` in :data:`RULES`, keyed by class name
+:class:`~covidseg.config.GanTrainConfig` with :class:`~covidseg.config.CorruptionConfig`,
+:class:`~covidseg.method.pseudo_masks.PseudoMaskConfig`, :class:`~covidseg.config.SegTrainConfig`,
+:class:`~covidseg.config.SegLossConfig`, :class:`~covidseg.config.ExportConfig` and
+``RunConfig.workers``) has one :class:`Rule` in :data:`RULES`, keyed by class name
 and field name; of :class:`~covidseg.config.PredictOptions` only the fields a settings file may set
 (the others are command-line flags) have one. :func:`check_values` applies them to the values of one settings
 table before a config is built (settings files of `covidseg run`), :func:`check_config` to a
@@ -177,6 +178,21 @@ BETAS = _sequence(2, number(0, 1, open_hi=True), lambda b: True, "must be two nu
 SCALE_RANGE = _sequence(2, POSITIVE, lambda s: s[0] <= s[1], "must be two numbers [lo, hi] with 0 < lo <= hi")
 
 
+def _lo_hi(item: Rule, where: str) -> Rule:
+    """Two numbers [lo, hi], each passing `item` (`where` says how), with lo <= hi."""
+    return _sequence(2, item, lambda r: r[0] <= r[1], f"must be two numbers [lo, hi] {where} with lo <= hi")
+
+
+HU_RANGE = _lo_hi(HU, "in [-2000, 4000] HU")
+FRACTION_RANGE = _lo_hi(FRACTION, "in [0, 1]")
+LOAD_RANGE = _lo_hi(number(0, 1, open_lo=True), "in (0, 1]")  # drawn log-uniformly, so lo > 0
+PERLIN_FREQUENCY = _sequence(3, POSITIVE, lambda f: True, "must be three numbers > 0 (Perlin cells, z, y, x)")
+#: Perlin cells along one axis of the finest octave of the lesion field (frequency × 2^(octaves - 1)):
+#: its random gradients are 3 float32 per lattice corner and volume (256³ cells: 200 MB), and finer
+#: cells than one per 4 voxels of the largest grid (MAX_GRID_SIDE) are noise, not lesion shapes.
+MAX_PERLIN_CELLS = 256
+
+
 TABLE = Rule(lambda v: is_dataclass(v) and not isinstance(v, type), "must be a table")
 NAME = Rule(lambda v: isinstance(v, str), "must be a name (a string)")
 #: class name -> field -> rule. A nested settings dataclass (LungParams in PreprocessConfig) is
@@ -238,6 +254,20 @@ RULES: dict[str, dict[str, Rule]] = {
         "checkpoint_every": AT_LEAST_1,
         "sample_every": AT_LEAST_1,
         "log_every": AT_LEAST_1,
+        "lesions": TABLE,
+    },
+    "CorruptionConfig": {  # train-gan's synthetic lesions (method/lesions.py)
+        "load_range": LOAD_RANGE,
+        "ggo_hu": HU_RANGE,
+        "consolidation_hu": HU_RANGE,
+        "core_probability": FRACTION,
+        "core_fraction": FRACTION_RANGE,
+        "frequency": PERLIN_FREQUENCY,
+        "octaves": whole(1, 8),
+        "border_bias": FINITE,
+        "posterior_bias": FINITE,
+        "edge": POSITIVE,
+        "texture_hu": number(0, 1000, unit="HU"),
     },
     "PseudoMaskConfig": {
         "smooth_sigma": NON_NEGATIVE,
@@ -308,11 +338,22 @@ def _airway_seed_range(values: Mapping) -> tuple[str, str] | None:
     return "seed_min_cm2", f"must be <= seed_max_cm2 ({show(values['seed_max_cm2'])})"
 
 
+def _perlin_lattice(values: Mapping) -> tuple[str, str] | None:
+    """The lesion fields' finest octave must have at most MAX_PERLIN_CELLS cells per axis: the shape
+    field's (frequency × 2^(octaves - 1)) and the texture's (4 × frequency, 2 octaves: 8 × frequency)."""
+    finest = max(values["frequency"]) * max(2 ** (values["octaves"] - 1), 8)
+    if finest <= MAX_PERLIN_CELLS:
+        return None
+    cause = f"with octaves = {values['octaves']} the finest Perlin octave has {finest:g} cells along an axis"
+    return "frequency", f"{cause} (frequency × max(2^(octaves - 1), 8)); at most {MAX_PERLIN_CELLS}"
+
+
 #: Rules between fields of one class, checked once every field passed its own rule.
 CROSS_RULES: dict[str, tuple[Callable[[Mapping], tuple[str, str] | None], ...]] = {
     "SegTrainConfig": (_segmenter_preset,),
     "PseudoMaskConfig": (_infected_order,),
     "AirwayParams": (_airway_seed_range,),
+    "CorruptionConfig": (_perlin_lattice,),
 }
 
 

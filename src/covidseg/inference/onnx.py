@@ -15,7 +15,6 @@ import hashlib
 import io
 import json
 import logging
-import platform
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -27,6 +26,7 @@ import torch
 
 from covidseg.errors import CovidsegError, InputError, UsageError, first_line
 from covidseg.io.atomic import atomic_path
+from covidseg.versions import software_versions
 
 OPSET = 18
 MAX_BATCH = 4096
@@ -220,14 +220,10 @@ def read_sidecar(
 def provenance(started: float) -> dict:
     """When, how long (since `started`, a perf_counter value) and with which versions a model was
     exported: the sidecars' ``exported`` record."""
-    import onnxruntime
-
     return {
         "at": datetime.now(UTC).isoformat(timespec="seconds"),
         "seconds": round(time.perf_counter() - started, 2),
-        "torch": torch.__version__,
-        "onnxruntime": onnxruntime.__version__,
-        "python": platform.python_version(),
+        **software_versions(("torch", "onnxruntime", "python")),
     }
 
 

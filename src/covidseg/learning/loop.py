@@ -11,7 +11,8 @@ import numpy as np
 import torch
 
 from covidseg.errors import InputError, UsageError, first_line
-from covidseg.io.atomic import atomic_path
+from covidseg.io.atomic import atomic_path, remove_stale_temps, write_json
+from covidseg.learning import distributed
 
 
 def seed_everything(seed: int) -> None:
@@ -56,6 +57,54 @@ def resume_checkpoint_path(out_dir: Path, resume: bool) -> Path:
             out_dir, "holds a training run; pass --resume to continue it or choose another folder"
         )
     return path
+
+
+def resumed_config(config, saved: dict):
+    """The settings a resumed run continues with: the checkpoint's `saved` ones (its
+    ``train_config``), except ``steps`` and ``grad_accum``, which come from this call's `config` (a
+    run may be extended, and resume on another number of processes)."""
+    return type(config).from_json({**saved, "steps": config.steps, "grad_accum": config.grad_accum})
+
+
+def parallel_summary(batch_size: int, grad_accum: int) -> dict:
+    """How a training step is spread (the manifests' ``distributed``): processes, micro-batches per
+    step, and the global batch (items per optimizer step)."""
+    world = distributed.world_size()
+    global_batch = batch_size * world * grad_accum
+    return {"world_size": world, "grad_accum": grad_accum, "global_batch_size": global_batch}
+
+
+def open_run_folder(out_dir: Path, settings: dict, columns: list[str], resume_step: int | None) -> CsvLog:
+    """Rank 0's output folder for a training run, made ready: created, its manifest.json removed (it
+    is written last, when the run is finished again), temporary files a killed run left in it and
+    in plots/ removed, `settings` written to config.json; returns the metrics.csv log (trimmed to
+    `resume_step` when resuming, new otherwise)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "manifest.json").unlink(missing_ok=True)
+    for folder in (out_dir, out_dir / "plots"):
+        remove_stale_temps(folder)
+    write_json(out_dir / "config.json", settings)
+    return CsvLog(out_dir / "metrics.csv", columns, keep_until_step=resume_step)
+
+
+class RunningMeans:
+    """Per-step losses summed since the last log row, read out as means over those steps and over
+    the processes (every rank must call :meth:`pop` at the same steps: it is a collective)."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.count = 0
+
+    def add(self, losses: dict[str, float]) -> None:
+        for key, value in losses.items():
+            self.sums[key] = self.sums.get(key, 0.0) + value
+        self.count += 1
+
+    def pop(self, device: torch.device) -> dict[str, float]:
+        """The means (rounded to 6 decimals, as the log keeps them), and start again."""
+        means = distributed.mean_over_ranks({k: v / max(self.count, 1) for k, v in self.sums.items()}, device)
+        self.sums, self.count = {}, 0
+        return {k: round(v, 6) for k, v in means.items()}
 
 
 def save_checkpoint(path: str | Path, payload: dict) -> None:

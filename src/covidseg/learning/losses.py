@@ -1,4 +1,4 @@
-"""Losses of the 2D segmentation stage: a network trained only on pseudo-masks.
+"""Losses of the 2D segmentation stage (a network trained only on pseudo-masks) and of the 3D GAN.
 
 Shapes
 ------
@@ -24,18 +24,25 @@ The terms
 * :class:`ContrastiveLoss` - InfoNCE over projected encoder features with a learnable temperature:
   high-infected slices attract each other and repel low-infected slices (and, symmetrically, the
   other way round).
-* :class:`SegmentationLoss` - their weighted sum (:class:`SegLossConfig`); it owns the contrastive
-  head and temperature, so they are trained by the model's optimizer.
+* :class:`SegmentationLoss` - their weighted sum (:class:`~covidseg.config.SegLossConfig`, a setting
+  of train-seg); it owns the contrastive head and temperature, so they are trained by the model's
+  optimizer.
+
+GAN terms (train-gan; volumes ``[B, 1, D, H, W]``)
+--------------------------------------------------
+* :func:`adversarial_loss` - the discriminator's logits against "real" or "fake" (BCE or least squares).
+* :func:`masked_mse` - MSE of a restored volume against the clean one over the generator's lung gate.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from covidseg.config import SegLossConfig
 
 
 def _masked_mean(values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -253,34 +260,6 @@ class ContrastiveLoss(nn.Module):
         return torch.stack(terms).mean()
 
 
-@dataclass(frozen=True)
-class SegLossConfig:
-    """Weights of the segmentation losses and the contrastive head's settings."""
-
-    w_sensitivity: float = 1.0  # sensitivity-enhanced BCE against the binary pseudo-mask
-    beta: float = 4.0  # false-negative weight inside that BCE (4 vs 1: see docs/results.md)
-    w_mse: float = 1.0  # MSE against the continuous pseudo-mask
-    w_contrastive: float = 0.1  # high- vs low-infected InfoNCE on encoder features
-    w_dice: float = 0.0  # soft Dice against the binary pseudo-mask
-    contrastive_proj_dim: int = 64
-    init_temperature: float = 0.1
-
-    def __post_init__(self) -> None:
-        if min(self.w_sensitivity, self.beta, self.w_mse, self.w_contrastive, self.w_dice) < 0:
-            raise ValueError("loss weights and beta must be >= 0")
-        if self.contrastive_proj_dim < 1:
-            raise ValueError("contrastive_proj_dim must be >= 1")
-        if not self.init_temperature > 0:
-            raise ValueError("init_temperature must be > 0")
-
-    def to_json(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_json(cls, data: dict) -> SegLossConfig:
-        return cls(**data)
-
-
 class SegmentationLoss(nn.Module):
     """The weighted sum of the segmentation losses (weights in :class:`SegLossConfig`).
 
@@ -356,3 +335,17 @@ class SegmentationLoss(nn.Module):
         names = [*terms, "loss_total", "temperature"]
         values = torch.stack([*terms.values(), total, self.contrastive._tau()]).detach().tolist()  # one sync
         return total, dict(zip(names, values, strict=True))
+
+
+def adversarial_loss(logits: torch.Tensor, real: bool, kind: str = "bce") -> torch.Tensor:
+    """The GAN term for discriminator `logits` (any shape) that should read `real` (True) or fake:
+    ``bce`` (binary cross-entropy on the logits, as in the method) or ``lsgan`` (least squares)."""
+    target = torch.ones_like(logits) if real else torch.zeros_like(logits)
+    if kind == "bce":
+        return F.binary_cross_entropy_with_logits(logits, target)
+    return F.mse_loss(logits, target)
+
+
+def masked_mse(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``mean((a - b)²)`` over the voxels of `mask` (0/1 float, same shape; 0 when the mask is empty)."""
+    return _masked_mean((a - b) ** 2, mask)

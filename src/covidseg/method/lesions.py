@@ -14,34 +14,20 @@ Values are on the preprocess scale: [0, 1] for the run's HU window, a
 :class:`~covidseg.imaging.grid.HuScale` (default -1000..400, where HU = 1400 v - 1000). Lesion
 levels and texture are given in HU and put on that scale, so a run preprocessed with another
 ``--hu-window`` gets lesions of the same density in HU. Shapes: ``[B, 1, D, H, W]``. Deterministic
-given the torch.Generator.
+given the torch.Generator. The settings, :class:`~covidseg.config.CorruptionConfig`, are train-gan's
+``lesions`` (the ``[train-gan.lesions]`` table of a settings file).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from covidseg.config import CorruptionConfig
 from covidseg.imaging.grid import HuScale
 from covidseg.method.noise import fractal_perlin_3d
-
-
-@dataclass(frozen=True)
-class CorruptionConfig:
-    load_range: tuple[float, float] = (0.005, 0.3)  # lesion volume / lung volume, log-uniform
-    ggo_hu: tuple[float, float] = (-700.0, -300.0)
-    consolidation_hu: tuple[float, float] = (-100.0, 50.0)
-    core_probability: float = 0.6  # share of volumes whose densest lesion parts consolidate
-    core_fraction: tuple[float, float] = (0.1, 0.5)  # share of the lesion volume that is core
-    frequency: tuple[float, float, float] = (2.0, 4.0, 4.0)  # Perlin cells over the grid (z, y, x)
-    octaves: int = 3
-    border_bias: float = 0.8  # preference for subpleural positions (field units)
-    posterior_bias: float = 0.5  # preference for posterior positions (field units)
-    edge: float = 0.04  # softness of lesion borders (field units)
-    texture_hu: float = 42.0  # amplitude (HU) of the lesion intensity texture
 
 
 def _border_proximity(lung: torch.Tensor, radius: int = 4) -> torch.Tensor:

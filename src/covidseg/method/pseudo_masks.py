@@ -55,6 +55,27 @@ def calibrate_threshold(
     return max(float(np.percentile(values, cfg.healthy_percentile)), min_threshold)
 
 
+def calibration_record(
+    healthy_differences: list[np.ndarray], lungs: list[np.ndarray], cfg: PseudoMaskConfig, scale: HuScale
+) -> dict:
+    """The label-free threshold (:func:`calibrate_threshold`) with how it was chosen, as train-gan
+    writes it to calibration.json: the settings, the number of healthy volumes and the mean share of
+    their lung above it before small components are removed."""
+    threshold = calibrate_threshold(healthy_differences, lungs, cfg, scale)
+    flagged = [
+        float(((d > threshold) & (lung > 0)).sum() / max((lung > 0).sum(), 1))
+        for d, lung in zip(healthy_differences, lungs, strict=True)
+    ]
+    return {
+        "threshold": threshold,
+        "healthy_percentile": cfg.healthy_percentile,
+        "smooth_sigma": cfg.smooth_sigma,
+        "min_component": cfg.min_component,
+        "n_healthy": len(healthy_differences),
+        "healthy_lung_flagged_before_component_filter": float(np.mean(flagged)) if flagged else None,
+    }
+
+
 def soft_mask(difference: np.ndarray, scale: HuScale, full_lesion_hu: float = SOFT_SCALE_HU) -> np.ndarray:
     """Continuous pseudo-mask in [0, 1] (float32): the difference map (on `scale`) divided by the
     difference of a full lesion, `full_lesion_hu` (HU) put on `scale`."""

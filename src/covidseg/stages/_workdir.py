@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from covidseg.errors import InputError, UsageError
+from covidseg.imaging.grid import HuScale
 
 #: The hidden lock file a stage holds in its output folder while it writes there (preprocess,
 #: make-masks; predict has its own per part): a second run into the folder stops at once.
@@ -37,6 +38,21 @@ def read_manifest(folder: Path, expected_format: str, max_version: int = 1) -> d
     if not isinstance(manifest.get("cases", []), list):
         raise InputError(path, "'cases' is not a list")
     return manifest
+
+
+def refuse_other_hu_scale(model_path: Path, trained: object, grids: HuScale, pre_dir: Path) -> None:
+    """A model file trained on grids of one HU window is used only on grids of that window.
+
+    `trained` is the ``hu_window`` the file records (None in files from before it was recorded: the
+    default window); `grids` the scale of the grids in `pre_dir`. A mismatch is a UsageError naming
+    the file and both windows; an unreadable window an InputError naming the file."""
+    try:
+        trained_scale = HuScale.from_json(trained)
+    except ValueError as exc:
+        raise InputError(model_path, str(exc)) from None
+    if trained_scale != grids:
+        cause = f"trained on HU window {trained_scale}, the grids in {pre_dir} use {grids}"
+        raise UsageError(model_path, cause)
 
 
 def check_output_dir(out_dir: Path) -> None:

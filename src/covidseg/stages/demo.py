@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from covidseg import __version__
-from covidseg.config import GanTrainConfig, PreprocessConfig, SegTrainConfig
+from covidseg.config import GanTrainConfig, PreprocessConfig, RunConfig, SegTrainConfig
 from covidseg.imaging.grid import HuScale
 from covidseg.imaging.lungs import LungParams, segment_lungs
 from covidseg.io import read_ct, read_mask, write_array
@@ -33,7 +33,7 @@ from covidseg.method.pseudo_masks import threshold_baseline
 from covidseg.progress import ProgressFor, silent_for
 from covidseg.reporting.html import DemoReport, MethodScores, demo_report, write_report
 from covidseg.stages._workdir import read_manifest
-from covidseg.stages.run import RunConfig, RunInputs, run_pipeline
+from covidseg.stages.run import RunInputs, run_pipeline
 from covidseg.versions import software_versions
 
 TEST_SEED_OFFSET = 1  # test phantoms: synth seed S + 1 (unseen cases)

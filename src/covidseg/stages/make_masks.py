@@ -54,6 +54,7 @@ from covidseg.stages._workdir import (
     median_slab_mm,
     portable_path,
     read_manifest,
+    refuse_other_hu_scale,
 )
 
 BACKENDS = ("auto", "torch", "onnx")
@@ -102,13 +103,7 @@ def grids_hu_scale(pre_dir: Path, generator_path: Path, info: Mapping) -> HuScal
         grids = HuScale.from_json(read_manifest(pre_dir, "covidseg.preprocess")["config"]["hu_window"])
     except (KeyError, ValueError) as exc:
         raise InputError(pre_dir / "manifest.json", f"no HU window ({exc})") from None
-    try:
-        trained = HuScale.from_json(info["preprocess"].get("hu_window"))  # None (older files): default
-    except ValueError as exc:
-        raise InputError(generator_path, str(exc)) from None
-    if trained != grids:
-        cause = f"trained on HU window {trained}, the grids in {pre_dir} use {grids}"
-        raise UsageError(generator_path, cause)
+    refuse_other_hu_scale(generator_path, info["preprocess"].get("hu_window"), grids, pre_dir)
     return grids
 
 

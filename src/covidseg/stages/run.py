@@ -18,16 +18,9 @@ run resumes where it stopped: an interrupted train-gan / train-seg continues fro
 an interrupted predict skips the cases it finished. Once a stage runs, every later stage runs too
 (their outputs would be stale).
 
-Settings file (TOML or JSON): one table per stage whose keys are the fields of the stage's config
-dataclass: ``[preprocess]`` :class:`PreprocessConfig` (+ ``workers``; ``[preprocess.lungs]``
-:class:`LungParams`), ``[train-gan]`` :class:`GanTrainConfig` (``crop`` also ``"auto"`` = the
-preset's crop, the default, or ``"none"``), ``[make-masks]`` :class:`PseudoMaskConfig` (also used
-for train-gan's threshold calibration), ``[train-seg]`` :class:`SegTrainConfig` (``[train-seg.loss]``
-:class:`SegLossConfig`), ``[export]`` :class:`ExportConfig`, ``[predict]`` :class:`PredictOptions`
-(the fields with a rule: batch_size, snapshots, probabilities).
-Unknown tables or keys, and values that break their rule (:mod:`covidseg.settings`: the type, NaN
-or infinite numbers, ranges, presets, a grid too large or not a multiple of the GAN's strides) are
-usage errors naming the file, the table, the key and the cause, raised before any stage runs.
+Settings: a :class:`~covidseg.config.RunConfig`, one table per stage, read from a TOML or JSON
+settings file by :func:`covidseg.config.load_config` (the tables: :mod:`covidseg.config`) and
+saved as config.json.
 """
 
 from __future__ import annotations
@@ -35,187 +28,18 @@ from __future__ import annotations
 import json
 import shutil
 import time
-import tomllib
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from covidseg import __version__
-from covidseg.config import GanTrainConfig, PredictOptions, PreprocessConfig, SegTrainConfig, gan_crop
+from covidseg.config import RunConfig, config_from_tables
 from covidseg.errors import UsageError
 from covidseg.io.atomic import write_json
-from covidseg.learning.losses import SegLossConfig
-from covidseg.method.pseudo_masks import PseudoMaskConfig
 from covidseg.progress import ProgressFor, silent_for
-from covidseg.settings import RULES, SettingError, check_values, default_of, show
 
 CONFIG_JSON = "config.json"
 RUN_JSON = "run.json"
-
-
-@dataclass(frozen=True)
-class ExportConfig:
-    """How `run` exports the segmenter."""
-
-    fp16: bool = False  # half-precision weights (for GPUs)
-
-
-@dataclass(frozen=True)
-class RunConfig:
-    """Every stage's settings for one pipeline run."""
-
-    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
-    workers: int = 1  # cases preprocessed in parallel
-    train_gan: GanTrainConfig = field(default_factory=GanTrainConfig)
-    make_masks: PseudoMaskConfig = field(default_factory=PseudoMaskConfig)
-    train_seg: SegTrainConfig = field(default_factory=SegTrainConfig)
-    seg_loss: SegLossConfig = field(default_factory=SegLossConfig)
-    export: ExportConfig = field(default_factory=ExportConfig)
-    predict: PredictOptions = field(default_factory=PredictOptions)  # only its settings (see to_json)
-
-    def to_json(self) -> dict:
-        """The settings as config-file tables (JSON-ready: tuples become lists)."""
-        tables = {
-            "preprocess": {**self.preprocess.to_json(), "workers": self.workers},
-            "train-gan": self.train_gan.to_json(),
-            "make-masks": asdict(self.make_masks),
-            "train-seg": {**self.train_seg.to_json(), "loss": self.seg_loss.to_json()},
-            "export": asdict(self.export),
-            "predict": self.predict.settings(),
-        }
-        return json.loads(json.dumps(tables))
-
-
-# ---- settings files ---------------------------------------------------------------------------
-
-
-def _convert(value: object, default: object) -> object:
-    """`value` from a settings file in the Python type of the field's `default` where that is exact
-    (a whole number for a float field, a list for a tuple); anything else is left as it is for the
-    field's rule (:mod:`covidseg.settings`) to refuse."""
-    if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if isinstance(default, tuple) and isinstance(value, list | tuple):
-        if len(value) == len(default):
-            return tuple(_convert(v, d) for v, d in zip(value, default, strict=True))
-        return tuple(value)
-    return value
-
-
-def _build(cls: type, data: dict, name: str, source: Path | None, extra: tuple[str, ...] = ()):
-    """An instance of the settings dataclass `cls` from the table `[name]`: unknown keys and values
-    that break their rule are usage errors naming the file, the table, the key and the cause. The
-    table's keys are the fields with a rule (PredictOptions' command-line flags have none)."""
-    known = {f.name: f for f in fields(cls) if f.name in RULES[cls.__name__]}
-    values = {}
-    for key, value in data.items():
-        if key in extra:
-            continue
-        if key not in known:
-            raise UsageError(
-                source, f"unknown key {key!r} in [{name}] (known: {', '.join([*known, *extra])})"
-            )
-        default = default_of(known[key])
-        if is_dataclass(default) and isinstance(value, dict):
-            values[key] = _build(type(default), value, f"{name}.{key}", source)
-        else:
-            values[key] = _convert(value, default)
-    _check(cls, values, name, source)
-    try:
-        return cls(**values)
-    except (TypeError, ValueError) as exc:
-        raise UsageError(source, f"[{name}]: {exc}") from None
-
-
-def _check(cls: type, values: dict, name: str, source: Path | None) -> None:
-    """The rules of :mod:`covidseg.settings` on one table's values, as a usage error."""
-    try:
-        check_values(cls, values)
-    except SettingError as exc:
-        raise UsageError(source, f"[{name}] {exc}") from None
-
-
-def _check_gan_grid(config: RunConfig, source: Path | None) -> None:
-    """train-gan needs a grid and a crop that are multiples of its generator's strides, the crop
-    within the grid: checked here so a run does not stop there after preprocessing."""
-    from covidseg.models.gan3d import GAN_PRESETS
-
-    preset = config.train_gan.preset
-    divisor = GAN_PRESETS[preset].generator.divisor
-    grid, crop = config.preprocess.grid, config.train_gan.crop
-    for where, size in (("[preprocess] grid", grid), ("[train-gan] crop", crop)):
-        if size is not None and any(s % d for s, d in zip(size, divisor, strict=True)):
-            raise UsageError(
-                source,
-                f"{where} = {show(size)}: must be a multiple of {show(divisor)} (z, y, x) "
-                f"for the train-gan preset {show(preset)}",
-            )
-    if crop is not None and any(c > g for c, g in zip(crop, grid, strict=True)):
-        raise UsageError(source, f"[train-gan] crop = {show(crop)}: must fit in the grid {show(grid)}")
-
-
-def _table(tables: dict, name: str, source: Path | None) -> dict:
-    table = tables.get(name, {})
-    if not isinstance(table, dict):
-        raise UsageError(source, f"[{name}] must be a table, got {table!r}")
-    return table
-
-
-TABLES = ("preprocess", "train-gan", "make-masks", "train-seg", "export", "predict")
-
-
-def config_from_tables(tables: dict, source: Path | None = None) -> RunConfig:
-    """A RunConfig from settings tables (a parsed TOML/JSON file); missing keys take the defaults."""
-    if not isinstance(tables, dict):
-        raise UsageError(source, "the settings must be a table of tables")
-    unknown = [name for name in tables if name not in TABLES]
-    if unknown:
-        raise UsageError(source, f"unknown table [{unknown[0]}] (known: {', '.join(TABLES)})")
-    pre = _table(tables, "preprocess", source)
-    workers = pre.get("workers", 1)
-    _check(RunConfig, {"workers": workers}, "preprocess", source)
-    gan = dict(_table(tables, "train-gan", source))
-    crop = gan.pop("crop", "auto")
-    gan_config = _build(GanTrainConfig, gan, "train-gan", source)
-    seg = dict(_table(tables, "train-seg", source))
-    loss = seg.pop("loss", {})
-    if not isinstance(loss, dict):
-        raise UsageError(source, f"[train-seg.loss] must be a table, got {loss!r}")
-    preprocess = _build(PreprocessConfig, pre, "preprocess", source, extra=("workers",))
-    try:
-        crop = gan_crop(crop, gan_config.preset)
-    except SettingError as exc:
-        raise UsageError(source, f"[train-gan] {exc}") from None
-    config = RunConfig(
-        preprocess=preprocess,
-        workers=workers,
-        train_gan=replace(gan_config, crop=crop),
-        make_masks=_build(PseudoMaskConfig, _table(tables, "make-masks", source), "make-masks", source),
-        train_seg=_build(SegTrainConfig, seg, "train-seg", source),
-        seg_loss=_build(SegLossConfig, loss, "train-seg.loss", source),
-        export=_build(ExportConfig, _table(tables, "export", source), "export", source),
-        predict=_build(PredictOptions, _table(tables, "predict", source), "predict", source),
-    )
-    _check_gan_grid(config, source)
-    return config
-
-
-def load_config(path: Path | None) -> RunConfig:
-    """The settings of a TOML (``.toml``) or JSON (``.json``) file; defaults without a file."""
-    if path is None:
-        return RunConfig()
-    path = Path(path)
-    if not path.is_file():
-        raise UsageError(path, "--config: no such file")
-    suffix = path.suffix.lower()
-    if suffix not in (".toml", ".json"):
-        raise UsageError(path, "--config must be a .toml or .json file")
-    try:
-        text = path.read_text(encoding="utf-8")
-        tables = tomllib.loads(text) if suffix == ".toml" else json.loads(text)
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError, json.JSONDecodeError) as exc:
-        raise UsageError(path, f"unreadable settings ({str(exc)[:200]})") from None
-    return config_from_tables(tables, path)
 
 
 # ---- the work folder --------------------------------------------------------------------------
@@ -271,6 +95,15 @@ def _read_json(path: Path) -> dict | None:
     return data if isinstance(data, dict) else None
 
 
+def _with_defaults(old_config: dict) -> dict:
+    """An earlier run's config.json with the settings it lacks at their defaults (a config.json
+    written before ``[train-gan.lesions]`` was a setting); as it is when it no longer reads."""
+    try:
+        return config_from_tables(old_config).to_json()
+    except UsageError:
+        return old_config
+
+
 def check_work_dir(work: Path, inputs: RunInputs, config: RunConfig, force: bool) -> dict | None:
     """Refuse a work folder that is not a run folder, or one made with other settings or inputs
     (unless `force`); return the previous run.json (None for a new folder)."""
@@ -293,7 +126,7 @@ def check_work_dir(work: Path, inputs: RunInputs, config: RunConfig, force: bool
     if force:
         return previous
     for what, old, new in (
-        ("settings", old_config, config.to_json()),
+        ("settings", _with_defaults(old_config), config.to_json()),
         ("inputs", previous.get("inputs", inputs.to_json()), inputs.to_json()),
     ):
         difference = _first_difference(old, new)

@@ -25,7 +25,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from covidseg import __version__
 from covidseg.config import GanTrainConfig
@@ -34,22 +33,33 @@ from covidseg.errors import UsageError
 from covidseg.imaging.grid import HuScale
 from covidseg.inference.generator_files import GENERATOR_FORMAT
 from covidseg.inference.sliding_window import run_generator
-from covidseg.io.atomic import remove_stale_temps, write_json
+from covidseg.io.atomic import write_json
 from covidseg.learning import distributed
 from covidseg.learning.loop import (
     CsvLog,
+    RunningMeans,
     load_checkpoint,
+    open_run_folder,
+    parallel_summary,
     resume_checkpoint_path,
+    resumed_config,
     save_checkpoint,
     seed_everything,
     step_generator,
 )
+from covidseg.learning.losses import adversarial_loss, masked_mse
 from covidseg.method.lesions import perlin_lesions
-from covidseg.method.pseudo_masks import PseudoMaskConfig, calibrate_threshold, difference_map
+from covidseg.method.pseudo_masks import PseudoMaskConfig, calibration_record, difference_map
 from covidseg.models.gan3d import GAN_PRESETS, Discriminator3D, Generator3D
 from covidseg.progress import Progress, losses_text
 from covidseg.reporting.plots import loss_curves, panels
-from covidseg.stages._workdir import GridCase, load_grid_cases, portable_path, read_manifest
+from covidseg.stages._workdir import (
+    GridCase,
+    load_grid_cases,
+    portable_path,
+    read_manifest,
+    refuse_other_hu_scale,
+)
 
 CHECKPOINT_FORMAT = "covidseg.gan.checkpoint"
 LOSS_COLUMNS = ["loss_d", "loss_adv", "loss_rec", "loss_identity", "loss_g"]
@@ -83,17 +93,6 @@ def _sample(
         out_i.append(images[sl])
         out_l.append(lungs[sl])
     return torch.stack(out_i), torch.stack(out_l)
-
-
-def _adversarial(logits: torch.Tensor, real: bool, kind: str) -> torch.Tensor:
-    target = torch.ones_like(logits) if real else torch.zeros_like(logits)
-    if kind == "bce":
-        return F.binary_cross_entropy_with_logits(logits, target)
-    return F.mse_loss(logits, target)  # least squares GAN
-
-
-def _masked_mse(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return (((a - b) ** 2) * mask).sum() / mask.sum().clamp_min(1.0)
 
 
 def build_models(config: GanTrainConfig) -> tuple[Generator3D, Discriminator3D]:
@@ -133,14 +132,6 @@ def _write_plots(
     )
 
 
-def _refuse_other_hu_scale(checkpoint_path: Path, state: dict, hu_scale: HuScale) -> None:
-    """A run resumes only on grids of the HU window it started on (a checkpoint without one is from
-    before it was recorded: the default window)."""
-    trained = HuScale.from_json(state.get("hu_window"))
-    if trained != hu_scale:
-        raise UsageError(checkpoint_path, f"trained on HU window {trained}, these grids use {hu_scale}")
-
-
 def _calibrate(
     model, healthy: list[GridCase], device, mask_config: PseudoMaskConfig, window, scale: HuScale
 ) -> dict:
@@ -151,19 +142,7 @@ def _calibrate(
         pseudo = run_generator(model, case.image, case.lungs > 0, device, seed=0, window=window)
         diffs.append(difference_map(case.image, pseudo, case.lungs, mask_config.smooth_sigma))
         lungs.append(case.lungs)
-    threshold = calibrate_threshold(diffs, lungs, mask_config, scale)
-    flagged = [
-        float(((d > threshold) & (lung > 0)).sum() / max((lung > 0).sum(), 1))
-        for d, lung in zip(diffs, lungs, strict=True)
-    ]
-    return {
-        "threshold": threshold,
-        "healthy_percentile": mask_config.healthy_percentile,
-        "smooth_sigma": mask_config.smooth_sigma,
-        "min_component": mask_config.min_component,
-        "n_healthy": len(healthy),
-        "healthy_lung_flagged_before_component_filter": float(np.mean(flagged)) if flagged else None,
-    }
+    return calibration_record(diffs, lungs, mask_config, scale)
 
 
 @dataclass
@@ -209,8 +188,8 @@ def _update_d(
             with torch.no_grad():
                 fake, _ = generator(mb.c_img, mb.c_lung, noise_generator=mb.gen)
             loss_d = 0.5 * (
-                _adversarial(d_model(mb.h_img, mb.h_lung), True, config.adversarial)
-                + _adversarial(d_model(fake, mb.c_lung), False, config.adversarial)
+                adversarial_loss(d_model(mb.h_img, mb.h_lung), True, config.adversarial)
+                + adversarial_loss(d_model(fake, mb.c_lung), False, config.adversarial)
             )
             (loss_d / k).backward()
         total += loss_d.item()
@@ -233,20 +212,20 @@ def _update_g(
         parts = {"loss_adv": 0.0, "loss_identity": 0.0}
         with distributed.no_sync(g_model, skip=m < k - 1):
             with autocast(device):
-                corrupted, _ = perlin_lesions(mb.h_img, mb.h_lung, mb.gen, scale=hu_scale)
+                corrupted, _ = perlin_lesions(mb.h_img, mb.h_lung, mb.gen, config.lesions, scale=hu_scale)
                 restored, _ = g_model(corrupted, mb.h_lung, noise_generator=mb.gen)
                 gate = generator.gate(mb.h_lung)
-                loss_rec = _masked_mse(restored.float(), mb.h_img, gate)
+                loss_rec = masked_mse(restored.float(), mb.h_img, gate)
                 loss_g = config.w_rec * loss_rec
                 if mb.c_img is not None:
                     fake, _ = g_model(mb.c_img, mb.c_lung, noise_generator=mb.gen)
                     # the plain D (not its DDP wrapper): its gradients from this term are never used
-                    loss_adv = _adversarial(discriminator(fake, mb.c_lung), True, config.adversarial)
+                    loss_adv = adversarial_loss(discriminator(fake, mb.c_lung), True, config.adversarial)
                     loss_g = loss_g + config.w_adv * loss_adv
                     parts["loss_adv"] = loss_adv.item()
                 if config.w_identity > 0:
                     same, _ = g_model(mb.h_img, mb.h_lung, noise_generator=mb.gen)
-                    loss_id = _masked_mse(same.float(), mb.h_img, gate)
+                    loss_id = masked_mse(same.float(), mb.h_img, gate)
                     loss_g = loss_g + config.w_identity * loss_id
                     parts["loss_identity"] = loss_id.item()
             (loss_g / k).backward()
@@ -279,40 +258,126 @@ def _train_gan(
     pre_dir: Path,
     out_dir: Path,
     config: GanTrainConfig | None,
-    torch_device: torch.device,
+    device: torch.device,
     resume: bool,
     mask_config: PseudoMaskConfig | None,
     progress: Progress | None,
 ) -> dict:
     config = config or GanTrainConfig()
     mask_config = mask_config or PseudoMaskConfig()
-    main = distributed.is_main()
     checkpoint_path = resume_checkpoint_path(out_dir, resume)
+    data = _load_data(pre_dir, config)
+    config, state, start_step = _resume(config, checkpoint_path, resume, device, (pre_dir, data.hu_scale))
+    run = _build_training(config, state, device, data.healthy[0].image.shape)
+    log = None
+    if distributed.is_main():
+        settings = {"train": config.to_json(), "pseudo_mask": asdict(mask_config)}
+        columns = ["step", *LOSS_COLUMNS, "seconds"]
+        log = open_run_folder(out_dir, settings, columns, resume_step=start_step if resume else None)
+    _train_steps(run, data, out_dir, checkpoint_path, log, start_step, progress)
+    manifest = _finish(run, data, pre_dir, out_dir, mask_config) if distributed.is_main() else None
+    return distributed.broadcast_object(manifest)  # the other ranks wait here for rank 0
 
+
+@dataclass
+class _GanData:
+    """The preprocess output a GAN trains on."""
+
+    healthy: list[GridCase]
+    covid: list[GridCase]
+    pre_config: dict  # the preprocess settings, as its manifest holds them (generator.pt keeps them)
+    hu_scale: HuScale  # the [0, 1] scale of the grids
+
+
+def _load_data(pre_dir: Path, config: GanTrainConfig) -> _GanData:
     cases = load_grid_cases(pre_dir)
     pre_config = read_manifest(pre_dir, "covidseg.preprocess")["config"]
-    hu_scale = HuScale.from_json(pre_config["hu_window"])  # the [0, 1] scale of the grids
     healthy = [c for c in cases if c.group == "healthy"]
     covid = [c for c in cases if c.group == "covid"]
     if not healthy:
         raise UsageError(pre_dir, "no healthy cases: the restoration loss and D need healthy volumes")
     if not covid and config.w_adv > 0:
         raise UsageError(pre_dir, "no COVID cases for the adversarial term (or set w_adv to 0)")
+    return _GanData(healthy, covid, pre_config, HuScale.from_json(pre_config["hu_window"]))
 
-    start_step = 0
-    state = None
-    if resume:
-        state = load_checkpoint(checkpoint_path, map_location=torch_device)
-        _refuse_other_hu_scale(checkpoint_path, state, hu_scale)
-        # steps and grad_accum are taken from this call: a run may resume on another number of processes
-        overrides = {"steps": config.steps, "grad_accum": config.grad_accum}
-        config = GanTrainConfig.from_json({**state["train_config"], **overrides})
-        start_step = int(state["step"])
+
+def _resume(
+    config: GanTrainConfig, checkpoint_path: Path, resume: bool, device: torch.device, grids: tuple
+) -> tuple[GanTrainConfig, dict | None, int]:
+    """(the settings to train with, the checkpoint's state or None, the last step done); `grids`:
+    (the preprocess folder, its HU scale), which the checkpoint must have been trained on."""
+    if not resume:
+        return config, None, 0
+    state = load_checkpoint(checkpoint_path, map_location=device)
+    pre_dir, hu_scale = grids
+    refuse_other_hu_scale(checkpoint_path, state.get("hu_window"), hu_scale, pre_dir)
+    return resumed_config(config, state["train_config"]), state, int(state["step"])
+
+
+@dataclass
+class _GanTraining:
+    """The models, optimizers and settings of one train-gan run, and its training step."""
+
+    config: GanTrainConfig
+    generator: Generator3D
+    discriminator: Discriminator3D
+    opt_g: torch.optim.Optimizer
+    opt_d: torch.optim.Optimizer
+    g_model: torch.nn.Module  # the generator, DDP-wrapped under torchrun
+    d_model: torch.nn.Module  # the discriminator, DDP-wrapped when it is trained (w_adv > 0)
+    device: torch.device
+    streams: list[int]  # this process's micro-batch streams (distributed.batch_streams)
+
+    @property
+    def model_config(self) -> dict:
+        """The architecture of both networks (checkpoint.pt and generator.pt record it)."""
+        return {
+            "generator": asdict(self.generator.config),
+            "discriminator": asdict(self.discriminator.config),
+        }
+
+    def step(self, step: int, healthy, covid, hu_scale: HuScale) -> dict[str, float]:
+        """One optimizer step of D (when adversarial) and G; `healthy`, `covid`: the stacked
+        (images, lungs) of :func:`_stack` (covid None without the adversarial term)."""
+        cfg = self.config
+        self.g_model.train()
+        self.d_model.train()
+        micros = [
+            _draw(healthy, covid, cfg, step_generator(cfg.seed, step, s), self.device) for s in self.streams
+        ]
+        losses = {"loss_d": 0.0}
+        if covid is not None:  # the adversarial term is on: D is trained
+            losses["loss_d"] = _update_d(micros, self.generator, self.d_model, self.opt_d, cfg, self.device)
+        g_losses = _update_g(micros, self.g_model, self.discriminator, self.opt_g, cfg, self.device, hu_scale)
+        losses.update(g_losses)
+        return losses
+
+    def checkpoint(self, step: int, hu_scale: HuScale) -> dict:
+        """The full state a --resume continues from (checkpoint.pt)."""
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "covidseg_version": __version__,
+            "step": step,
+            "train_config": self.config.to_json(),
+            "hu_window": hu_scale.to_json(),  # the grids' HU scale (a resume must use the same)
+            "model": self.model_config,
+            "world_size": distributed.world_size(),
+            "generator": self.generator.state_dict(),
+            "discriminator": self.discriminator.state_dict(),
+            "opt_g": self.opt_g.state_dict(),
+            "opt_d": self.opt_d.state_dict(),
+        }
+
+
+def _build_training(
+    config: GanTrainConfig, state: dict | None, device: torch.device, grid: tuple[int, ...]
+) -> _GanTraining:
+    """Seeded models and optimizers on `device` (from `state` when resuming), wrapped for DDP."""
     seed_everything(config.seed)
     generator, discriminator = build_models(config)
-    _check_grid(healthy[0].image.shape, config, generator.config.divisor)
-    generator.to(torch_device)
-    discriminator.to(torch_device)
+    _check_grid(grid, config, generator.config.divisor)
+    generator.to(device)
+    discriminator.to(device)
     opt_g = torch.optim.Adam(generator.parameters(), lr=config.lr_g, betas=config.betas)
     opt_d = torch.optim.Adam(discriminator.parameters(), lr=config.lr_d, betas=config.betas)
     if state is not None:
@@ -321,115 +386,74 @@ def _train_gan(
         opt_g.load_state_dict(state["opt_g"])
         opt_d.load_state_dict(state["opt_d"])
     distributed.seed_rank(config.seed)
-    use_adv = config.w_adv > 0
-    g_model = distributed.wrap(generator, torch_device)
-    d_model = distributed.wrap(discriminator, torch_device) if use_adv else discriminator
-
-    log = None
-    if main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "manifest.json").unlink(missing_ok=True)
-        for folder in (out_dir, out_dir / "plots"):  # what a killed run left half-written
-            remove_stale_temps(folder)
-        write_json(out_dir / "config.json", {"train": config.to_json(), "pseudo_mask": asdict(mask_config)})
-        log = CsvLog(
-            out_dir / "metrics.csv",
-            ["step", *LOSS_COLUMNS, "seconds"],
-            keep_until_step=start_step if resume else None,
-        )
-
-    h_data = _stack(healthy)
-    c_data = _stack(covid) if use_adv else None
-    model_config = {"generator": asdict(generator.config), "discriminator": asdict(discriminator.config)}
-    world = distributed.world_size()
-    parallel = {
-        "world_size": world,
-        "grad_accum": config.grad_accum,
-        "global_batch_size": config.batch_size * world * config.grad_accum,
-    }
+    g_model = distributed.wrap(generator, device)
+    d_model = distributed.wrap(discriminator, device) if config.w_adv > 0 else discriminator
     streams = distributed.batch_streams(config.grad_accum)
+    return _GanTraining(config, generator, discriminator, opt_g, opt_d, g_model, d_model, device, streams)
 
-    def save(step: int) -> None:
-        save_checkpoint(
-            checkpoint_path,
-            {
-                "format": CHECKPOINT_FORMAT,
-                "covidseg_version": __version__,
-                "step": step,
-                "train_config": config.to_json(),
-                "hu_window": hu_scale.to_json(),  # the grids' HU scale (a resume must use the same)
-                "model": model_config,
-                "world_size": world,
-                "generator": generator.state_dict(),
-                "discriminator": discriminator.state_dict(),
-                "opt_g": opt_g.state_dict(),
-                "opt_d": opt_d.state_dict(),
-            },
-        )
 
+def _train_steps(
+    run: _GanTraining, data: _GanData, out_dir: Path, checkpoint_path: Path, log: CsvLog | None,
+    start_step: int, progress: Progress | None,
+) -> None:  # fmt: skip
+    """Steps start_step + 1 .. steps, with the log rows, checkpoints and sample plots on their steps
+    (rank 0 writes; every rank takes part in the means and the sync checks)."""
+    config, device, main = run.config, run.device, distributed.is_main()
+    healthy = _stack(data.healthy)
+    covid = _stack(data.covid) if config.w_adv > 0 else None
     started = time.perf_counter()
-    sums: dict[str, float] = {}
+    means = RunningMeans()
     for step in range(start_step + 1, config.steps + 1):
-        g_model.train()
-        d_model.train()
-        micros = [
-            _draw(h_data, c_data, config, step_generator(config.seed, step, s), torch_device) for s in streams
-        ]
-        losses = {
-            "loss_d": _update_d(micros, generator, d_model, opt_d, config, torch_device) if use_adv else 0.0
-        }
-        losses.update(_update_g(micros, g_model, discriminator, opt_g, config, torch_device, hu_scale))
-        for key, value in losses.items():
-            sums[key] = sums.get(key, 0.0) + value
-        if step % config.log_every == 0 or step == config.steps:
-            n = config.log_every if step % config.log_every == 0 else step % config.log_every
-            means = distributed.mean_over_ranks({k: v / n for k, v in sums.items()}, torch_device)
+        losses = run.step(step, healthy, covid, data.hu_scale)
+        means.add(losses)
+        last = step == config.steps
+        if step % config.log_every == 0 or last:
+            row = {"step": step, **means.pop(device)}
             if main:
-                row = {"step": step, **{k: round(v, 6) for k, v in means.items()}}
-                row["seconds"] = round(time.perf_counter() - started, 2)
-                log.write(row)
-            sums = {}
-        if step % config.checkpoint_every == 0 or step == config.steps:
-            distributed.check_in_sync(generator, torch_device)
-            distributed.check_in_sync(discriminator, torch_device)
+                log.write({**row, "seconds": round(time.perf_counter() - started, 2)})
+        if step % config.checkpoint_every == 0 or last:
+            distributed.check_in_sync(run.generator, device)
+            distributed.check_in_sync(run.discriminator, device)
             if main:
-                save(step)
-        if main and (step % config.sample_every == 0 or step == config.steps):
-            sample = covid[0] if covid else healthy[0]
-            _write_plots(out_dir, log, generator, sample, step, torch_device, config.crop)
+                save_checkpoint(checkpoint_path, run.checkpoint(step, data.hu_scale))
+        if main and (step % config.sample_every == 0 or last):
+            sample = data.covid[0] if data.covid else data.healthy[0]
+            _write_plots(out_dir, log, run.generator, sample, step, device, config.crop)
         if progress and main:
             progress(step, config.steps, losses_text(losses))
 
-    manifest = None
-    if main:
-        calibration = _calibrate(generator, healthy, torch_device, mask_config, config.crop, hu_scale)
-        write_json(out_dir / "calibration.json", calibration)
-        save_checkpoint(
-            out_dir / "generator.pt",
-            {
-                "format": GENERATOR_FORMAT,
-                "covidseg_version": __version__,
-                "step": config.steps,
-                "model": model_config,
-                "generator": generator.state_dict(),
-                "calibration": calibration,
-                "preprocess": pre_config,  # with its hu_window: make-masks refuses grids of another
-                "train_config": config.to_json(),
-            },
-        )
-        manifest = {
-            "format": "covidseg.gan",
-            "version": 1,
+
+def _finish(run: _GanTraining, data: _GanData, pre_dir: Path, out_dir: Path, mask_config) -> dict:
+    """Rank 0, after the last step: calibration.json, generator.pt, and manifest.json (last)."""
+    config = run.config
+    calibration = _calibrate(run.generator, data.healthy, run.device, mask_config, config.crop, data.hu_scale)
+    write_json(out_dir / "calibration.json", calibration)
+    save_checkpoint(
+        out_dir / "generator.pt",
+        {
+            "format": GENERATOR_FORMAT,
             "covidseg_version": __version__,
-            "preprocess": portable_path(pre_dir, out_dir),
-            "device": str(torch_device),
-            "steps": config.steps,
-            "distributed": parallel,
-            "n_healthy": len(healthy),
-            "n_covid": len(covid),
-            "hu_window": hu_scale.to_json(),
+            "step": config.steps,
+            "model": run.model_config,
+            "generator": run.generator.state_dict(),
             "calibration": calibration,
-            "files": {"generator": "generator.pt", "checkpoint": "checkpoint.pt", "metrics": "metrics.csv"},
-        }
-        write_json(out_dir / "manifest.json", manifest)
-    return distributed.broadcast_object(manifest)  # the other ranks wait here for rank 0
+            "preprocess": data.pre_config,  # with its hu_window: make-masks refuses grids of another
+            "train_config": config.to_json(),
+        },
+    )
+    manifest = {
+        "format": "covidseg.gan",
+        "version": 1,
+        "covidseg_version": __version__,
+        "preprocess": portable_path(pre_dir, out_dir),
+        "device": str(run.device),
+        "steps": config.steps,
+        "distributed": parallel_summary(config.batch_size, config.grad_accum),
+        "n_healthy": len(data.healthy),
+        "n_covid": len(data.covid),
+        "hu_window": data.hu_scale.to_json(),
+        "calibration": calibration,
+        "files": {"generator": "generator.pt", "checkpoint": "checkpoint.pt", "metrics": "metrics.csv"},
+    }
+    write_json(out_dir / "manifest.json", manifest)
+    return manifest

@@ -18,13 +18,14 @@ from __future__ import annotations
 import csv
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from covidseg import __version__
-from covidseg.config import PreprocessConfig, SegTrainConfig
+from covidseg.config import PreprocessConfig, SegLossConfig, SegTrainConfig
 from covidseg.devices import autocast
 from covidseg.errors import InputError, UsageError
 from covidseg.imaging.grid import HuScale
@@ -32,19 +33,23 @@ from covidseg.imaging.metrics import dice
 from covidseg.inference.ct_segment import SlicePreprocessing
 from covidseg.inference.model_files import MODEL_FORMAT
 from covidseg.inference.runners import predict_probabilities
-from covidseg.io.atomic import remove_stale_temps, write_json
+from covidseg.io.atomic import write_json
 from covidseg.learning import distributed
 from covidseg.learning.augment import augment_batch
 from covidseg.learning.loop import (
     CsvLog,
+    RunningMeans,
     load_checkpoint,
     lr_at,
+    open_run_folder,
+    parallel_summary,
     resume_checkpoint_path,
+    resumed_config,
     save_checkpoint,
     seed_everything,
     step_generator,
 )
-from covidseg.learning.losses import SegLossConfig, SegmentationLoss
+from covidseg.learning.losses import SegmentationLoss
 from covidseg.models.segmenters import make_segmenter, segmenter_config_dict
 from covidseg.progress import Progress, losses_text
 from covidseg.reporting.plots import loss_curves, panels
@@ -240,26 +245,129 @@ def _train_seg(
     out_dir: Path,
     config: SegTrainConfig | None,
     loss_config: SegLossConfig | None,
-    torch_device: torch.device,
+    device: torch.device,
     resume: bool,
     progress: Progress | None,
 ) -> dict:
-    config = config or SegTrainConfig()
-    loss_config = loss_config or SegLossConfig()
-    main = distributed.is_main()
     checkpoint_path = resume_checkpoint_path(out_dir, resume)
     data = SliceSet(masks_dir)
-    state, start_step, best = None, 0, {"val_dice_pseudo": -1.0, "step": 0}
-    if resume:
-        state = load_checkpoint(checkpoint_path, map_location=torch_device)
-        # steps and grad_accum are taken from this call: a run may resume on another number of processes
-        overrides = {"steps": config.steps, "grad_accum": config.grad_accum}
-        config = SegTrainConfig.from_json({**state["train_config"], **overrides})
-        loss_config = SegLossConfig.from_json(state["loss_config"])
-        start_step, best = int(state["step"]), dict(state["best"])
+    config, loss_config, state = _resume(
+        config or SegTrainConfig(), loss_config or SegLossConfig(), checkpoint_path, resume, device
+    )
     train_idx, val_idx = data.split(config.val_fraction, config.seed)
     if len(train_idx) == 0:
         raise UsageError(masks_dir, "no training slices left after the validation split")
+    run = _build_training(config, loss_config, state, device, masks_dir, data)
+    log = None
+    if distributed.is_main():
+        settings = {"train": config.to_json(), "loss": loss_config.to_json()}
+        columns = ["step", *LOSS_COLUMNS, "temperature", "val_dice_pseudo", "ref_dice", "seconds"]
+        log = open_run_folder(out_dir, settings, columns, resume_step=int(state["step"]) if state else None)
+    best = _train_steps(run, data, (train_idx, val_idx), out_dir, checkpoint_path, log, state, progress)
+    if not distributed.is_main():
+        return distributed.broadcast_object(None)  # rank 0's manifest, once it is written
+    manifest = {
+        "format": "covidseg.seg",
+        "version": 1,
+        "covidseg_version": __version__,
+        "masks": portable_path(masks_dir, out_dir),
+        "device": str(device),
+        "arch": config.arch,
+        "preset": config.preset,
+        "steps": config.steps,
+        "distributed": parallel_summary(config.batch_size, config.grad_accum),
+        "n_train_slices": int(len(train_idx)),
+        "n_val_slices": int(len(val_idx)),
+        "val_cases": sorted(set(data.case_ids[val_idx])),
+        "best": best,
+        "files": {"best": "best.pt", "checkpoint": "checkpoint.pt", "metrics": "metrics.csv"},
+    }
+    write_json(out_dir / "manifest.json", manifest)
+    return distributed.broadcast_object(manifest)
+
+
+def _resume(
+    config: SegTrainConfig, loss_config: SegLossConfig, checkpoint_path: Path, resume: bool, device
+) -> tuple[SegTrainConfig, SegLossConfig, dict | None]:
+    """(the settings to train with, the loss settings, the checkpoint's state or None)."""
+    if not resume:
+        return config, loss_config, None
+    state = load_checkpoint(checkpoint_path, map_location=device)
+    return resumed_config(config, state["train_config"]), SegLossConfig.from_json(state["loss_config"]), state
+
+
+@dataclass
+class _SegTraining:
+    """The model, loss module, optimizer and settings of one train-seg run, and its training step."""
+
+    config: SegTrainConfig
+    loss_config: SegLossConfig
+    model: torch.nn.Module
+    criterion: SegmentationLoss  # owns the contrastive head and the learnable temperature
+    optimizer: torch.optim.Optimizer
+    seg_step: torch.nn.Module  # _SegStep(model, criterion), DDP-wrapped under torchrun
+    device: torch.device
+    streams: list[int]  # this process's micro-batch streams (distributed.batch_streams)
+    preprocessing: dict  # how predict must cut a CT into slices (SlicePreprocessing.to_json)
+
+    @property
+    def model_config(self) -> dict:
+        return {"arch": self.config.arch, "config": segmenter_config_dict(self.model)}
+
+    def step(self, step: int, data: SliceSet, train_idx: np.ndarray) -> dict[str, float]:
+        """One optimizer step over the micro-batches (gradients all-reduced on the last one only);
+        returns the mean loss parts."""
+        cfg, streams = self.config, self.streams
+        self.seg_step.train()
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr_at(step, cfg.steps, cfg.lr, cfg.lr_schedule, cfg.warmup_steps)
+        self.optimizer.zero_grad(set_to_none=True)
+        parts: dict[str, float] = {}
+        for m, stream in enumerate(streams):
+            batch = _micro_batch(data, train_idx, cfg, step_generator(cfg.seed, step, stream), self.device)
+            with distributed.no_sync(self.seg_step, skip=m < len(streams) - 1):
+                loss, micro_parts = self.seg_step(*batch)
+                (loss / len(streams)).backward()
+            for key, value in micro_parts.items():
+                parts[key] = parts.get(key, 0.0) + value / len(streams)
+        self.optimizer.step()
+        return parts
+
+    def model_file(self, step: int, validation: dict) -> dict:
+        """The trained model as predict and export read it (best.pt)."""
+        return {
+            "format": MODEL_FORMAT,
+            "covidseg_version": __version__,
+            "step": step,
+            "model": self.model_config,
+            "weights": self.model.state_dict(),
+            "threshold": self.config.threshold,
+            "validation": validation,
+            "preprocessing": self.preprocessing,
+        }
+
+    def checkpoint(self, step: int, best: dict) -> dict:
+        """The full state a --resume continues from (checkpoint.pt)."""
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "covidseg_version": __version__,
+            "step": step,
+            "train_config": self.config.to_json(),
+            "loss_config": self.loss_config.to_json(),
+            "model_config": self.model_config,
+            "model": self.model.state_dict(),
+            "loss": self.criterion.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "best": best,
+            "world_size": distributed.world_size(),
+        }
+
+
+def _build_training(
+    config: SegTrainConfig, loss_config: SegLossConfig, state: dict | None, device, masks_dir, data
+) -> _SegTraining:
+    """The seeded segmenter, its loss and optimizer on `device` (from `state` when resuming),
+    wrapped for DDP; refuses slices whose size the networks cannot take."""
     seed_everything(config.seed)
     try:
         model = make_segmenter(config.arch, config.preset)
@@ -269,8 +377,8 @@ def _train_seg(
     if h % 16 or w % 16:
         raise UsageError(masks_dir, f"slice size {h}x{w} must be a multiple of 16 for the 2D networks")
     criterion = SegmentationLoss(model.feature_dim, loss_config)
-    model.to(torch_device)
-    criterion.to(torch_device)
+    model.to(device)
+    criterion.to(device)
     params = [*model.parameters(), *criterion.parameters()]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     if state is not None:
@@ -279,120 +387,56 @@ def _train_seg(
         optimizer.load_state_dict(state["optimizer"])
     distributed.seed_rank(config.seed)
     # the contrastive head and τ get no gradient when the contrastive weight is 0
-    seg_step = distributed.wrap(
-        _SegStep(model, criterion), torch_device, find_unused_parameters=loss_config.w_contrastive == 0
-    )
-    world = distributed.world_size()
-    parallel = {
-        "world_size": world,
-        "grad_accum": config.grad_accum,
-        "global_batch_size": config.batch_size * world * config.grad_accum,
-    }
+    unused = loss_config.w_contrastive == 0
+    seg_step = distributed.wrap(_SegStep(model, criterion), device, find_unused_parameters=unused)
     streams = distributed.batch_streams(config.grad_accum)
-
-    log = None
-    if main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "manifest.json").unlink(missing_ok=True)
-        for folder in (out_dir, out_dir / "plots"):  # what a killed run left half-written
-            remove_stale_temps(folder)
-        write_json(out_dir / "config.json", {"train": config.to_json(), "loss": loss_config.to_json()})
-        columns = ["step", *LOSS_COLUMNS, "temperature", "val_dice_pseudo", "ref_dice", "seconds"]
-        log = CsvLog(out_dir / "metrics.csv", columns, keep_until_step=start_step if resume else None)
-    model_config = {"arch": config.arch, "config": segmenter_config_dict(model)}
     preprocessing = slice_preprocessing(masks_dir, data.manifest, config.threshold).to_json()
+    return _SegTraining(
+        config, loss_config, model, criterion, optimizer, seg_step, device, streams, preprocessing
+    )
 
-    def model_payload(step: int, val: dict) -> dict:
-        return {
-            "format": MODEL_FORMAT,
-            "covidseg_version": __version__,
-            "step": step,
-            "model": model_config,
-            "weights": model.state_dict(),
-            "threshold": config.threshold,
-            "validation": val,
-            "preprocessing": preprocessing,
-        }
 
+def _train_steps(
+    run: _SegTraining, data: SliceSet, split: tuple[np.ndarray, np.ndarray], out_dir: Path,
+    checkpoint_path: Path, log: CsvLog | None, state: dict | None, progress: Progress | None,
+) -> dict:  # fmt: skip
+    """Steps after the checkpoint's (or 1) .. steps, with the log rows and, on evaluation steps,
+    validation, best.pt, checkpoint.pt and plots (rank 0 writes; every rank takes part in the means
+    and the sync check). Returns the best step's record."""
+    config, device, main = run.config, run.device, distributed.is_main()
+    train_idx, val_idx = split
+    start_step = int(state["step"]) if state else 0
+    best = dict(state["best"]) if state else {"val_dice_pseudo": -1.0, "step": 0}
     started = time.perf_counter()
-    sums: dict[str, float] = {}
-    count = 0
+    means = RunningMeans()
     for step in range(start_step + 1, config.steps + 1):
-        seg_step.train()
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, config.steps, config.lr, config.lr_schedule, config.warmup_steps)
-        optimizer.zero_grad(set_to_none=True)
-        parts: dict[str, float] = {}
-        for m, stream in enumerate(streams):  # gradient accumulation: all-reduce on the last one only
-            batch = _micro_batch(
-                data, train_idx, config, step_generator(config.seed, step, stream), torch_device
-            )
-            with distributed.no_sync(seg_step, skip=m < len(streams) - 1):
-                loss, micro_parts = seg_step(*batch)
-                (loss / len(streams)).backward()
-            for key, value in micro_parts.items():
-                parts[key] = parts.get(key, 0.0) + value / len(streams)
-        optimizer.step()
-        for key, value in parts.items():
-            sums[key] = sums.get(key, 0.0) + value
-        count += 1
-        row = None
-        if step % config.log_every == 0 or step % config.eval_every == 0 or step == config.steps:
-            means = distributed.mean_over_ranks({k: v / count for k, v in sums.items()}, torch_device)
-            row = {"step": step, **{k: round(v, 6) for k, v in means.items()}}
-            sums, count = {}, 0
-        if step % config.eval_every == 0 or step == config.steps:
-            distributed.check_in_sync(seg_step, torch_device)
-        if main and (step % config.eval_every == 0 or step == config.steps):
-            val = evaluate_slices(model, data, val_idx, config.threshold, torch_device)
+        parts = run.step(step, data, train_idx)
+        means.add(parts)
+        evaluating = step % config.eval_every == 0 or step == config.steps
+        row = {"step": step, **means.pop(device)} if evaluating or step % config.log_every == 0 else None
+        if evaluating:
+            distributed.check_in_sync(run.seg_step, device)
+        if main and evaluating:
+            val = evaluate_slices(run.model, data, val_idx, config.threshold, device)
             row.update({k: round(v, 4) for k, v in val.items()})
-            # without validation cases (val_fraction 0 or a single case) the latest model is kept
-            score = val.get("val_dice_pseudo")
-            if score is None or score >= best["val_dice_pseudo"]:
-                best = {"step": step, **val, "val_dice_pseudo": -1.0 if score is None else score}
-                save_checkpoint(out_dir / "best.pt", model_payload(step, val))
+            best = _keep_best(run, out_dir, step, val, best)
         if main and row is not None:  # before the checkpoint, so a run resumed from it has this row
-            row["seconds"] = round(time.perf_counter() - started, 2)
-            log.write(row)
-        if main and (step % config.eval_every == 0 or step == config.steps):
-            save_checkpoint(
-                checkpoint_path,
-                {
-                    "format": CHECKPOINT_FORMAT,
-                    "covidseg_version": __version__,
-                    "step": step,
-                    "train_config": config.to_json(),
-                    "loss_config": loss_config.to_json(),
-                    "model_config": model_config,
-                    "model": model.state_dict(),
-                    "loss": criterion.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "best": best,
-                    "world_size": world,
-                },
-            )
-            _overlay(out_dir, model, data, val_idx, step, config, torch_device)
+            log.write({**row, "seconds": round(time.perf_counter() - started, 2)})
+        if main and evaluating:
+            save_checkpoint(checkpoint_path, run.checkpoint(step, best))
+            _overlay(out_dir, run.model, data, val_idx, step, config, device)
             loss_curves(log.read(), LOSS_COLUMNS, out_dir / "plots" / "loss.png", title="train-seg losses")
         if progress and main:
             progress(step, config.steps, losses_text(parts))
+    return best
 
-    if not main:
-        return distributed.broadcast_object(None)  # rank 0's manifest, once it is written
-    manifest = {
-        "format": "covidseg.seg",
-        "version": 1,
-        "covidseg_version": __version__,
-        "masks": portable_path(masks_dir, out_dir),
-        "device": str(torch_device),
-        "arch": config.arch,
-        "preset": config.preset,
-        "steps": config.steps,
-        "distributed": parallel,
-        "n_train_slices": int(len(train_idx)),
-        "n_val_slices": int(len(val_idx)),
-        "val_cases": sorted(set(data.case_ids[val_idx])),
-        "best": best,
-        "files": {"best": "best.pt", "checkpoint": "checkpoint.pt", "metrics": "metrics.csv"},
-    }
-    write_json(out_dir / "manifest.json", manifest)
-    return distributed.broadcast_object(manifest)
+
+def _keep_best(run: _SegTraining, out_dir: Path, step: int, val: dict, best: dict) -> dict:
+    """best.pt becomes this step's model when its validation Dice against the held-out pseudo-masks
+    is at least the best so far; without validation cases (val_fraction 0 or a single case) the
+    latest model is kept. Returns the best step's record."""
+    score = val.get("val_dice_pseudo")
+    if score is not None and score < best["val_dice_pseudo"]:
+        return best
+    save_checkpoint(out_dir / "best.pt", run.model_file(step, val))
+    return {"step": step, **val, "val_dice_pseudo": -1.0 if score is None else score}

@@ -1,0 +1,163 @@
+"""covidseg.config: the settings dataclasses, their JSON, and the TOML/JSON settings-file loader."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+from typer.testing import CliRunner
+
+from covidseg.cli import app
+from covidseg.config import (
+    CorruptionConfig,
+    GanTrainConfig,
+    PreprocessConfig,
+    RunConfig,
+    SegTrainConfig,
+    config_from_tables,
+    load_config,
+)
+from covidseg.errors import UsageError
+from covidseg.settings import SettingError
+
+SETTINGS = """
+[preprocess]
+grid = [16, 64, 64]
+
+[train-gan]
+preset = "tiny"
+steps = 2
+crop = [8, 32, 32]
+
+[train-gan.lesions]
+load_range = [0.01, 0.2]
+ggo_hu = [-650, -350]
+octaves = 2
+texture_hu = 30
+
+[train-seg]
+steps = 2
+batch_size = 4
+
+[train-seg.loss]
+w_dice = 0.5
+"""
+
+
+@pytest.fixture
+def settings_toml(tmp_path):
+    path = tmp_path / "settings.toml"
+    path.write_text(SETTINGS, encoding="utf-8")
+    return path
+
+
+def test_a_toml_file_sets_every_stage_and_the_rest_keeps_its_defaults(settings_toml):
+    config = load_config(settings_toml)
+    assert config.preprocess == PreprocessConfig(grid=(16, 64, 64))
+    lesions = CorruptionConfig(load_range=(0.01, 0.2), ggo_hu=(-650.0, -350.0), octaves=2, texture_hu=30.0)
+    assert config.train_gan == GanTrainConfig(preset="tiny", steps=2, crop=(8, 32, 32), lesions=lesions)
+    assert config.train_gan.lesions.consolidation_hu == CorruptionConfig().consolidation_hu
+    assert config.train_seg == SegTrainConfig(steps=2, batch_size=4)
+    assert config.seg_loss.w_dice == 0.5 and config.seg_loss.w_mse == 1.0
+    # the saved config.json reads back as the same settings, also as a JSON settings file
+    assert config.to_json()["train-gan"]["lesions"]["ggo_hu"] == [-650.0, -350.0]
+    assert config_from_tables(config.to_json()) == config
+    assert load_config(None) == RunConfig()
+
+
+def test_train_gan_crop_defaults_to_the_presets_crop():
+    from covidseg.models.gan3d import PRESET_CROPS
+
+    tiny = config_from_tables({"train-gan": {"preset": "tiny"}})
+    assert tiny.train_gan.crop == PRESET_CROPS["tiny"]
+    assert config_from_tables({"train-gan": {"preset": "tiny", "crop": "none"}}).train_gan.crop is None
+    assert config_from_tables({"train-gan": {"crop": None}}).train_gan.crop is None
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[train-gan]\nstepz = 3\n", "unknown key 'stepz' in [train-gan]"),
+        ("[train-seg.loss]\nw_dise = 1.0\n", "unknown key 'w_dise' in [train-seg.loss]"),
+        ("[preprocess.lungs]\nair = -300\n", "unknown key 'air' in [preprocess.lungs]"),
+        ("[train-gan.lesions]\nggo = [-700, -300]\n", "unknown key 'ggo' in [train-gan.lesions]"),
+        ("[training]\nsteps = 3\n", "unknown table [training]"),
+        ('[train-gan]\nsteps = "many"\n', '[train-gan] steps = "many": must be a whole number'),
+        ("[preprocess]\ngrid = [32, 128]\n", "[preprocess] grid = [32, 128]: must be three whole numbers"),
+        ("[train-seg]\naugment = 1\n", "[train-seg] augment = 1: must be true or false"),
+        ('[train-seg]\narch = "vit"\n', '[train-seg] arch = "vit": must be one of transunet, unet'),
+        ("[train-gan]\ncrop = [8, 32]\n", "[train-gan] crop = [8, 32]: must be [z, y, x]"),
+        ("[train-gan]\nlesions = 3\n", "[train-gan] lesions = 3: must be a table"),
+        ("[preprocess]\nworkers = 0\n", "[preprocess] workers = 0: must be a whole number >= 1"),
+        ("[train-gan\nsteps = 3\n", "unreadable settings"),
+    ],
+)
+def test_settings_errors_are_usage_errors_naming_the_key(tmp_path, text, message):
+    path = tmp_path / "bad.toml"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(UsageError, match=re.escape(message)):
+        load_config(path)
+
+
+# ---- [train-gan.lesions]: the synthetic lesions ---------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ("ggo_hu = [-300, -700]", "ggo_hu = [-300.0, -700.0]: must be two numbers [lo, hi] in [-2000, 4000]"),
+        ("consolidation_hu = [-100, 5000]", "consolidation_hu = [-100.0, 5000.0]: must be two numbers"),
+        ("load_range = [0, 0.3]", "load_range = [0.0, 0.3]: must be two numbers [lo, hi] in (0, 1]"),
+        ("load_range = [0.3, 0.1]", "load_range = [0.3, 0.1]: must be two numbers [lo, hi] in (0, 1]"),
+        ("core_fraction = [0.5, 0.1]", "core_fraction = [0.5, 0.1]: must be two numbers [lo, hi] in [0, 1]"),
+        ("core_probability = 1.5", "core_probability = 1.5: must be a number in [0, 1]"),
+        ("frequency = [2, 0, 4]", "frequency = [2.0, 0.0, 4.0]: must be three numbers > 0"),
+        ("frequency = [2, 4]", "frequency = [2, 4]: must be three numbers > 0"),
+        ("frequency = [2, 4, 64]\noctaves = 4", "frequency = [2.0, 4.0, 64.0]: with octaves = 4 the finest"),
+        ("frequency = [2, 4, 64]\noctaves = 1", "frequency = [2.0, 4.0, 64.0]: with octaves = 1 the finest"),
+        ("octaves = 0", "octaves = 0: must be a whole number in 1..8"),
+        ("octaves = 2.5", "octaves = 2.5: must be a whole number in 1..8"),
+        ("edge = 0", "edge = 0.0: must be a finite number > 0"),
+        ("texture_hu = -1", "texture_hu = -1.0: must be a number in [0, 1000] HU"),
+        ("border_bias = nan", "border_bias = nan: must be a finite number"),
+        ("posterior_bias = inf", "posterior_bias = inf: must be a finite number"),
+    ],
+)
+def test_a_bad_lesion_setting_is_a_usage_error_naming_the_table_and_key(tmp_path, line, message):
+    path = tmp_path / "bad.toml"
+    path.write_text(f"[train-gan.lesions]\n{line}\n", encoding="utf-8")
+    with pytest.raises(UsageError, match=re.escape(f"[train-gan.lesions] {message}")) as caught:
+        load_config(path)
+    assert str(path) in str(caught.value)
+
+
+def test_lesions_check_themselves_when_built_in_code():
+    with pytest.raises(SettingError, match=r"ggo_hu = \[-300.0, -700.0\]"):
+        CorruptionConfig(ggo_hu=(-300.0, -700.0))
+    CorruptionConfig(load_range=(0.1, 0.1), frequency=(1.0, 32.0, 32.0), octaves=4)  # 256 cells: the limit
+
+
+def test_a_train_config_from_before_lesions_were_a_setting_reads_as_the_defaults():
+    lesions = CorruptionConfig(ggo_hu=(-600.0, -400.0))
+    custom = GanTrainConfig(preset="tiny", crop=(8, 32, 32), lesions=lesions)
+    saved = json.loads(json.dumps(custom.to_json()))  # as a checkpoint or config.json holds it
+    assert saved["lesions"]["ggo_hu"] == [-600.0, -400.0]
+    assert GanTrainConfig.from_json(saved) == custom
+    del saved["lesions"]
+    assert GanTrainConfig.from_json(saved) == GanTrainConfig(preset="tiny", crop=(8, 32, 32))
+    assert CorruptionConfig.from_json(CorruptionConfig().to_json()) == CorruptionConfig()
+
+
+def test_run_writes_the_lesions_table_to_config_json(settings_toml, tmp_path):
+    (tmp_path / "healthy").mkdir()
+    (tmp_path / "covid").mkdir()
+    work = tmp_path / "work"
+    args = ["run", "--healthy", str(tmp_path / "healthy"), "--covid", str(tmp_path / "covid"),
+            "-o", str(work), "--config", str(settings_toml), "--device", "cpu", "--no-progress"]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2 and "no CT found" in result.output  # preprocess: empty input folders
+    saved = json.loads((work / "config.json").read_text(encoding="utf-8"))  # written before any stage
+    lesions = saved["train-gan"]["lesions"]
+    assert lesions["ggo_hu"] == [-650.0, -350.0] and lesions["octaves"] == 2 and lesions["edge"] == 0.04
+    assert config_from_tables(saved) == load_config(settings_toml)
