@@ -12,7 +12,9 @@ from covidseg.config import SegLossConfig
 from covidseg.learning.losses import (
     ContrastiveLoss,
     SegmentationLoss,
+    adversarial_loss,
     dice_loss,
+    masked_mse,
     mse_to_soft,
     sensitivity_enhanced_bce,
 )
@@ -335,3 +337,21 @@ def test_seg_loss_config_validates_and_round_trips():
         SegLossConfig(w_mse=-1.0)
     config = SegLossConfig(w_dice=0.5, init_temperature=0.2)
     assert SegLossConfig.from_json(config.to_json()) == config
+
+
+def test_gan_adversarial_loss_in_closed_form():
+    logits = torch.tensor([[0.0, 2.0]])
+    real_bce = (math.log(2.0) - math.log(_sigmoid(2.0))) / 2  # -log σ(0), -log σ(2), averaged
+    assert adversarial_loss(logits, True, "bce").item() == pytest.approx(real_bce, rel=1e-6)
+    fake_bce = (math.log(2.0) - math.log(1.0 - _sigmoid(2.0))) / 2
+    assert adversarial_loss(logits, False, "bce").item() == pytest.approx(fake_bce, rel=1e-6)
+    assert adversarial_loss(logits, True, "lsgan").item() == pytest.approx((1.0 + 1.0) / 2)  # (0-1)², (2-1)²
+    assert adversarial_loss(logits, False, "lsgan").item() == pytest.approx((0.0 + 4.0) / 2)
+
+
+def test_gan_masked_mse_counts_only_the_gate_and_is_zero_for_an_empty_one():
+    a = torch.tensor([[[[[1.0, 3.0, 10.0]]]]])  # [1, 1, 1, 1, 3]
+    b = torch.zeros_like(a)
+    gate = torch.tensor([[[[[1.0, 1.0, 0.0]]]]])
+    assert masked_mse(a, b, gate).item() == pytest.approx((1.0 + 9.0) / 2)
+    assert masked_mse(a, b, torch.zeros_like(gate)).item() == 0.0

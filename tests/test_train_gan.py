@@ -185,3 +185,22 @@ def test_the_gan_paints_its_lesions_on_the_preprocess_hu_window(tmp_path, monkey
     monkeypatch.setattr(stage, "perlin_lesions", recording)
     run_train_gan(root / "pre", root / "gan", _config(steps=1), device="cpu")
     assert windows and set(windows) == {(-1350.0, 150.0)}
+
+
+def test_the_lesion_settings_reach_the_synthetic_lesions(pre, tmp_path, monkeypatch):
+    from covidseg.config import CorruptionConfig
+    from covidseg.stages import train_gan
+
+    seen = []
+
+    def recording(image, lung, generator, config=None, *, scale):
+        seen.append(config)
+        return original(image, lung, generator, config, scale=scale)
+
+    original = train_gan.perlin_lesions
+    monkeypatch.setattr(train_gan, "perlin_lesions", recording)
+    lesions = CorruptionConfig(ggo_hu=(-650.0, -550.0), octaves=2)
+    run_train_gan(pre, tmp_path / "g", _config(steps=1, w_adv=0.0, lesions=lesions), device="cpu")
+    assert seen == [lesions]
+    saved = load_checkpoint(tmp_path / "g" / "generator.pt")["train_config"]
+    assert GanTrainConfig.from_json(saved).lesions == lesions
