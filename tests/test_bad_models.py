@@ -21,26 +21,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ct_like, save_untrained_segmenter
+from conftest import ct_like
 from covidseg.imaging.geometry import axis_aligned_geometry
 from covidseg.inference.onnx import sha256_of, sidecar_path
 from covidseg.io import write_array
 from covidseg.models.segmenters import make_segmenter
-from covidseg.stages.export import run_export
 from test_bad_inputs import cli, error_line, snapshot
 
-
-@pytest.fixture(scope="module")
-def model_pt(tmp_path_factory) -> Path:
-    return save_untrained_segmenter(tmp_path_factory.mktemp("model") / "best.pt")
-
-
-@pytest.fixture(scope="module")
-def model_onnx(model_pt, tmp_path_factory) -> Path:
-    """The one export of this file (a few seconds): model.onnx and model.json."""
-    out = tmp_path_factory.mktemp("onnx") / "model.onnx"
-    run_export(model_pt, out)
-    return out
+# model_pt, model_onnx: tests/conftest.py (session fixtures; the tests below edit copies)
 
 
 @pytest.fixture(scope="module")

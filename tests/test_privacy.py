@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from conftest import one_torch_thread, save_untrained_segmenter, write_dicom_series
+from conftest import one_torch_thread, write_dicom_series
 from covidseg.cli import app
 from covidseg.imaging.geometry import axis_aligned_geometry
 from covidseg.imaging.phantom import make_phantom
@@ -112,11 +112,6 @@ def dicom_case(tmp_path_factory) -> Path:
     hu = make_phantom(SHAPE, SPACING, covid=True, seed=3).hu
     write_dicom_series(root / "in" / "series", hu, SPACING, series_uid=SERIES_UID, extra_tags=PATIENT)
     return root / "in" / "series"
-
-
-@pytest.fixture(scope="module")
-def model_pt(tmp_path_factory) -> Path:
-    return save_untrained_segmenter(tmp_path_factory.mktemp("model") / "best.pt")
 
 
 def test_the_test_series_carries_the_patient_details(dicom_case):
