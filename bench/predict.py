@@ -11,6 +11,8 @@ Figures (each measured run in a fresh child process, so its peak RSS is its own)
 * peak RSS predicting a 512x512x600 scan: target <= 3 GB.
 * the `--snapshots` PNG of a 512x512x300 scan (slice choice + drawing + writing): target <= 0.5 s.
 * on a GPU (when one is usable): seconds per 512x512x300 scan and scans per minute over 20 scans.
+* the DICOM SEG (`predict --format dicom-seg`) of a 512x512x300 DICOM series, headers read +
+  SEG built + written, next to the NIfTI write of the same mask: target <= 1.5 s and <= 2x.
 
 `--model` takes a train-seg best.pt (default: an untrained tiny TransUNet, the default preset:
 the compute is the same; only the mask content, and so its compression, differs).
@@ -33,6 +35,8 @@ TARGET_ORT_SPEEDUP = 1.3
 TARGET_IO_RATIO = 3.0
 TARGET_RSS_GB = 3.0
 TARGET_SNAPSHOT_SECONDS = 0.5
+TARGET_SEG_SECONDS = 1.5
+TARGET_SEG_RATIO = 2.0
 SPACING = (1.0, 0.7, 0.7)  # mm, z y x: a typical thin-slice chest CT
 
 
@@ -104,6 +108,57 @@ def _child_snapshot(image: Path, out_dir: Path, repeats: int = 3) -> None:
                         spacing_zyx=volume.spacing_zyx)  # fmt: skip
         times.append(time.perf_counter() - start)
     print(json.dumps({"seconds": statistics.median(times)}))
+
+
+def _write_dicom_series(folder: Path, image: Path) -> None:
+    """The CT as a DICOM series (one file per slice, UIDs, positions and a Frame of Reference), as a
+    scanner would give it to predict."""
+    import SimpleITK as sitk
+
+    volume = sitk.Cast(sitk.ReadImage(str(image)), sitk.sitkInt16)
+    folder.mkdir(parents=True, exist_ok=True)
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    root = "1.2.826.0.1.3680043.2.1125.7"
+    for k in range(volume.GetDepth()):
+        slice_k = volume[:, :, k]
+        position = volume.TransformIndexToPhysicalPoint((0, 0, k))
+        tags = {
+            "0008|0060": "CT", "0008|0016": "1.2.840.10008.5.1.4.1.1.2", "0008|0018": f"{root}.3.{k + 1}",
+            "0020|000d": f"{root}.1", "0020|000e": f"{root}.2", "0020|0052": f"{root}.4",
+            "0020|0013": str(k + 1), "0020|0032": "\\".join(f"{v:.4f}" for v in position),
+            "0020|0037": "1\\0\\0\\0\\1\\0", "0018|0050": str(volume.GetSpacing()[2]),
+            "0028|1052": "0", "0028|1053": "1",
+        }  # fmt: skip
+        for key, value in tags.items():
+            slice_k.SetMetaData(key, value)
+        writer.SetFileName(str(folder / f"IM{k:04d}.dcm"))
+        writer.Execute(slice_k)
+
+
+def _child_seg(series: Path, mask: Path, out_dir: Path, repeats: int = 3) -> None:
+    """Seconds (median of `repeats`) of the DICOM SEG of a predicted mask over its DICOM series
+    (headers read, SEG built and written) and of the NIfTI write of the same mask."""
+    import SimpleITK as sitk
+
+    from covidseg.io import write_image
+    from covidseg.io.dicom import read_dicom_folder
+    from covidseg.io.dicom_seg import LESION_LABEL, SegSegment, read_source_headers, write_dicom_seg
+
+    files = read_dicom_folder(series, None)[3]
+    labels = sitk.ReadImage(str(mask))
+    lesion = sitk.GetArrayFromImage(labels) > 0  # native [z, y, x] = the series' slice order
+    seg_s, nifti_s = [], []
+    for k in range(repeats):
+        start = time.perf_counter()
+        headers = read_source_headers(files)  # part of the SEG's cost in predict
+        write_dicom_seg(out_dir / f"s{k}.seg.dcm", headers, [SegSegment(LESION_LABEL, lesion)], "b", "b")
+        seg_s.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        write_image(out_dir / f"m{k}.nii.gz", labels)
+        nifti_s.append(time.perf_counter() - start)
+    print(json.dumps({"seg": statistics.median(seg_s), "nifti": statistics.median(nifti_s),
+                      "frames": int(lesion.any(axis=(1, 2)).sum()), "slices": len(files)}))  # fmt: skip
 
 
 def _child_throughput(model: Path, onnx_model: Path, n_slices: int = 64, repeats: int = 5) -> None:
@@ -182,6 +237,8 @@ def main(model: Path | None = None, repeats: int = 3) -> list[dict]:
         floor = statistics.median(r["seconds"] for r in floors)
         speed = _run_child("throughput", str(model), str(onnx_model))
         snapshot = _run_child("snapshot", str(ct300), str(tmp))
+        _write_dicom_series(tmp / "dicom300", ct300)
+        seg = _run_child("seg", str(tmp / "dicom300"), str(tmp / "p" / "bench.nii.gz"), str(tmp))
 
         _write_ct(ct600, (600, 512, 512))
         big = _run_child("predict", str(ct600), str(onnx_model), str(tmp / "p600"), "onnx", "cpu")
@@ -200,6 +257,10 @@ def main(model: Path | None = None, repeats: int = 3) -> list[dict]:
             _row("peak RSS, predict 512x512x600", big["rss_gb"], "GB", TARGET_RSS_GB),
             _row("  wall, 512x512x600", big["seconds"], "s"),
             _row("--snapshots PNG of a 512x512x300 scan", snapshot["seconds"], "s", TARGET_SNAPSHOT_SECONDS),
+            _row(f"DICOM SEG of a 512x512x300 series ({seg['frames']} of {seg['slices']} frames)",
+                 seg["seg"], "s", TARGET_SEG_SECONDS),
+            _row("  SEG / NIfTI write of the same mask", seg["seg"] / seg["nifti"], "x", TARGET_SEG_RATIO),
+            _row("  NIfTI write of the mask", seg["nifti"], "s"),
         ]  # fmt: skip
 
         if _gpu_usable():
@@ -244,6 +305,8 @@ if __name__ == "__main__":
             _child_io(Path(args[0]), Path(args[1]), Path(args[2]))
         elif kind == "snapshot":
             _child_snapshot(Path(args[0]), Path(args[1]))
+        elif kind == "seg":
+            _child_seg(Path(args[0]), Path(args[1]), Path(args[2]))
         else:
             _child_throughput(Path(args[0]), Path(args[1]))
         sys.exit(0)

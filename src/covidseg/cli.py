@@ -630,21 +630,28 @@ def predict(
             "AccessionNumber) into each <case>.json; off: no patient data in any output.",
         ),
     ] = False,
+    output_format: Annotated[
+        str,
+        typer.Option(
+            "--format",
+            help="nifti, dicom-seg (one DICOM SEG per DICOM series, <case>.seg.dcm, linked to its "
+            "study) or both.",
+        ),
+    ] = "nifti",
+    seg_lungs: Annotated[
+        bool, typer.Option("--seg-lungs", help="Add the lungs as a second segment of the DICOM SEG.")
+    ] = False,
     no_progress: NoProgress = False,
 ) -> None:
     """Lesion masks and a clinical read-out (mL, % of lung, CT-0..CT-4) for every CT."""
     try:
-        mapping = _intensity(intensity)
-        if resume and overwrite:
-            raise UsageError(None, "--continue and --overwrite exclude each other")
-        from covidseg.config import PredictOptions
+        options = _predict_options(
+            probabilities=probabilities, snapshots=snapshots, resume=resume, overwrite=overwrite,
+            series=series, intensity=_intensity(intensity), tensorrt=tensorrt, num_parts=num_parts,
+            part_id=part_id, keep_metadata=keep_metadata, output_format=output_format, seg_lungs=seg_lungs,
+        )  # fmt: skip
         from covidseg.stages.predict import predict_inputs
 
-        options = PredictOptions(
-            probabilities=probabilities, snapshots=snapshots, resume=resume, overwrite=overwrite,
-            series=series, intensity=mapping, tensorrt=tensorrt, num_parts=num_parts, part_id=part_id,
-            keep_metadata=keep_metadata,
-        )  # fmt: skip
         with _bars(not no_progress) as bars:
             result = predict_inputs(
                 inputs, output, model, backend, device, options, bars("predict"), _announce
@@ -658,6 +665,22 @@ def predict(
     _print_predict(result, output / f"summary{options.part_suffix}.csv")
     if result.failures:
         raise typer.Exit(1)
+
+
+def _predict_options(**values):
+    """predict's command-line options as PredictOptions; a broken rule or a pair of options that
+    exclude each other is a usage error naming the options."""
+    from covidseg.config import PredictOptions
+
+    if values["resume"] and values["overwrite"]:
+        raise UsageError(None, "--continue and --overwrite exclude each other")
+    try:
+        options = PredictOptions(**values)
+    except ValueError as exc:
+        raise _option_error(exc, {"output_format": "--format"}) from None
+    if options.seg_lungs and not options.writes_seg:
+        raise UsageError(None, "--seg-lungs adds a segment to the DICOM SEG: use --format dicom-seg or both")
+    return options
 
 
 def _announce(runner) -> None:

@@ -209,6 +209,10 @@ class SegLossConfig:
         return cls(**data)
 
 
+#: What `predict --format` writes per case: NIfTI masks, a DICOM SEG over the source series, or both.
+OUTPUT_FORMATS = ("nifti", "dicom-seg", "both")
+
+
 @dataclass(frozen=True)
 class PredictOptions:
     """How `predict` reads its inputs and what it writes per case.
@@ -229,9 +233,25 @@ class PredictOptions:
     num_parts: int = 1  # split the batch over this many jobs ...
     part_id: int = 0  # ... and run this one (0-based)
     keep_metadata: bool = False  # copy the DICOM identifiers (io.DICOM_IDENTIFIERS) into <id>.json
+    output_format: str = "nifti"  # nifti | dicom-seg | both (see OUTPUT_FORMATS)
+    seg_lungs: bool = False  # a "Lungs" segment in the DICOM SEG too
 
     def __post_init__(self) -> None:
         check_config(self)
+        if self.output_format not in OUTPUT_FORMATS:
+            raise SettingError(
+                "output_format", self.output_format, f"must be one of {', '.join(OUTPUT_FORMATS)}"
+            )
+
+    @property
+    def writes_nifti(self) -> bool:
+        """Whether each case gets its NIfTI mask (and probability map)."""
+        return self.output_format in ("nifti", "both")
+
+    @property
+    def writes_seg(self) -> bool:
+        """Whether each case gets a DICOM SEG (DICOM series inputs only)."""
+        return self.output_format in ("dicom-seg", "both")
 
     @property
     def part_suffix(self) -> str:

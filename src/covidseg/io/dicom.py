@@ -150,10 +150,11 @@ def _check_pixel_data_length(path: Path, size: dict[str, int | None], length: in
         raise InputError(path, f"corrupt DICOM file: {announced}, pixel data holds {length}")
 
 
-def read_dicom_folder(folder: Path, series: str | None) -> tuple[sitk.Image, str, str | None, str]:
+def read_dicom_folder(folder: Path, series: str | None) -> tuple[sitk.Image, str, str | None, list[str]]:
     """Read one series of a DICOM folder: `series` or the one with most slices.
 
-    Returns the image, the series UID, an optional note and the series' first file."""
+    Returns the image, the series UID, an optional note and the series' files in the image's slice
+    order (file k is slice k of the image's array, [z, y, x])."""
     for path in sorted(folder.iterdir()):
         if path.is_file() and is_dicom_file(path):
             _check_dicom_lengths(path)
@@ -187,7 +188,7 @@ def read_dicom_folder(folder: Path, series: str | None) -> tuple[sitk.Image, str
         image = reader.Execute()
     except RuntimeError:
         raise InputError(folder, f"unreadable DICOM series {uid}: a slice is truncated or corrupt") from None
-    return _undo_monochrome1(image, reflections), uid, note, all_series[uid][0]
+    return _undo_monochrome1(image, reflections), uid, note, list(all_series[uid])
 
 
 def _series_choice_note(all_series: dict[str, list[str]], uid: str) -> str | None:

@@ -48,6 +48,7 @@ class CTVolume:
     source: str  # file or DICOM folder it came from
     series_uid: str | None = None
     dicom: dict[str, str] | None = None  # DICOM_IDENTIFIERS found, when read_ct was asked for them
+    dicom_files: tuple[str, ...] | None = None  # a DICOM series' files, file k = native slice k
 
     def to_native_image(self, canonical: np.ndarray) -> sitk.Image:
         """A SimpleITK image of a canonical array, with the source's exact native geometry."""
@@ -131,11 +132,11 @@ def read_ct(
     path = Path(path)
     note = None
     uid = None
-    first_dicom = None
+    files = None
     if not path.exists():
         raise InputError(path, "no such file or folder")
     if path.is_dir():
-        image, uid, note, first_dicom = read_dicom_folder(path, series)
+        image, uid, note, files = read_dicom_folder(path, series)
     else:
         image = _read_file(path)
     image = _to_scalar_3d(image, path, intensity)
@@ -159,10 +160,10 @@ def read_ct(
         orientation=orientation,
         source=str(path),
         series_uid=uid,
+        dicom_files=tuple(files) if files else None,
     )
     if identifiers:
-        if first_dicom is None and is_dicom_file(path):
-            first_dicom = path
+        first_dicom = files[0] if files else path if is_dicom_file(path) else None
         volume.dicom = dicom_identifiers(first_dicom) if first_dicom is not None else None
     return volume, note
 

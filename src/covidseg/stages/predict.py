@@ -74,6 +74,14 @@ from covidseg.inference.model_home import resolve_model
 from covidseg.inference.runners import OnnxRunner, TorchRunner
 from covidseg.io import CTVolume, find_cases, read_ct, write_array
 from covidseg.io.atomic import NAME_MAX, folder_lock, remove_stale_temps, shortened, write_csv, write_json
+from covidseg.io.dicom_seg import (
+    LESION_LABEL,
+    LUNGS_LABEL,
+    SEG_SUFFIX,
+    SegSegment,
+    read_source_headers,
+    write_dicom_seg,
+)
 from covidseg.progress import Progress
 from covidseg.stages._workdir import check_output_dir, portable_path
 from covidseg.versions import software_versions
@@ -107,9 +115,13 @@ def output_stem(case_id: str) -> str:
 def case_outputs(out_dir: Path, case_id: str, options: PredictOptions) -> dict[str, Path]:
     """The files one case writes (the JSON last)."""
     stem = output_stem(case_id)
-    files = {"mask": out_dir / f"{stem}.nii.gz"}
+    files = {}
+    if options.writes_nifti:
+        files["mask"] = out_dir / f"{stem}.nii.gz"
     if options.probabilities:
         files["probability"] = out_dir / f"{stem}_probability.nii.gz"
+    if options.writes_seg:
+        files["seg"] = out_dir / f"{stem}{SEG_SUFFIX}"
     if options.snapshots:
         files["snapshot"] = out_dir / f"{stem}.png"
     files["json"] = out_dir / f"{stem}.json"
@@ -241,6 +253,17 @@ def check_name_clashes(cases: list[tuple[str, Path]], options: PredictOptions) -
                 )
 
 
+def check_seg_inputs(cases: list[tuple[str, Path]], options: PredictOptions) -> None:
+    """With --format dicom-seg or both every case must be a DICOM series (a folder): a SEG refers
+    to the source's instances. A file input is a UsageError naming it."""
+    if not options.writes_seg:
+        return
+    for _, path in cases:
+        if not Path(path).is_dir():
+            cause = "not a DICOM series: --format dicom-seg needs DICOM series folders (use --format nifti)"
+            raise UsageError(path, cause)
+
+
 def _model_identity(record: dict) -> dict:
     """What makes two predictions of one case comparable: model file, threshold, preprocessing."""
     keys = ("model_sha256", "threshold", "preprocessing")
@@ -292,11 +315,16 @@ def _reader(cases: list[tuple[str, Path]], options: PredictOptions) -> Iterator[
 
 
 def _write_images(
-    files: dict[str, Path], result, volume: CTVolume, case_id: str, readout: dict, options: PredictOptions
-) -> None:
-    """The mask (and probability map, snapshot) of one case, native geometry, each file atomic."""
-    lesion = result.full(result.lesion.astype(np.uint8))
-    write_array(files["mask"], volume.orientation.to_native(lesion), volume.geometry)
+    files: dict[str, Path], result, volume: CTVolume, case_id: str, readout: dict, options: PredictOptions,
+    seg_source: tuple,
+) -> None:  # fmt: skip
+    """The mask (NIfTI and/or DICOM SEG; and probability map, snapshot) of one case, native
+    geometry, each file atomic; `seg_source`: (the series' headers for the SEG, the model's sha256)."""
+    lesion = volume.orientation.to_native(result.full(result.lesion.astype(np.uint8)))
+    if "mask" in files:
+        write_array(files["mask"], lesion, volume.geometry)
+    if "seg" in files:
+        _write_seg(files["seg"], lesion, result, volume, readout, options.seg_lungs, seg_source)
     del lesion
     if options.probabilities:
         probability = result.full(result.probability, dtype=np.float32)
@@ -315,6 +343,22 @@ def _write_images(
         )  # fmt: skip
 
 
+def _write_seg(
+    path: Path, lesion: np.ndarray, result, volume: CTVolume, readout: dict, lungs: bool, source: tuple
+) -> None:
+    """The case's DICOM SEG over its source series: the lesion segment (native slice order, as
+    `lesion`), the lungs with --seg-lungs; the read-out in the series description."""
+    segments = [SegSegment(LESION_LABEL, lesion)]
+    if lungs:
+        lung_mask = volume.orientation.to_native(result.full(result.lungs.astype(np.uint8)))
+        segments.append(SegSegment(LUNGS_LABEL, lung_mask))
+    grade = readout["severity"] or NOT_GRADED
+    description = f"covidseg {readout['lesion_ml']:.1f} mL {readout['involvement_pct']:.1f}% {grade}"
+    headers, model_sha256 = source
+    version = f"{__version__} model {model_sha256[:12]}"
+    write_dicom_seg(path, headers, segments, description, version)
+
+
 def predict_volume(
     case_id: str,
     volume: CTVolume,
@@ -326,6 +370,7 @@ def predict_volume(
 ) -> dict:
     """Segment one CT and write its outputs (the JSON last); return its record."""
     started = time.perf_counter()
+    seg_headers = read_source_headers(volume.dicom_files) if options.writes_seg else None
     result = segment_ct(
         volume.hu, volume.spacing_zyx, runner, seg.spec, options.batch_size, options.probabilities
     )
@@ -342,7 +387,7 @@ def predict_volume(
     files = case_outputs(out_dir, case_id, options)
     files["json"].unlink(missing_ok=True)  # the completion marker goes first and comes back last
     try:  # whatever fails from the first file on (Ctrl-C too) leaves no file of the case
-        _write_images(files, result, volume, case_id, readout, options)
+        _write_images(files, result, volume, case_id, readout, options, (seg_headers, seg.info["sha256"]))
         record = {
             "case_id": case_id,
             "status": "ok",
@@ -507,13 +552,14 @@ def run_predict(
     the others go on. `progress` gets (cases done, cases, "<case id>: done|failed|already done")
     per case, `on_runner` the runner once loaded.
 
-    Before the model is loaded: the output folder must be usable, no output may be an input and
-    no two outputs may share a name. The folder is locked for the run (UsageError if another run
-    holds it)."""
+    Before the model is loaded: the output folder must be usable, no output may be an input, no
+    two outputs may share a name, and a DICOM SEG is asked only of DICOM series. The folder is
+    locked for the run (UsageError if another run holds it)."""
     options = options or PredictOptions()
     out_dir = Path(out_dir)
     check_output_dir(out_dir)
     check_name_clashes(cases, options)
+    check_seg_inputs(cases, options)
     check_outputs_spare_inputs(cases, out_dir, options)
     lock_name = batch_files(options)[-1]
     with contextlib.ExitStack() as stack:
