@@ -85,26 +85,28 @@ def read_source_headers(files: Sequence[str | Path]) -> list:
     linked to them (Study, Series, SOP Instance and Frame of Reference UIDs)."""
     import pydicom
 
-    headers = []
-    for path in files:
-        try:
-            with warnings.catch_warnings():  # pydicom warns per bad value; the check below says it once
-                warnings.simplefilter("ignore")
-                header = pydicom.dcmread(path, stop_before_pixels=True)
-        except (OSError, pydicom.errors.InvalidDicomError) as exc:
-            raise InputError(path, f"unreadable DICOM header for the SEG ({exc})") from None
-        for keyword in LINKING_UIDS:
-            value = str(header.get(keyword, "")).strip()
-            if not value:
-                raise InputError(path, f"no {keyword}: a DICOM SEG cannot be linked to this series")
-            if not pydicom.uid.UID(value).is_valid:
-                cause = f"{keyword} {value[:64]!r} is not a valid DICOM UID: a DICOM SEG cannot reference it"
-                raise InputError(path, cause)
-        for keyword in EMPTY_IF_ABSENT:  # Type 2: present, may be empty (de-identified series drop them)
-            if keyword not in header:
-                setattr(header, keyword, "")
-        headers.append(header)
-    return headers
+    with warnings.catch_warnings():  # pydicom warns per bad value (on reading and on access)
+        warnings.simplefilter("ignore")  # the checks below name the first one once
+        return [_checked_header(pydicom, path) for path in files]
+
+
+def _checked_header(pydicom, path: str | Path):
+    """One source header for a SEG, or InputError naming `path` and what it lacks."""
+    try:
+        header = pydicom.dcmread(path, stop_before_pixels=True)
+    except (OSError, pydicom.errors.InvalidDicomError) as exc:
+        raise InputError(path, f"unreadable DICOM header for the SEG ({exc})") from None
+    for keyword in LINKING_UIDS:
+        value = str(header.get(keyword, "")).strip()
+        if not value:
+            raise InputError(path, f"no {keyword}: a DICOM SEG cannot be linked to this series")
+        if not pydicom.uid.UID(value).is_valid:
+            cause = f"{keyword} {value[:64]!r} is not a valid DICOM UID: a DICOM SEG cannot reference it"
+            raise InputError(path, cause)
+    for keyword in EMPTY_IF_ABSENT:  # Type 2: present, may be empty (de-identified series drop them)
+        if keyword not in header:
+            setattr(header, keyword, "")
+    return header
 
 
 def write_dicom_seg(
@@ -158,7 +160,9 @@ def read_dicom_seg(path: Path, files: Sequence[str | Path]) -> dict[str, np.ndar
     import pydicom
 
     seg = hd.seg.segread(path)
-    uids = [str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in files]
+    with warnings.catch_warnings():  # the sources passed read_source_headers' checks
+        warnings.simplefilter("ignore")
+        uids = [str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in files]
     out = {}
     for number in seg.segment_numbers:
         label = seg.get_segment_description(number).segment_label
