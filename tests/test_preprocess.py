@@ -147,7 +147,8 @@ def test_real_8bit_slices_need_and_accept_an_intensity_mapping(shared_data, tmp_
     result = run_preprocess(
         tmp_path / "pre", covid=picked, config=PreprocessConfig(grid=(1, 128, 128)), intensity=mapping
     )
-    assert len(result.manifest["cases"]) + len(result.failures) == 3
+    assert len(result.manifest["cases"]) == 3
     for case in result.manifest["cases"]:
         assert case["intensity"] == "window:-1350,150"
         assert np.load(tmp_path / "pre" / case["lungs"]).any()
+    assert not result.failures  # the display-slice lung mask finds lungs in every slice

@@ -3,7 +3,9 @@
 Syntax (command line ``--intensity``):
 
 * ``window:LO,HI`` -- 8-bit display images: stored 0..255 maps linearly onto LO..HI HU.
-  Lung-windowed JPEG/PNG slices (e.g. COVID-SemiSeg) are roughly ``window:-1350,150``.
+  Lung-windowed JPEG/PNG slices (e.g. COVID-SemiSeg) are roughly ``window:-1350,150``. Their
+  lungs are found by the display-slice mask (:mod:`covidseg.imaging.display_lungs`), which needs
+  neither true HU nor air around the patient.
 * ``linear:SLOPE,INTERCEPT`` -- HU = SLOPE * stored + INTERCEPT (a DICOM rescale that the file
   itself lacks).
 """
@@ -26,6 +28,11 @@ class IntensityMapping:
     slope: float
     intercept: float
     spec: str
+
+    @property
+    def is_display(self) -> bool:
+        """True for ``window:`` mappings: the image was rendered for display, its HU are approximate."""
+        return self.spec.strip().lower().startswith("window")
 
     def apply(self, stored: np.ndarray) -> np.ndarray:
         """Map stored values to HU (float32)."""

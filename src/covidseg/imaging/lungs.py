@@ -283,7 +283,7 @@ def _keep_lung_components(
     return np.concatenate([[False], keep])[labels]
 
 
-def _split_left_right(lungs: np.ndarray) -> np.ndarray:
+def split_left_right(lungs: np.ndarray) -> np.ndarray:
     """Label the lung voxels 1 (right lung: small x) or 2 (left lung: large x).
 
     Two large components are the two lungs; one component (lungs joined through the airway, or a
@@ -351,7 +351,7 @@ def segment_lungs(
     candidates = (work < params.air_hu) & region & ~airway_rim
     z_extent_mm = hu.shape[0] * spacing_zyx[0]
     lungs = _keep_lung_components(candidates, work, airway, voxel_ml, params, z_extent_mm)
-    sides = _split_left_right(lungs)
+    sides = split_left_right(lungs)
 
     radius_px = tuple(int(round(params.closing_mm / s)) for s in work_spacing[1:])
     gap_px = int(params.z_gap_mm / work_spacing[0])

@@ -67,6 +67,7 @@ import numpy as np
 from covidseg import __version__
 from covidseg.config import PredictOptions
 from covidseg.errors import CovidsegError, InputError, UsageError
+from covidseg.imaging.display_lungs import segment_input_lungs
 from covidseg.imaging.readout import NOT_GRADED, read_out
 from covidseg.inference.ct_segment import segment_ct
 from covidseg.inference.model_files import SegModelFile, open_seg_model
@@ -371,8 +372,9 @@ def predict_volume(
     """Segment one CT and write its outputs (the JSON last); return its record."""
     started = time.perf_counter()
     seg_headers = read_source_headers(volume.dicom_files) if options.writes_seg else None
+    lungs = segment_input_lungs(volume.hu, volume.spacing_zyx, seg.spec.lungs, options.intensity)
     result = segment_ct(
-        volume.hu, volume.spacing_zyx, runner, seg.spec, options.batch_size, options.probabilities
+        volume.hu, volume.spacing_zyx, runner, seg.spec, options.batch_size, options.probabilities, lungs
     )
     if result is None:
         raise InputError(volume.source, "no lungs found (is this a chest CT, and in HU?)")
@@ -399,6 +401,7 @@ def predict_volume(
             "lung_box_zyx": result.box.to_json(),
             "network_slices": result.n_slices,
             "threshold": seg.spec.threshold,
+            "lung_mask": "display" if options.intensity and options.intensity.is_display else "ct",
             "preprocessing": seg.spec.to_json(),
             "outputs": {k: p.name for k, p in files.items()},
             "seconds": {"compute": round(compute_s, 3), "write": round(time.perf_counter() - started, 3)},

@@ -25,9 +25,9 @@ import numpy as np
 from covidseg import __version__
 from covidseg.config import PreprocessConfig
 from covidseg.errors import CovidsegError, InputError, UsageError
+from covidseg.imaging.display_lungs import segment_input_lungs
 from covidseg.imaging.grid import grid_spacing_mm, hu_to_grid, lung_crop_box, mask_to_grid
 from covidseg.imaging.intensity import IntensityMapping
-from covidseg.imaging.lungs import segment_lungs
 from covidseg.io import find_cases, read_ct, read_mask
 from covidseg.io.atomic import folder_lock, save_npy, write_json
 from covidseg.progress import Progress
@@ -95,7 +95,7 @@ def preprocess_case(
     """
     start = time.perf_counter()
     volume, note = read_ct(case.path, series=series, intensity=intensity)
-    lungs = segment_lungs(volume.hu, volume.spacing_zyx, config.lungs)
+    lungs = segment_input_lungs(volume.hu, volume.spacing_zyx, config.lungs, intensity)
     box = lung_crop_box(lungs, volume.spacing_zyx, config.margin_mm)
     if box is None:
         raise InputError(case.path, "no lungs found (is this a chest CT, and in HU?)")

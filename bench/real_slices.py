@@ -1,0 +1,130 @@
+"""Real display slices (issue 16): the 50 COVID-SemiSeg slices with expert masks through `predict`.
+
+The slices are 8-bit lung-windowed JPEGs, cropped to the thorax; they go through the command a user
+runs, ``covidseg predict --intensity window:-1350,150`` (the display-slice lung mask of
+``covidseg.imaging.display_lungs``), and are scored per slice with ``covidseg evaluate`` against the
+experts' masks (never used for training or tuning). Next to each model, on the same slices and the
+same lung mask:
+
+* ``baseline``: mapped HU > -600 inside the lung mask, components under 20 pixels dropped (the
+  threshold baseline of every other table).
+
+    python bench/real_slices.py --model NAME=MODEL [--model ...] [--data DIR] [--out DIR] [--json]
+
+Prints per method: slices scored / lost, Dice per slice (mean ± std), pooled Dice, sensitivity,
+specificity, and the paired per-slice Dice difference against the baseline (mean ± std, wins).
+Exit 0 with a note when the data folder is missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from covidseg.imaging.display_lungs import segment_display_lungs
+from covidseg.imaging.intensity import parse_intensity
+from covidseg.io import read_ct, write_array
+from covidseg.method.pseudo_masks import remove_small_components
+
+DEFAULT_DATA = (
+    Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "covid_semiseg_infnet" / "train"
+)
+INTENSITY = "window:-1350,150"
+BASELINE_HU = -600.0
+BASELINE_MIN_PIXELS = 20
+
+
+def baseline_masks(images: Path, out_dir: Path) -> None:
+    """Write the threshold baseline's mask for every image of `images` (NIfTI, source geometry)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    mapping = parse_intensity(INTENSITY)
+    for path in sorted(images.iterdir()):
+        volume, _ = read_ct(path, intensity=mapping)
+        lungs = segment_display_lungs(volume.hu).full() > 0
+        lesion = remove_small_components((volume.hu > BASELINE_HU) & lungs, BASELINE_MIN_PIXELS)
+        native = volume.orientation.to_native(lesion.astype(np.uint8))
+        write_array(out_dir / f"{path.name.rsplit('.', 1)[0]}.nii.gz", native, volume.geometry)
+
+
+def covidseg(*args: str) -> None:
+    """Run the covidseg command line (this interpreter); fail loudly."""
+    subprocess.run([sys.executable, "-m", "covidseg", *args, "--no-progress"], check=True)
+
+
+def scores(eval_dir: Path) -> dict[str, dict]:
+    """Per-slice rows of an evaluate report (metrics.csv), by case id."""
+    with open(eval_dir / "metrics.csv", newline="") as f:
+        return {row["case_id"]: row for row in csv.DictReader(f)}
+
+
+def summarise(rows: dict[str, dict], reference: dict[str, dict] | None, n_cases: int) -> dict:
+    """Dice per slice and pooled, sensitivity, specificity; paired difference against `reference`."""
+    dice = np.array([float(r["dice"]) for r in rows.values()])
+    tp, fp, fn = (sum(int(r[k]) for r in rows.values()) for k in ("tp", "fp", "fn"))
+    out = {
+        "scored": len(rows),
+        "lost": n_cases - len(rows),
+        "dice_mean": float(dice.mean()),
+        "dice_std": float(dice.std()),
+        "dice_pooled": 2 * tp / max(2 * tp + fp + fn, 1),
+        "sensitivity": float(np.mean([float(r["sensitivity"]) for r in rows.values()])),
+        "specificity": float(np.mean([float(r["specificity"]) for r in rows.values()])),
+    }
+    if reference is not None:
+        shared = sorted(set(rows) & set(reference))
+        diff = np.array([float(rows[k]["dice"]) - float(reference[k]["dice"]) for k in shared])
+        out.update(paired_mean=float(diff.mean()), paired_std=float(diff.std()), wins=int((diff > 0).sum()))
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="folder with Imgs/ and GT/")
+    parser.add_argument("--model", action="append", default=[], help="NAME=MODEL (.onnx, best.pt or name)")
+    parser.add_argument("--out", type=Path, default=Path("bench-work/real_slices"))
+    parser.add_argument("--json", action="store_true", help="print the figures as JSON")
+    args = parser.parse_args()
+    images, truth = args.data / "Imgs", args.data / "GT"
+    if not images.is_dir():
+        print(f"no data at {images}: nothing to measure")
+        return 0
+    n_cases = len(list(images.iterdir()))
+    baseline_masks(images, args.out / "pred-baseline")
+    covidseg("evaluate", "--pred", str(args.out / "pred-baseline"), "--ref", str(truth),
+             "-o", str(args.out / "eval-baseline"), "--overwrite")  # fmt: skip
+    reference = scores(args.out / "eval-baseline")
+    results = {"baseline": summarise(reference, None, n_cases)}
+    for spec in args.model:
+        name, _, model = spec.partition("=")
+        pred = args.out / f"pred-{name}"
+        covidseg(
+            "predict", str(images), "-o", str(pred), "--model", model, "--intensity", INTENSITY, "--overwrite"
+        )
+        covidseg("evaluate", "--pred", str(pred), "--ref", str(truth), "-o", str(args.out / f"eval-{name}"),
+                 "--overwrite")  # fmt: skip
+        results[name] = summarise(scores(args.out / f"eval-{name}"), reference, n_cases)
+    if args.json:
+        print(json.dumps(results, indent=2))
+        return 0
+    print(f"{'method':<22} scored lost  Dice/slice       pooled  sens   spec    vs baseline (wins)")
+    for name, r in results.items():
+        paired = (
+            f"{r['paired_mean']:+.3f} ± {r['paired_std']:.3f} ({r['wins']}/{r['scored']})"
+            if "wins" in r
+            else ""
+        )
+        print(
+            f"{name:<22} {r['scored']:>6} {r['lost']:>4}  {r['dice_mean']:.3f} ± {r['dice_std']:.3f}  "
+            f"{r['dice_pooled']:.3f}  {r['sensitivity']:.3f}  {r['specificity']:.4f}  {paired}"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
