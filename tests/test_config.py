@@ -161,3 +161,89 @@ def test_run_writes_the_lesions_table_to_config_json(settings_toml, tmp_path):
     lesions = saved["train-gan"]["lesions"]
     assert lesions["ggo_hu"] == [-650.0, -350.0] and lesions["octaves"] == 2 and lesions["edge"] == 0.04
     assert config_from_tables(saved) == load_config(settings_toml)
+
+
+# ---- [train-seg]: the display-slice augmentations (#16) -------------------------------------------------
+
+DISPLAY_SETTINGS = """
+[train-seg]
+display_p = 0.5
+blur_p = 0.25
+blur_sigma_px = 1.5
+display_center_hu = [-700, -500]
+display_width_hu = [1200, 1600]
+display_gamma = 1.5
+display_assumed_window_hu = [-1200, 200]
+"""
+
+
+def test_train_seg_reads_the_display_augmentations_from_a_settings_file(tmp_path):
+    path = tmp_path / "display.toml"
+    path.write_text(DISPLAY_SETTINGS, encoding="utf-8")
+    seg = load_config(path).train_seg
+    assert seg == SegTrainConfig(display_p=0.5, blur_p=0.25, blur_sigma_px=1.5,
+                                 display_center_hu=(-700.0, -500.0), display_width_hu=(1200.0, 1600.0),
+                                 display_gamma=1.5, display_assumed_window_hu=(-1200.0, 200.0))  # fmt: skip
+    assert SegTrainConfig.from_json(json.loads(json.dumps(seg.to_json()))) == seg  # as config.json holds it
+    defaults = SegTrainConfig()
+    assert (defaults.display_p, defaults.blur_p) == (0.0, 0.0)  # off unless asked for
+
+
+def test_a_train_seg_config_from_before_the_display_augmentations_resumes_with_them_off():
+    from covidseg.learning.loop import resumed_config
+
+    saved = SegTrainConfig(steps=10, lr=1e-3, seed=3).to_json()
+    for key in [k for k in saved if k.startswith(("display_", "blur_"))]:
+        del saved[key]  # an older checkpoint's train_config
+    resumed = resumed_config(SegTrainConfig(steps=20, display_p=1.0), saved)
+    assert resumed == SegTrainConfig(steps=20, lr=1e-3, seed=3)
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ("display_p = 1.5", "display_p = 1.5: must be a number in [0, 1]"),
+        ("blur_p = -0.1", "blur_p = -0.1: must be a number in [0, 1]"),
+        ("blur_p = nan", "blur_p = nan: must be a number in [0, 1]"),
+        ("blur_sigma_px = 0", "blur_sigma_px = 0.0: must be a number in (0, 10] px"),
+        ("display_center_hu = [-450, -750]", "display_center_hu = [-450.0, -750.0]: must be two numbers"),
+        (
+            "display_width_hu = [0, 1500]",
+            "display_width_hu = [0.0, 1500.0]: must be two numbers [lo, hi] in (0",
+        ),
+        ("display_width_hu = [1700, 1000]", "display_width_hu = [1700.0, 1000.0]: must be two numbers"),
+        ("display_gamma = 0.8", "display_gamma = 0.8: must be a number in [1, 10]"),
+        ("display_gamma = inf", "display_gamma = inf: must be a number in [1, 10]"),
+        ("display_assumed_window_hu = [150, -1350]", "display_assumed_window_hu = [150.0, -1350.0]: must be"),
+        ("display_assumed_window_hu = [150, 150]", "display_assumed_window_hu = [150.0, 150.0]: must be"),
+    ],
+)
+def test_a_bad_display_augmentation_setting_is_refused(tmp_path, line, message):
+    path = tmp_path / "bad.toml"
+    path.write_text(f"[train-seg]\n{line}\n", encoding="utf-8")
+    with pytest.raises(UsageError, match=re.escape(f"[train-seg] {message}")):
+        load_config(path)
+    key, value = (part.strip() for part in line.split("="))
+    with pytest.raises(SettingError, match=re.escape(message)):  # code that builds the config directly
+        parsed = json.loads(value) if value.startswith("[") else [float(value)]
+        SegTrainConfig(**{key: tuple(map(float, parsed)) if value.startswith("[") else parsed[0]})
+
+
+def test_train_seg_options_reach_the_config(tmp_path, monkeypatch):
+    seen = []
+
+    def fake_run_train_seg(masks, output, config, loss_config, *rest):
+        seen.append(config)
+        return {"best": {"step": 0, "val_dice_pseudo": -1.0}}
+
+    monkeypatch.setattr("covidseg.stages.train_seg.run_train_seg", fake_run_train_seg)
+    args = ["train-seg", str(tmp_path / "masks"), "-o", str(tmp_path / "seg"), "--no-progress"]
+    result = CliRunner().invoke(app, [*args, "--display-p", "0.5", "--blur-p", "0.25"])
+    assert result.exit_code == 0, result.output
+    assert (seen[0].display_p, seen[0].blur_p) == (0.5, 0.25)
+    assert seen[0].display_assumed_window_hu == (-1350.0, 150.0)
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0 and (seen[1].display_p, seen[1].blur_p) == (0.0, 0.0)
+    result = CliRunner().invoke(app, [*args, "--display-p", "1.5"])
+    assert result.exit_code == 2 and "--display-p 1.5: must be a number in [0, 1]" in result.output
+    assert len(seen) == 2

@@ -149,9 +149,10 @@ def test_train_seg_two_step_cli_run_and_resume(masks, tmp_path):
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["val_cases"] and manifest["n_train_slices"] > 0
 
-    # resume: 2 + 2 steps equal 4 straight steps (same batches, augmentations and noise)
-    cfg = dict(arch="unet", batch_size=4, eval_every=2, log_every=1)  # constant rate: a cosine one
-    # is a function of the total steps, which this split changes
+    # resume: 2 + 2 steps equal 4 straight steps (same batches, augmentations and noise), with the
+    # display-slice augmentations on (their draws come from the same stream)
+    cfg = dict(arch="unet", batch_size=4, eval_every=2, log_every=1, display_p=0.5, blur_p=0.5)
+    # constant rate: a cosine one is a function of the total steps, which this split changes
     run_train_seg(masks, tmp_path / "a", SegTrainConfig(steps=4, **cfg), device="cpu")
     run_train_seg(masks, tmp_path / "b", SegTrainConfig(steps=2, **cfg), device="cpu")
     run_train_seg(masks, tmp_path / "b", SegTrainConfig(steps=4, **cfg), device="cpu", resume=True)
@@ -160,6 +161,7 @@ def test_train_seg_two_step_cli_run_and_resume(masks, tmp_path):
         load_checkpoint(tmp_path / "b" / "checkpoint.pt"),
     )
     assert a["step"] == b["step"] == 4
+    assert (b["train_config"]["display_p"], b["train_config"]["blur_p"]) == (0.5, 0.5)
     for key in a["model"]:
         torch.testing.assert_close(a["model"][key], b["model"][key], rtol=1e-4, atol=1e-5)
     steps = [int(r["step"]) for r in csv.DictReader(open(tmp_path / "b" / "metrics.csv"))]

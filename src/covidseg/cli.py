@@ -486,6 +486,17 @@ def train_seg(
     beta: Annotated[float, typer.Option(help="β of the sensitivity-enhanced BCE.")] = 4.0,
     w_dice: Annotated[float, typer.Option(help="Weight of the Dice loss.")] = 0.0,
     no_augment: Annotated[bool, typer.Option("--no-augment", help="Train without augmentation.")] = False,
+    display_p: Annotated[
+        float,
+        typer.Option(
+            help="Share of augmented slices rendered as 8-bit display images (random display window and "
+            "gamma, 256 grey levels, read back through window -1350..150 HU, as JPEG/PNG inputs of "
+            "predict --intensity window:-1350,150 are); 0: off."
+        ),
+    ] = 0.0,
+    blur_p: Annotated[
+        float, typer.Option(help="Share of augmented slices blurred (Gaussian, sigma up to 1 px); 0: off.")
+    ] = 0.0,
     eval_every: Annotated[int, typer.Option(help="Validate, checkpoint and plot every N steps.")] = 50,
     device: DeviceOpt = "auto",
     seed: SeedOpt = 0,
@@ -500,6 +511,7 @@ def train_seg(
             config = SegTrainConfig(
                 arch=arch, preset=preset, steps=steps, batch_size=batch_size, lr=lr, lr_schedule=lr_schedule,
                 augment=not no_augment, eval_every=eval_every, seed=seed, grad_accum=grad_accum,
+                display_p=display_p, blur_p=blur_p,
             )  # fmt: skip
             loss_config = SegLossConfig(
                 w_sensitivity=w_sensitivity,

@@ -161,6 +161,14 @@ class SegTrainConfig:
     gain_jitter: float = 0.05  # intensity gain in 1 ± this (about -1000 HU)
     offset_jitter_hu: float = 70.0  # intensity offset in ± this (HU)
     noise_std_hu: float = 14.0  # Gaussian noise (HU)
+    # 8-bit display slices (JPEG/PNG read with --intensity window:LO,HI): learning/augment.py
+    blur_p: float = 0.0  # share of images blurred (0: off, nothing drawn)
+    blur_sigma_px: float = 1.0  # blur sigma uniform in (0, this] (pixels)
+    display_p: float = 0.0  # share of images rendered as display slices (0: off, nothing drawn)
+    display_center_hu: tuple[float, float] = (-750.0, -450.0)  # display window centre drawn in (HU)
+    display_width_hu: tuple[float, float] = (1000.0, 1700.0)  # display window width drawn in (HU)
+    display_gamma: float = 1.3  # curve v ** g, g log-uniform in [1 / this, this]
+    display_assumed_window_hu: tuple[float, float] = (-1350.0, 150.0)  # grey 0..255 read back as lo..hi HU
     threshold: float = 0.5  # probability -> mask
     seed: int = 0
     eval_every: int = 50  # validation, best-checkpoint selection, overlay PNG, checkpoint
@@ -174,8 +182,11 @@ class SegTrainConfig:
 
     @classmethod
     def from_json(cls, data: dict) -> SegTrainConfig:
+        """Also a train_config written before a setting existed (an older checkpoint): its default."""
         data = dict(data)
-        data["scale_range"] = tuple(float(v) for v in data["scale_range"])
+        for key in ("scale_range", "display_center_hu", "display_width_hu", "display_assumed_window_hu"):
+            if key in data:
+                data[key] = tuple(float(v) for v in data[key])
         width_hu = DEFAULT_HU_SCALE.width_hu  # a checkpoint from before the jitter was HU: unit values of
         if "intensity_jitter" in data:  # the default window (1.0 = 1400 HU), the one those runs assumed
             jitter = float(data.pop("intensity_jitter"))

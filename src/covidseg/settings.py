@@ -295,6 +295,13 @@ RULES: dict[str, dict[str, Rule]] = {
         "gain_jitter": number(0, 1, open_hi=True),
         "offset_jitter_hu": number(0, 1000, unit="HU"),
         "noise_std_hu": number(0, 1000, unit="HU"),
+        "blur_p": FRACTION,
+        "blur_sigma_px": number(0, 10, open_lo=True, unit="px"),  # 10 px: a 61-tap kernel
+        "display_p": FRACTION,
+        "display_center_hu": HU_RANGE,
+        "display_width_hu": _lo_hi(number(0, 6000, open_lo=True), "in (0, 6000] HU"),
+        "display_gamma": number(1, 10),
+        "display_assumed_window_hu": HU_WINDOW,
         "threshold": number(0, 1, open_lo=True, open_hi=True),
         "seed": SEED,
         "eval_every": AT_LEAST_1,

@@ -35,7 +35,7 @@ from covidseg.inference.model_files import MODEL_FORMAT
 from covidseg.inference.runners import predict_probabilities
 from covidseg.io.atomic import write_json
 from covidseg.learning import distributed
-from covidseg.learning.augment import augment_batch
+from covidseg.learning.augment import DisplayRendering, augment_batch
 from covidseg.learning.loop import (
     CsvLog,
     RunningMeans,
@@ -168,12 +168,22 @@ def _micro_batch(
         image, (lung, soft, binary) = augment_batch(
             image, [lung, soft, binary], gen, data.hu_scale, config.max_rotation_deg, config.scale_range,
             config.gain_jitter, config.offset_jitter_hu, config.noise_std_hu,
+            blur_p=config.blur_p, blur_sigma_px=config.blur_sigma_px, display_p=config.display_p,
+            display=_display_rendering(config),
         )  # fmt: skip
         binary = (binary >= 0.5).float()
     sets = data.sets[idx]
     is_high = torch.from_numpy(sets == "high").to(device)
     contrast = torch.from_numpy(sets != "mid").to(device)
     return image, soft, binary, is_high, contrast
+
+
+def _display_rendering(config: SegTrainConfig) -> DisplayRendering:
+    """The display-slice augmentation's draws (HU) of `config`."""
+    return DisplayRendering(
+        center_hu=config.display_center_hu, width_hu=config.display_width_hu, gamma=config.display_gamma,
+        assumed_window_hu=config.display_assumed_window_hu,
+    )  # fmt: skip
 
 
 def _volume_dice(pred: np.ndarray, target: np.ndarray, case_ids: np.ndarray) -> list[float]:
