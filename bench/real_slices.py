@@ -10,6 +10,7 @@ same lung mask:
   threshold baseline of every other table).
 
     python bench/real_slices.py --model NAME=MODEL [--model ...] [--data DIR] [--out DIR] [--json]
+        [--picture PNG]
 
 Prints per method: slices scored / lost, Dice per slice (mean ± std), pooled Dice, sensitivity,
 specificity, and the paired per-slice Dice difference against the baseline (mean ± std, wins).
@@ -83,12 +84,44 @@ def summarise(rows: dict[str, dict], reference: dict[str, dict] | None, n_cases:
     return out
 
 
+def picture(images: Path, truth: Path, pred: Path, path: Path, n: int = 8) -> None:
+    """Every k-th slice: the image, the experts' mask (red), the display-slice lung mask (yellow)
+    and the model's mask (cyan)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import SimpleITK as sitk
+
+    files = sorted(images.iterdir())[:: max(1, len(list(images.iterdir())) // n)][:n]
+    fig, axes = plt.subplots(2, (n + 1) // 2, figsize=(3.2 * ((n + 1) // 2), 6.8))
+    mapping = parse_intensity(INTENSITY)
+    for ax, path_in in zip(axes.ravel(), files, strict=False):
+        stem = path_in.name.rsplit(".", 1)[0]
+        volume, _ = read_ct(path_in, intensity=mapping)
+        lungs = volume.orientation.to_native(segment_display_lungs(volume.hu).full())[0] > 0
+        image = sitk.GetArrayFromImage(sitk.ReadImage(str(path_in)))
+        expert = sitk.GetArrayFromImage(sitk.ReadImage(str(truth / f"{stem}.png"))) > 127
+        model = sitk.GetArrayFromImage(sitk.ReadImage(str(pred / f"{stem}.nii.gz"))).reshape(expert.shape)
+        ax.imshow(image, cmap="gray")
+        for mask, colour in ((lungs, "yellow"), (expert, "red"), (model > 0, "cyan")):
+            if mask.any():
+                ax.contour(mask, levels=[0.5], colors=colour, linewidths=0.7)
+        ax.set_title(stem, fontsize=9)
+        ax.axis("off")
+    fig.suptitle("lungs (yellow), experts (red), model (cyan)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="folder with Imgs/ and GT/")
     parser.add_argument("--model", action="append", default=[], help="NAME=MODEL (.onnx, best.pt or name)")
     parser.add_argument("--out", type=Path, default=Path("bench-work/real_slices"))
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
+    parser.add_argument("--picture", type=Path, help="PNG of 8 slices with the first model's masks")
     args = parser.parse_args()
     images, truth = args.data / "Imgs", args.data / "GT"
     if not images.is_dir():
@@ -109,6 +142,8 @@ def main() -> int:
         covidseg("evaluate", "--pred", str(pred), "--ref", str(truth), "-o", str(args.out / f"eval-{name}"),
                  "--overwrite")  # fmt: skip
         results[name] = summarise(scores(args.out / f"eval-{name}"), reference, n_cases)
+    if args.picture and args.model:
+        picture(images, truth, args.out / f"pred-{args.model[0].partition('=')[0]}", args.picture)
     if args.json:
         print(json.dumps(results, indent=2))
         return 0
