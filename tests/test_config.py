@@ -66,6 +66,19 @@ def test_a_toml_file_sets_every_stage_and_the_rest_keeps_its_defaults(settings_t
     assert load_config(None) == RunConfig()
 
 
+def test_make_masks_table_takes_the_hysteresis_percentile(tmp_path):
+    from covidseg.method.pseudo_masks import PseudoMaskConfig
+
+    path = tmp_path / "grow.toml"
+    path.write_text("[make-masks]\ngrow_percentile = 95\n", encoding="utf-8")
+    config = load_config(path)
+    assert config.make_masks == PseudoMaskConfig(grow_percentile=95.0)
+    assert config.to_json()["make-masks"]["grow_percentile"] == 95
+    assert config_from_tables(config.to_json()) == config
+    assert RunConfig().make_masks.grow_percentile is None  # off unless asked
+    assert config_from_tables({"make-masks": {"grow_percentile": None}}).make_masks.grow_percentile is None
+
+
 def test_train_gan_crop_defaults_to_the_presets_crop():
     from covidseg.models.gan3d import PRESET_CROPS
 

@@ -75,3 +75,70 @@ def test_make_masks_into_a_folder_another_run_is_writing_is_refused(trained, tmp
         result = runner.invoke(app, command)
     assert result.exit_code == 2, result.output
     assert "another covidseg make-masks" in result.output and not (out / "grid").exists()
+
+
+def test_make_masks_grow_percentile_off_is_the_plain_threshold_and_on_is_recorded(trained, tmp_path):
+    from covidseg.method.pseudo_masks import binarise, difference_map
+    from covidseg.stages._workdir import load_grid_cases
+
+    off = run_make_masks(trained.pre, trained.gan, tmp_path / "off", device="cpu", native=False)
+    assert off["config"]["grow_percentile"] is None and off["grow_threshold"] is None
+    cases = {c.case_id: c for c in load_grid_cases(trained.pre)}
+    for record in off["cases"]:  # off: exactly today's binary mask of the saved difference map
+        case = cases[record["id"]]
+        pseudo = np.load(tmp_path / "off" / record["files"]["pseudo_healthy_grid"])
+        diff = difference_map(case.image, pseudo, case.lungs, off["config"]["smooth_sigma"])
+        expected = binarise(diff, off["threshold"], off["config"]["min_component"])
+        written = np.load(tmp_path / "off" / record["files"]["binary_grid"]).astype(bool)
+        assert np.array_equal(written, expected)
+
+    # on: t_low calibrated on the generator's healthy training grids (its calibration has none)
+    on = run_make_masks(trained.pre, trained.gan, tmp_path / "on", device="cpu", native=False,
+                        overrides={"grow_percentile": 90.0})  # fmt: skip
+    written = json.loads((tmp_path / "on" / "manifest.json").read_text())
+    assert written["config"]["grow_percentile"] == 90.0
+    assert 0 < written["grow_threshold"] <= written["threshold"] == off["threshold"]
+    assert written["grow_threshold_source"].startswith("calibrated on 1 healthy grids of")
+    for record in on["cases"]:  # the grown mask holds the plain one
+        plain = np.load(tmp_path / "off" / record["files"]["binary_grid"]).astype(bool)
+        grown = np.load(tmp_path / "on" / record["files"]["binary_grid"]).astype(bool)
+        assert (grown | plain).sum() == grown.sum()
+    given = run_make_masks(trained.pre, trained.gan, tmp_path / "given", device="cpu", native=False,
+                           overrides={"grow_percentile": 90.0}, grow_threshold=0.01)  # fmt: skip
+    assert given["grow_threshold"] == 0.01 and given["grow_threshold_source"] == "given"
+
+
+def test_make_masks_grow_percentile_option_is_checked_and_needs_the_training_grids(trained, tmp_path):
+    import shutil
+
+    command = ["make-masks", str(trained.pre), "--gan", str(trained.gan), "-o", str(tmp_path / "bad"),
+               "--grow-percentile", "99.5", "--no-progress"]  # fmt: skip
+    result = runner.invoke(app, command)
+    assert result.exit_code == 2 and "--grow-percentile 99.5: must be <= healthy_percentile" in result.output
+    lone = tmp_path / "lone"
+    lone.mkdir()
+    shutil.copy(trained.gan / "generator.pt", lone / "generator.pt")  # no train-gan manifest beside it
+    with pytest.raises(UsageError, match="no threshold for grow_percentile 95"):
+        run_make_masks(trained.pre, lone / "generator.pt", tmp_path / "out", device="cpu", native=False,
+                       overrides={"grow_percentile": 95.0})  # fmt: skip
+
+
+def test_train_gan_calibrates_the_grow_threshold_and_make_masks_uses_it(trained, tmp_path):
+    from _small_inputs import CROP
+    from covidseg.config import GanTrainConfig
+    from covidseg.method.pseudo_masks import PseudoMaskConfig
+    from covidseg.stages.train_gan import run_train_gan
+
+    config = GanTrainConfig(
+        preset="tiny", steps=1, batch_size=1, crop=CROP, checkpoint_every=1, sample_every=1, log_every=1
+    )
+    gan = run_train_gan(
+        trained.pre, tmp_path / "gan", config, "cpu", mask_config=PseudoMaskConfig(grow_percentile=95.0)
+    )
+    calibration = json.loads((tmp_path / "gan" / "calibration.json").read_text())
+    assert calibration == gan["calibration"] and calibration["grow_percentile"] == 95.0
+    assert 0 < calibration["grow_threshold"] <= calibration["threshold"]
+    masks = run_make_masks(trained.pre, tmp_path / "gan", tmp_path / "masks", device="cpu", native=False)
+    assert masks["config"]["grow_percentile"] == 95.0  # taken from the calibration, like the percentile
+    assert masks["grow_threshold"] == calibration["grow_threshold"]
+    assert masks["grow_threshold_source"] == "calibration"

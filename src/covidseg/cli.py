@@ -419,6 +419,13 @@ def make_masks(
     min_component: Annotated[
         int | None, typer.Option(help="Remove components smaller than N voxels.")
     ] = None,
+    grow_percentile: Annotated[
+        float | None,
+        typer.Option(
+            help="Hysteresis: grow the mask into connected lung above this healthy-lung percentile "
+            "(50-100, <= the calibration's; default: the calibration's, usually off)."
+        ),
+    ] = None,
     native: Annotated[bool, typer.Option(help="Also write NIfTI in the source CT's geometry.")] = True,
     backend: Annotated[
         str, typer.Option(help="auto (onnx for a .onnx file, torch otherwise), torch or onnx.")
@@ -436,6 +443,8 @@ def make_masks(
         asked = {"high_infected": high_infected, "low_infected": low_infected}
         if min_component is not None:
             asked["min_component"] = min_component
+        if grow_percentile is not None:
+            asked["grow_percentile"] = grow_percentile
         _check_options(PseudoMaskConfig(**asked), threshold=threshold)  # before anything is read
         with _bars(not no_progress) as bars:
             manifest = run_make_masks(

@@ -193,6 +193,10 @@ PERLIN_FREQUENCY = _sequence(3, POSITIVE, lambda f: True, "must be three numbers
 MAX_PERLIN_CELLS = 256
 
 
+GROW_PERCENTILE = Rule(
+    lambda v: v is None or number(50, 100, open_lo=True, open_hi=True).ok(v),
+    "must be a number in (50, 100) or none (hysteresis off)",
+)
 TABLE = Rule(lambda v: is_dataclass(v) and not isinstance(v, type), "must be a table")
 NAME = Rule(lambda v: isinstance(v, str), "must be a name (a string)")
 #: class name -> field -> rule. A nested settings dataclass (LungParams in PreprocessConfig) is
@@ -277,6 +281,7 @@ RULES: dict[str, dict[str, Rule]] = {
         "high_infected": FRACTION,
         "low_infected": FRACTION,
         "min_lung_fraction": FRACTION,
+        "grow_percentile": GROW_PERCENTILE,
     },
     "SegTrainConfig": {
         "arch": one_of("transunet", "unet"),
@@ -339,6 +344,14 @@ def _infected_order(values: Mapping) -> tuple[str, str] | None:
     return "low_infected", f"must be <= high_infected ({show(values['high_infected'])})"
 
 
+def _grow_below_healthy(values: Mapping) -> tuple[str, str] | None:
+    """The hysteresis percentile (its lower threshold) must not be above the main one."""
+    grow = values["grow_percentile"]
+    if grow is None or grow <= values["healthy_percentile"]:
+        return None
+    return "grow_percentile", f"must be <= healthy_percentile ({show(values['healthy_percentile'])})"
+
+
 def _airway_seed_range(values: Mapping) -> tuple[str, str] | None:
     if values["seed_min_cm2"] <= values["seed_max_cm2"]:
         return None
@@ -358,7 +371,7 @@ def _perlin_lattice(values: Mapping) -> tuple[str, str] | None:
 #: Rules between fields of one class, checked once every field passed its own rule.
 CROSS_RULES: dict[str, tuple[Callable[[Mapping], tuple[str, str] | None], ...]] = {
     "SegTrainConfig": (_segmenter_preset,),
-    "PseudoMaskConfig": (_infected_order,),
+    "PseudoMaskConfig": (_infected_order, _grow_below_healthy),
     "AirwayParams": (_airway_seed_range,),
     "CorruptionConfig": (_perlin_lattice,),
 }

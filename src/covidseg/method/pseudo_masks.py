@@ -9,6 +9,11 @@ put on that scale.
 The binarisation threshold is chosen **without labels**: a high percentile of the (smoothed)
 difference over the lungs of *healthy* training volumes, which fixes the share of healthy lung that
 is flagged (1 - percentile/100). Components smaller than ``min_component`` voxels are removed.
+
+Optional hysteresis (``grow_percentile``): a second, lower threshold is calibrated the same way at a
+lower percentile of the same healthy lungs, and the binary mask becomes the connected components of
+the lung above that lower threshold which hold a voxel of the confident mask. Confident seeds grow
+into connected, less certain tissue; isolated blobs above only the lower threshold are not added.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ class PseudoMaskConfig:
     high_infected: float = 0.05  # slice lesion fraction of its lung >= this: high-infected set
     low_infected: float = 0.005  # slice lesion fraction <= this: low-infected set
     min_lung_fraction: float = 0.02  # slices with less lung than this share of the slice are skipped
+    grow_percentile: float | None = None  # hysteresis: seeds grow above this percentile's threshold
 
 
 def difference_map(image: np.ndarray, healthy: np.ndarray, lung: np.ndarray, sigma: float) -> np.ndarray:
@@ -44,15 +50,34 @@ def difference_map(image: np.ndarray, healthy: np.ndarray, lung: np.ndarray, sig
 
 
 def calibrate_threshold(
-    healthy_differences: list[np.ndarray], lungs: list[np.ndarray], cfg: PseudoMaskConfig, scale: HuScale
+    healthy_differences: list[np.ndarray],
+    lungs: list[np.ndarray],
+    cfg: PseudoMaskConfig,
+    scale: HuScale,
+    percentile: float | None = None,
 ) -> float:
-    """The label-free threshold (on the [0, 1] `scale`): a percentile of difference values over healthy
-    lung voxels, never below ``cfg.min_threshold_hu`` (HU) put on `scale`."""
+    """The label-free threshold (on the [0, 1] `scale`): a percentile (`percentile`, default
+    ``cfg.healthy_percentile``) of difference values over healthy lung voxels, never below
+    ``cfg.min_threshold_hu`` (HU) put on `scale`."""
     min_threshold = scale.unit_of_hu_difference(cfg.min_threshold_hu)
     values = np.concatenate([d[lung > 0].ravel() for d, lung in zip(healthy_differences, lungs, strict=True)])
     if values.size == 0:
         return min_threshold
-    return max(float(np.percentile(values, cfg.healthy_percentile)), min_threshold)
+    percentile = cfg.healthy_percentile if percentile is None else percentile
+    return max(float(np.percentile(values, percentile)), min_threshold)
+
+
+def calibrate_grow_threshold(
+    healthy_differences: list[np.ndarray], lungs: list[np.ndarray], cfg: PseudoMaskConfig, scale: HuScale
+) -> float | None:
+    """The lower (hysteresis) threshold on the [0, 1] `scale`: :func:`calibrate_threshold` at
+    ``cfg.grow_percentile`` (same healthy lungs, same floor of ``cfg.min_threshold_hu`` HU), never
+    above the main threshold; None when ``cfg.grow_percentile`` is None (hysteresis off)."""
+    if cfg.grow_percentile is None:
+        return None
+    high = calibrate_threshold(healthy_differences, lungs, cfg, scale)
+    low = calibrate_threshold(healthy_differences, lungs, cfg, scale, percentile=cfg.grow_percentile)
+    return min(low, high)
 
 
 def calibration_record(
@@ -60,13 +85,15 @@ def calibration_record(
 ) -> dict:
     """The label-free threshold (:func:`calibrate_threshold`) with how it was chosen, as train-gan
     writes it to calibration.json: the settings, the number of healthy volumes and the mean share of
-    their lung above it before small components are removed."""
+    their lung above it before small components are removed. With hysteresis on
+    (``cfg.grow_percentile``) also ``grow_percentile`` and its lower threshold ``grow_threshold``
+    (:func:`calibrate_grow_threshold`, [0, 1] scale)."""
     threshold = calibrate_threshold(healthy_differences, lungs, cfg, scale)
     flagged = [
         float(((d > threshold) & (lung > 0)).sum() / max((lung > 0).sum(), 1))
         for d, lung in zip(healthy_differences, lungs, strict=True)
     ]
-    return {
+    record = {
         "threshold": threshold,
         "healthy_percentile": cfg.healthy_percentile,
         "smooth_sigma": cfg.smooth_sigma,
@@ -74,6 +101,10 @@ def calibration_record(
         "n_healthy": len(healthy_differences),
         "healthy_lung_flagged_before_component_filter": float(np.mean(flagged)) if flagged else None,
     }
+    if cfg.grow_percentile is not None:
+        record["grow_percentile"] = cfg.grow_percentile
+        record["grow_threshold"] = calibrate_grow_threshold(healthy_differences, lungs, cfg, scale)
+    return record
 
 
 def soft_mask(difference: np.ndarray, scale: HuScale, full_lesion_hu: float = SOFT_SCALE_HU) -> np.ndarray:
@@ -82,11 +113,15 @@ def soft_mask(difference: np.ndarray, scale: HuScale, full_lesion_hu: float = SO
     return np.clip(difference / scale.unit_of_hu_difference(full_lesion_hu), 0.0, 1.0).astype(np.float32)
 
 
+#: Connectivity of pseudo-mask components (removal of small ones, hysteresis growth): 26 neighbours.
+COMPONENT_STRUCTURE = np.ones((3, 3, 3), dtype=bool)
+
+
 def remove_small_components(mask: np.ndarray, min_voxels: int) -> np.ndarray:
     """Drop 26-connected components with fewer than `min_voxels` voxels."""
     if min_voxels <= 1 or not mask.any():
         return mask.astype(bool)
-    labels, n = ndimage.label(mask, structure=np.ones((3, 3, 3), dtype=bool))
+    labels, n = ndimage.label(mask, structure=COMPONENT_STRUCTURE)
     sizes = np.bincount(labels.ravel())
     keep = sizes >= min_voxels
     keep[0] = False
@@ -96,6 +131,38 @@ def remove_small_components(mask: np.ndarray, min_voxels: int) -> np.ndarray:
 def binarise(difference: np.ndarray, threshold: float, min_component: int) -> np.ndarray:
     """Binary pseudo-mask: difference above `threshold`, small components removed (bool)."""
     return remove_small_components(difference > threshold, min_component)
+
+
+def grow_from_seeds(
+    difference: np.ndarray, seeds: np.ndarray, lung: np.ndarray, low_threshold: float
+) -> np.ndarray:
+    """Hysteresis: the 26-connected components of {`difference` > `low_threshold`} inside `lung` that
+    hold at least one voxel of `seeds` (bool [z, y, x]), together with the seeds themselves.
+    Components above the lower threshold without a seed are not added."""
+    candidate = ((difference > low_threshold) & (lung > 0)) | seeds
+    if not seeds.any():
+        return seeds.astype(bool)
+    labels, _ = ndimage.label(candidate, structure=COMPONENT_STRUCTURE)
+    seeded = np.zeros(int(labels.max()) + 1, dtype=bool)
+    seeded[np.unique(labels[seeds])] = True
+    seeded[0] = False
+    return seeded[labels]
+
+
+def refined_mask(
+    difference: np.ndarray,
+    lung: np.ndarray,
+    threshold: float,
+    min_component: int,
+    grow_threshold: float | None,
+) -> np.ndarray:
+    """The binary pseudo-mask (bool): :func:`binarise` at `threshold`, then, when `grow_threshold`
+    is not None, grown by :func:`grow_from_seeds` into the lung above `grow_threshold` (both on the
+    [0, 1] difference scale). None gives exactly :func:`binarise`."""
+    binary = binarise(difference, threshold, min_component)
+    if grow_threshold is None:
+        return binary
+    return grow_from_seeds(difference, binary, lung, grow_threshold)
 
 
 def threshold_baseline(

@@ -2,10 +2,12 @@
 
 For every case of a preprocess output: ``Î_H = G(I_C)``, ``M = max(I_C - Î_H, 0)`` inside the lung
 (smoothed), a continuous pseudo-mask (for the MSE term of the 2D stage) and a binary one (label-free
-threshold from train-gan's calibration, small components removed), and the high-/low-infected
-slice sets for the contrastive loss. The generator runs on torch (generator.pt) or on ONNX Runtime
-(an exported generator .onnx, see ``covidseg.inference.generator_files``); both share the host-side
-noise, windows and blending of :func:`covidseg.inference.sliding_window.run_generator`.
+threshold from train-gan's calibration, small components removed; with ``grow_percentile`` grown by
+hysteresis into connected lung above a lower threshold calibrated on the same healthy training
+lungs), and the high-/low-infected slice sets for the contrastive loss. The generator runs on torch
+(generator.pt) or on ONNX Runtime (an exported generator .onnx, see
+``covidseg.inference.generator_files``); both share the host-side noise, windows and blending of
+:func:`covidseg.inference.sliding_window.run_generator`.
 
 Output folder::
 
@@ -40,8 +42,9 @@ from covidseg.io.atomic import folder_lock, save_npy, write_csv, write_json
 from covidseg.method.pseudo_masks import (
     SOFT_SCALE_HU,
     PseudoMaskConfig,
-    binarise,
+    calibrate_grow_threshold,
     difference_map,
+    refined_mask,
     soft_mask,
     split_slices,
 )
@@ -55,6 +58,7 @@ from covidseg.stages._workdir import (
     portable_path,
     read_manifest,
     refuse_other_hu_scale,
+    stored_path,
 )
 
 BACKENDS = ("auto", "torch", "onnx")
@@ -169,6 +173,7 @@ def run_make_masks(
     progress: Progress | None = None,
     backend: str = "auto",
     overrides: Mapping[str, object] | None = None,
+    grow_threshold: float | None = None,
 ) -> dict:
     """Run the generator over every case and write pseudo-masks; return the manifest.
 
@@ -177,6 +182,10 @@ def run_make_masks(
     `config` None: train-gan's calibrated smoothing, percentile and smallest component (voxels) with
     `overrides` (PseudoMaskConfig fields, e.g. the command's options) on top; the result is checked
     (:class:`~covidseg.settings.SettingError`). `threshold` overrides the calibrated one (unit scale).
+    With ``config.grow_percentile`` the lower hysteresis threshold is `grow_threshold` (unit scale) if
+    given, else the calibration's when it was made at that percentile, else calibrated here on the
+    healthy training grids named by the train-gan manifest beside the generator
+    (:func:`_grow_threshold`).
     With `native`, NIfTI outputs in the source geometry are written too (this re-reads each source
     CT). `progress` gets (cases done, cases, "<case id>: N % of lung" or ": failed") per case.
     """
@@ -190,8 +199,9 @@ def run_make_masks(
         info = onnx.sidecar
     calibration = info["calibration"]
     if config is None:
-        calibrated = ("smooth_sigma", "healthy_percentile", "min_component")
-        config = PseudoMaskConfig(**{**{key: calibration[key] for key in calibrated}, **(overrides or {})})
+        calibrated = ("smooth_sigma", "healthy_percentile", "min_component", "grow_percentile")
+        from_calibration = {key: calibration[key] for key in calibrated if key in calibration}
+        config = PseudoMaskConfig(**{**from_calibration, **(overrides or {})})
         check_config(config)
     threshold = float(calibration["threshold"] if threshold is None else threshold)
     _refuse_previous_output(out_dir, overwrite)
@@ -219,17 +229,60 @@ def run_make_masks(
                 onnx, case.image, case.lungs > 0, "cpu", seed=0, window=onnx.window, config=onnx.config
             )
 
+    grow = _grow_threshold(config, calibration, threshold, grow_threshold, generator_path, generate, scale)
     out_dir.mkdir(parents=True, exist_ok=True)
     with folder_lock(out_dir, STAGE_LOCK, "covidseg make-masks"):
         _refuse_previous_output(out_dir, overwrite)  # again: another run may have finished meanwhile
         (out_dir / "manifest.json").unlink(missing_ok=True)
-        outcome = _mask_cases(out_dir, cases, generate, config, threshold, scale, native, progress)
+        thresholds = (threshold, grow["grow_threshold"])
+        outcome = _mask_cases(out_dir, cases, generate, config, thresholds, scale, native, progress)
         _write_slices(out_dir, outcome)
         manifest = _manifest(
             out_dir, pre_dir, generator_path, backend_info, threshold, config, cases, scale, outcome
         )
+        manifest.update(grow)
         write_json(out_dir / "manifest.json", manifest)
     return manifest
+
+
+def _grow_threshold(
+    config: PseudoMaskConfig, calibration: Mapping, threshold: float, given: float | None,
+    generator_path: Path, generate, scale: HuScale,
+) -> dict:  # fmt: skip
+    """The lower hysteresis threshold (unit scale, never above `threshold`) and where it came from,
+    as the manifest records it: ``grow_threshold`` (None when ``config.grow_percentile`` is None) and
+    ``grow_threshold_source``: ``given``, ``calibration`` (train-gan calibrated it at this percentile)
+    or the healthy training grids it was calibrated on here, as train-gan would have (the preprocess
+    folder named by the train-gan manifest.json beside `generator_path`)."""
+    if config.grow_percentile is None:
+        return {"grow_threshold": None, "grow_threshold_source": None}
+    if given is not None:
+        low, source = float(given), "given"
+    elif calibration.get("grow_percentile") == config.grow_percentile and "grow_threshold" in calibration:
+        low, source = float(calibration["grow_threshold"]), "calibration"
+    else:
+        train_pre = _training_grids(generator_path, config.grow_percentile)
+        healthy = load_grid_cases(train_pre, groups=("healthy",))
+        if not healthy:
+            raise UsageError(train_pre, "no healthy cases to calibrate the grow_percentile threshold on")
+        diffs = [difference_map(c.image, generate(c), c.lungs, config.smooth_sigma) for c in healthy]
+        low = calibrate_grow_threshold(diffs, [c.lungs for c in healthy], config, scale)
+        source = f"calibrated on {len(healthy)} healthy grids of {train_pre}"
+    return {"grow_threshold": min(low, threshold), "grow_threshold_source": source}
+
+
+def _training_grids(generator_path: Path, percentile: float) -> Path:
+    """The preprocess folder the generator was trained on, from the train-gan manifest beside it."""
+    manifest_path = generator_path.parent / "manifest.json"
+    try:
+        stored = read_manifest(generator_path.parent, "covidseg.gan")["preprocess"]
+        return stored_path(generator_path.parent, stored)
+    except (CovidsegError, KeyError, TypeError):
+        raise UsageError(
+            manifest_path,
+            f"the generator's calibration has no threshold for grow_percentile {percentile:g} and no "
+            "train-gan manifest beside it names its training grids to calibrate one on",
+        ) from None
 
 
 def _refuse_previous_output(out_dir: Path, overwrite: bool) -> None:
@@ -252,18 +305,18 @@ class _Outcome:
 
 
 def _mask_cases(
-    out_dir: Path, cases, generate, config, threshold: float, scale: HuScale, native: bool, progress
+    out_dir: Path, cases, generate, config, thresholds: tuple, scale: HuScale, native: bool, progress
 ) -> _Outcome:
-    """Pseudo-healthy volume, difference map and pseudo-mask of every case (grids on the HU `scale`),
-    written per case (with native NIfTI outputs when `native`); a case that fails is recorded and the
-    others go on."""
+    """Pseudo-healthy volume, difference map and pseudo-mask of every case (grids on the HU `scale`;
+    `thresholds`: the main one and the hysteresis one or None, unit scale), written per case (with
+    native NIfTI outputs when `native`); a case that fails is recorded and the others go on."""
     outcome = _Outcome(has_refs=all(c.ref is not None for c in cases if c.group == "covid"))
     for case in cases:
         start = time.perf_counter()
         try:
             pseudo = generate(case)
             diff = difference_map(case.image, pseudo, case.lungs, config.smooth_sigma)
-            binary = binarise(diff, threshold, config.min_component)
+            binary = refined_mask(diff, case.lungs, thresholds[0], config.min_component, thresholds[1])
             soft = soft_mask(diff, scale)
             files = _write_case(out_dir, case, pseudo, binary, soft, scale if native else None)
         except CovidsegError as exc:

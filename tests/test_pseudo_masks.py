@@ -1,0 +1,100 @@
+"""Hysteresis refinement of the pseudo-masks (``grow_percentile``): the lower threshold calibrated on
+healthy lungs, seeds growing into connected less certain tissue, and off == the plain threshold."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from covidseg.imaging.grid import DEFAULT_HU_SCALE
+from covidseg.method.pseudo_masks import (
+    PseudoMaskConfig,
+    binarise,
+    calibrate_grow_threshold,
+    calibrate_threshold,
+    calibration_record,
+    grow_from_seeds,
+    refined_mask,
+)
+from covidseg.settings import SettingError, check_config
+
+HIGH, LOW = 0.10, 0.04  # thresholds on the [0, 1] difference scale
+
+
+def _difference() -> tuple[np.ndarray, np.ndarray]:
+    """A difference map [z, y, x] and its lung: a confident core (above HIGH) inside a connected halo
+    (between LOW and HIGH), an isolated blob between LOW and HIGH, and a halo part outside the lung."""
+    diff = np.zeros((6, 40, 40), np.float32)
+    diff[1:5, 5:20, 5:20] = 0.06  # halo, connected to the core
+    diff[2:4, 10:14, 10:14] = 0.3  # confident core (32 voxels)
+    diff[1:5, 28:36, 28:36] = 0.06  # isolated blob above LOW only
+    lung = np.ones(diff.shape, np.uint8)
+    lung[:, :, 17:] = 0  # the halo's columns 17..19 lie outside the lung
+    lung[:, 25:, 25:] = 1  # the blob's corner is lung
+    return diff, lung
+
+
+def test_a_seed_grows_into_its_connected_low_region_but_an_isolated_blob_is_not_added():
+    diff, lung = _difference()
+    seeds = binarise(diff, HIGH, min_component=20)
+    assert seeds.sum() == 32
+    grown = grow_from_seeds(diff, seeds, lung, LOW)
+    halo = np.zeros_like(seeds)
+    halo[1:5, 5:20, 5:17] = True  # the halo inside the lung
+    assert np.array_equal(grown, halo)  # seeds included, the blob and the halo outside the lung not
+    assert not grown[1:5, 28:36, 28:36].any()
+    assert np.array_equal(refined_mask(diff, lung, HIGH, 20, LOW), grown)
+    # no seed: nothing grows; a seed removed as a small component does not grow either
+    assert not grow_from_seeds(diff, np.zeros_like(seeds), lung, LOW).any()
+    assert not refined_mask(diff, lung, HIGH, 33, LOW).any()
+
+
+def test_off_is_the_plain_threshold():
+    diff, lung = _difference()
+    plain = binarise(diff, HIGH, min_component=20)
+    assert np.array_equal(refined_mask(diff, lung, HIGH, 20, None), plain)
+    healthy = [np.linspace(0, 0.2, 1000, dtype=np.float32).reshape(10, 10, 10)]
+    lungs = [np.ones((10, 10, 10))]
+    record = calibration_record(healthy, lungs, PseudoMaskConfig(), DEFAULT_HU_SCALE)
+    assert "grow_percentile" not in record and "grow_threshold" not in record
+    assert calibrate_grow_threshold(healthy, lungs, PseudoMaskConfig(), DEFAULT_HU_SCALE) is None
+
+
+def test_the_lower_threshold_is_calibrated_on_healthy_lungs_and_not_above_the_main_one():
+    healthy = [np.linspace(0, 1, 1000, dtype=np.float32).reshape(10, 10, 10)]
+    lungs = [np.ones((10, 10, 10))]
+    cfg = PseudoMaskConfig(healthy_percentile=99.0, min_threshold_hu=0.0, grow_percentile=90.0)
+    low = calibrate_grow_threshold(healthy, lungs, cfg, DEFAULT_HU_SCALE)
+    assert low == pytest.approx(0.90, abs=1e-3)
+    assert low <= calibrate_threshold(healthy, lungs, cfg, DEFAULT_HU_SCALE)
+    record = calibration_record(healthy, lungs, cfg, DEFAULT_HU_SCALE)
+    assert record["grow_percentile"] == 90.0 and record["grow_threshold"] == low
+    assert record["threshold"] == pytest.approx(0.99, abs=1e-3)
+    # the same floor as the main threshold: 700 HU is 0.5 on the default [0, 1] scale
+    floored = PseudoMaskConfig(min_threshold_hu=700.0, grow_percentile=90.0)
+    quiet = [healthy[0] * 0.2]  # healthy differences up to 0.2: both percentiles below the floor
+    assert calibrate_grow_threshold(quiet, lungs, floored, DEFAULT_HU_SCALE) == pytest.approx(0.5)
+    # healthy lungs outside the lung mask do not count
+    masked = [np.where(np.arange(1000).reshape(10, 10, 10) < 500, 1, 0)]
+    assert calibrate_grow_threshold(healthy, masked, cfg, DEFAULT_HU_SCALE) == pytest.approx(0.45, abs=1e-3)
+
+
+@pytest.mark.parametrize(
+    ("values", "cause"),
+    [
+        ({"grow_percentile": 50.0}, "must be a number in (50, 100) or none"),
+        ({"grow_percentile": 100.0}, "must be a number in (50, 100) or none"),
+        ({"grow_percentile": math.nan}, "must be a number in (50, 100) or none"),
+        ({"grow_percentile": "95"}, "must be a number in (50, 100) or none"),
+        ({"grow_percentile": 99.5}, "must be <= healthy_percentile (99.0)"),
+        ({"grow_percentile": 96.0, "healthy_percentile": 95.0}, "must be <= healthy_percentile (95.0)"),
+    ],
+)
+def test_bad_grow_settings_are_refused(values, cause):
+    with pytest.raises(SettingError, match="grow_percentile") as caught:
+        check_config(PseudoMaskConfig(**values))
+    assert cause in str(caught.value)
+    check_config(PseudoMaskConfig(grow_percentile=95.0))  # a good one passes
+    check_config(PseudoMaskConfig(grow_percentile=99.0))
