@@ -106,6 +106,33 @@ def test_make_masks_grow_percentile_off_is_the_plain_threshold_and_on_is_recorde
     given = run_make_masks(trained.pre, trained.gan, tmp_path / "given", device="cpu", native=False,
                            overrides={"grow_percentile": 90.0}, grow_threshold=0.01)  # fmt: skip
     assert given["grow_threshold"] == 0.01 and given["grow_threshold_source"] == "given"
+    assert off["threshold_source"] == "calibration"
+
+
+def test_make_masks_recalibrates_another_healthy_percentile_on_the_training_grids(trained, tmp_path):
+    """--healthy-percentile other than the calibration's: both thresholds from the generator's healthy
+    training grids, as train-gan would have calibrated them (a higher percentile, a higher threshold)."""
+    base = run_make_masks(trained.pre, trained.gan, tmp_path / "base", device="cpu", native=False)
+    command = [
+        "make-masks",
+        str(trained.pre),
+        "--gan",
+        str(trained.gan),
+        "-o",
+        str(tmp_path / "strict"),
+        "--healthy-percentile",
+        "99.8",
+        "--grow-percentile",
+        "98",
+        "--no-native",
+        "--no-progress",
+    ]
+    result = runner.invoke(app, command)
+    assert result.exit_code == 0, result.output
+    strict = json.loads((tmp_path / "strict" / "manifest.json").read_text())
+    assert strict["config"]["healthy_percentile"] == 99.8
+    assert strict["threshold_source"].startswith("calibrated on 1 healthy grids of")
+    assert strict["threshold"] >= base["threshold"] and strict["grow_threshold"] <= strict["threshold"]
 
 
 def test_make_masks_grow_percentile_option_is_checked_and_needs_the_training_grids(trained, tmp_path):
@@ -118,7 +145,7 @@ def test_make_masks_grow_percentile_option_is_checked_and_needs_the_training_gri
     lone = tmp_path / "lone"
     lone.mkdir()
     shutil.copy(trained.gan / "generator.pt", lone / "generator.pt")  # no train-gan manifest beside it
-    with pytest.raises(UsageError, match="no threshold for grow_percentile 95"):
+    with pytest.raises(UsageError, match="no threshold for percentile 95"):
         run_make_masks(trained.pre, lone / "generator.pt", tmp_path / "out", device="cpu", native=False,
                        overrides={"grow_percentile": 95.0})  # fmt: skip
 

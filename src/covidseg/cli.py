@@ -419,11 +419,18 @@ def make_masks(
     min_component: Annotated[
         int | None, typer.Option(help="Remove components smaller than N voxels.")
     ] = None,
+    healthy_percentile: Annotated[
+        float | None,
+        typer.Option(
+            help="Binary threshold = this percentile of healthy training lungs' differences (default: "
+            "the calibration's; another value is calibrated on the generator's training grids)."
+        ),
+    ] = None,
     grow_percentile: Annotated[
         float | None,
         typer.Option(
             help="Hysteresis: grow the mask into connected lung above this healthy-lung percentile "
-            "(50-100, <= the calibration's; default: the calibration's, usually off)."
+            "(50-100, <= healthy_percentile; default: the calibration's)."
         ),
     ] = None,
     native: Annotated[bool, typer.Option(help="Also write NIfTI in the source CT's geometry.")] = True,
@@ -445,6 +452,8 @@ def make_masks(
             asked["min_component"] = min_component
         if grow_percentile is not None:
             asked["grow_percentile"] = grow_percentile
+        if healthy_percentile is not None:
+            asked["healthy_percentile"] = healthy_percentile
         _check_options(PseudoMaskConfig(**asked), threshold=threshold)  # before anything is read
         with _bars(not no_progress) as bars:
             manifest = run_make_masks(

@@ -42,7 +42,7 @@ from covidseg.io.atomic import folder_lock, save_npy, write_csv, write_json
 from covidseg.method.pseudo_masks import (
     SOFT_SCALE_HU,
     PseudoMaskConfig,
-    calibrate_grow_threshold,
+    calibrate_threshold,
     difference_map,
     refined_mask,
     soft_mask,
@@ -181,11 +181,11 @@ def run_make_masks(
     sidecar, checked by sha256); `backend` (auto, torch, onnx) as in :func:`resolve_generator`.
     `config` None: train-gan's calibrated smoothing, percentile and smallest component (voxels) with
     `overrides` (PseudoMaskConfig fields, e.g. the command's options) on top; the result is checked
-    (:class:`~covidseg.settings.SettingError`). `threshold` overrides the calibrated one (unit scale).
-    With ``config.grow_percentile`` the lower hysteresis threshold is `grow_threshold` (unit scale) if
-    given, else the calibration's when it was made at that percentile, else calibrated here on the
-    healthy training grids named by the train-gan manifest beside the generator
-    (:func:`_grow_threshold`).
+    (:class:`~covidseg.settings.SettingError`). The binary threshold is `threshold` (unit scale) if
+    given, else the calibration's when it was made at ``config.healthy_percentile``, else calibrated
+    here on the healthy training grids named by the train-gan manifest beside the generator; with
+    ``config.grow_percentile`` the lower hysteresis threshold likewise (`grow_threshold`)
+    (:func:`_thresholds`).
     With `native`, NIfTI outputs in the source geometry are written too (this re-reads each source
     CT). `progress` gets (cases done, cases, "<case id>: N % of lung" or ": failed") per case.
     """
@@ -203,7 +203,6 @@ def run_make_masks(
         from_calibration = {key: calibration[key] for key in calibrated if key in calibration}
         config = PseudoMaskConfig(**{**from_calibration, **(overrides or {})})
         check_config(config)
-    threshold = float(calibration["threshold"] if threshold is None else threshold)
     _refuse_previous_output(out_dir, overwrite)
     cases = load_grid_cases(pre_dir)
     if not cases:
@@ -229,49 +228,67 @@ def run_make_masks(
                 onnx, case.image, case.lungs > 0, "cpu", seed=0, window=onnx.window, config=onnx.config
             )
 
-    grow = _grow_threshold(config, calibration, threshold, grow_threshold, generator_path, generate, scale)
+    chosen = _thresholds(config, calibration, (threshold, grow_threshold), generator_path, generate, scale)
+    threshold = chosen["threshold"]
     out_dir.mkdir(parents=True, exist_ok=True)
     with folder_lock(out_dir, STAGE_LOCK, "covidseg make-masks"):
         _refuse_previous_output(out_dir, overwrite)  # again: another run may have finished meanwhile
         (out_dir / "manifest.json").unlink(missing_ok=True)
-        thresholds = (threshold, grow["grow_threshold"])
+        thresholds = (threshold, chosen["grow_threshold"])
         outcome = _mask_cases(out_dir, cases, generate, config, thresholds, scale, native, progress)
         _write_slices(out_dir, outcome)
         manifest = _manifest(
             out_dir, pre_dir, generator_path, backend_info, threshold, config, cases, scale, outcome
         )
-        manifest.update(grow)
+        manifest.update(chosen)
         write_json(out_dir / "manifest.json", manifest)
     return manifest
 
 
-def _grow_threshold(
-    config: PseudoMaskConfig, calibration: Mapping, threshold: float, given: float | None,
+def _thresholds(
+    config: PseudoMaskConfig, calibration: Mapping, given: tuple[float | None, float | None],
     generator_path: Path, generate, scale: HuScale,
 ) -> dict:  # fmt: skip
-    """The lower hysteresis threshold (unit scale, never above `threshold`) and where it came from,
-    as the manifest records it: ``grow_threshold`` (None when ``config.grow_percentile`` is None) and
-    ``grow_threshold_source``: ``given``, ``calibration`` (train-gan calibrated it at this percentile)
-    or the healthy training grids it was calibrated on here, as train-gan would have (the preprocess
-    folder named by the train-gan manifest.json beside `generator_path`)."""
-    if config.grow_percentile is None:
-        return {"grow_threshold": None, "grow_threshold_source": None}
-    if given is not None:
-        low, source = float(given), "given"
-    elif calibration.get("grow_percentile") == config.grow_percentile and "grow_threshold" in calibration:
-        low, source = float(calibration["grow_threshold"]), "calibration"
-    else:
-        train_pre = _training_grids(generator_path, config.grow_percentile)
-        healthy = load_grid_cases(train_pre, groups=("healthy",))
-        if not healthy:
-            raise UsageError(train_pre, "no healthy cases to calibrate the grow_percentile threshold on")
-        diffs = [difference_map(c.image, generate(c), c.lungs, config.smooth_sigma) for c in healthy]
-        low = calibrate_grow_threshold(diffs, [c.lungs for c in healthy], config, scale)
-        source = f"calibrated on {len(healthy)} healthy grids of {train_pre}"
-    return {"grow_threshold": min(low, threshold), "grow_threshold_source": source}
+    """The binary threshold and the lower hysteresis one (unit scale; None when
+    ``config.grow_percentile`` is None; never above the main one) with where each came from, as the
+    manifest records them (``threshold_source``, ``grow_threshold_source``): ``given`` (`given`, the
+    command's values), ``calibration`` (train-gan calibrated it at the configured percentile) or
+    calibrated here on the healthy training grids, as train-gan would have (the preprocess folder named
+    by the train-gan manifest.json beside `generator_path`; its difference maps are made once)."""
+    healthy_maps: list = []
+
+    def recalibrated(percentile: float) -> tuple[float, str]:
+        train_pre = _training_grids(generator_path, percentile)
+        if not healthy_maps:
+            healthy = load_grid_cases(train_pre, groups=("healthy",))
+            if not healthy:
+                raise UsageError(train_pre, "no healthy cases to calibrate a threshold on")
+            diffs = [difference_map(c.image, generate(c), c.lungs, config.smooth_sigma) for c in healthy]
+            healthy_maps.extend([diffs, [c.lungs for c in healthy]])
+        value = calibrate_threshold(*healthy_maps, config, scale, percentile=percentile)
+        return value, f"calibrated on {len(healthy_maps[0])} healthy grids of {train_pre}"
+
+    def resolve(value: float | None, percentile: float, key: str, percentile_key: str) -> tuple[float, str]:
+        if value is not None:
+            return float(value), "given"
+        if calibration.get(percentile_key) == percentile and key in calibration:
+            return float(calibration[key]), "calibration"
+        return recalibrated(percentile)
+
+    threshold, source = resolve(given[0], config.healthy_percentile, "threshold", "healthy_percentile")
+    out = {
+        "threshold": threshold,
+        "threshold_source": source,
+        "grow_threshold": None,
+        "grow_threshold_source": None,
+    }
+    if config.grow_percentile is not None:
+        low, low_source = resolve(given[1], config.grow_percentile, "grow_threshold", "grow_percentile")
+        out.update(grow_threshold=min(low, threshold), grow_threshold_source=low_source)
+    return out
 
 
-def _training_grids(generator_path: Path, percentile: float) -> Path:
+def _training_grids(generator_path: Path, percentile: float) -> Path:  # percentile: for the message
     """The preprocess folder the generator was trained on, from the train-gan manifest beside it."""
     manifest_path = generator_path.parent / "manifest.json"
     try:
@@ -280,7 +297,7 @@ def _training_grids(generator_path: Path, percentile: float) -> Path:
     except (CovidsegError, KeyError, TypeError):
         raise UsageError(
             manifest_path,
-            f"the generator's calibration has no threshold for grow_percentile {percentile:g} and no "
+            f"the generator's calibration has no threshold for percentile {percentile:g} and no "
             "train-gan manifest beside it names its training grids to calibrate one on",
         ) from None
 
