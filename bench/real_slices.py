@@ -13,7 +13,8 @@ same lung mask:
         [--picture PNG]
 
 Prints per method: slices scored / lost, Dice per slice (mean ± std), pooled Dice, sensitivity,
-specificity, and the paired per-slice Dice difference against the baseline (mean ± std, wins).
+specificity, and the paired per-slice Dice difference against the baseline (mean ± std, wins);
+``--json``: the rows of ``bench/run_all.py`` (Dice per slice, target 0.50 for a model; slices lost).
 Exit 0 with a note when the data folder is missing.
 """
 
@@ -115,6 +116,26 @@ def picture(images: Path, truth: Path, pred: Path, path: Path, n: int = 8) -> No
     plt.close(fig)
 
 
+TARGET_DICE = 0.50  # issue 16: Dice per slice of a model through predict
+
+
+def _row(name: str, value, target, ratio, ok) -> dict:
+    return {"name": name, "value": value, "unit": "", "target": target, "ratio": ratio, "ok": ok}
+
+
+def rows(results: dict[str, dict]) -> list[dict]:
+    """run_all rows: Dice per slice (models: target 0.50) and slices lost (target none lost)."""
+    out = []
+    for name, r in results.items():
+        target = None if name == "baseline" else TARGET_DICE
+        ratio = None if target is None else round(r["dice_mean"] / target, 3)
+        dice = round(r["dice_mean"], 3)
+        ok = None if target is None else r["dice_mean"] >= target
+        out.append(_row(f"real slices, {name}: Dice per slice", dice, target, ratio, ok))
+        out.append(_row(f"real slices, {name}: slices lost", r["lost"], 0, None, r["lost"] == 0))
+    return out
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="folder with Imgs/ and GT/")
@@ -145,7 +166,7 @@ def main() -> int:
     if args.picture and args.model:
         picture(images, truth, args.out / f"pred-{args.model[0].partition('=')[0]}", args.picture)
     if args.json:
-        print(json.dumps(results, indent=2))
+        print(json.dumps(rows(results), indent=2))
         return 0
     print(f"{'method':<22} scored lost  Dice/slice       pooled  sens   spec    vs baseline (wins)")
     for name, r in results.items():
