@@ -112,7 +112,7 @@ def picture(images: Path, truth: Path, pred: Path, path: Path, n: int = 8) -> No
         ax.axis("off")
     fig.suptitle("lungs (yellow), experts (red), model (cyan)", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=80)
+    fig.savefig(path, dpi=64)
     plt.close(fig)
 
 
