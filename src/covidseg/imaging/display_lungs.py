@@ -17,7 +17,8 @@ the lungs touch the image border. Here each axial slice is segmented on its own:
 Known limits: a consolidation that fills a lung base from the chest wall inwards, with no
 aerated lung behind it, stays outside (as in the classical mask); outside air in the corners of a
 crop can be taken for lung when it is large, since a display slice does not tell air from lung by
-its grey level.
+its grey level. Made for single slices: in a stack every slice is segmented alone, so gas below the
+diaphragm can be taken for lung where no lung is in the slice.
 """
 
 from __future__ import annotations
