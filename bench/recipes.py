@@ -176,16 +176,27 @@ def table(results: list[dict], baselines: dict[str, dict]) -> None:
             runs = [r for r in results if r["variant"] == v]
             means = [np.mean(list(r[data]["dice"].values())) for r in runs]
             extra = "lost" if data == "real" else "healthy_flagged_pct"
-            diffs = [
-                d - by[(first, r["seed"])][data]["dice"][k]
-                for r in runs if (first, r["seed"]) in by
-                for k, d in r[data]["dice"].items() if k in by[(first, r["seed"])][data]["dice"]
-            ]  # fmt: skip
-            paired = f"{_mean_std(diffs)} ({sum(d > 0 for d in diffs)}/{len(diffs)})" if v != first else ""
+            references = {
+                r["seed"]: by[(first, r["seed"])][data]["dice"] for r in runs if (first, r["seed"]) in by
+            }
+            paired = _paired(runs, data, references) if v != first else ""
+            if data in baselines:
+                hu = baselines[data]["dice"]
+                paired += f"  vs HU baseline {_paired(runs, data, {r['seed']: hu for r in runs})}"
             columns = [_mean_std(means)] + [
                 _mean_std([r[data][k] for r in runs]) for k in ("pooled", "sensitivity", extra)
             ]
             print(f"  {v:<16} {len(runs)}  " + "  ".join(columns) + f"  {paired}")
+
+
+def _paired(runs: list[dict], data: str, references: dict[int, dict[str, float]]) -> str:
+    """Per-case Dice differences of `runs` against `references` (by seed), pooled: mean ± std (wins/n)."""
+    diffs = [
+        d - references[r["seed"]][k]
+        for r in runs if r["seed"] in references
+        for k, d in r[data]["dice"].items() if k in references[r["seed"]]
+    ]  # fmt: skip
+    return f"{_mean_std(diffs)} ({sum(d > 0 for d in diffs)}/{len(diffs)})" if diffs else ""
 
 
 def healthy_table(results: list[dict]) -> None:
