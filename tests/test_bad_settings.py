@@ -102,8 +102,8 @@ BAD_SETTINGS = [
     ("[train-gan.lesions]\ntexture_hu = -5", "[train-gan.lesions] texture_hu = -5.0: must be a number in [0"),
     ("[train-gan]\nseed = -1", "[train-gan] seed = -1: must be a whole number in 0.."),
     ("[make-masks]\nlow_infected = 0.5", "[make-masks] low_infected = 0.5: must be <= high_infected"),
-    ("[make-masks]\ngrow_percentile = 40", "[make-masks] grow_percentile = 40: must be a number in (50,"),
-    ("[make-masks]\ngrow_percentile = 99.5", "[make-masks] grow_percentile = 99.5: must be <= healthy_perc"),
+    ("[make-masks]\ngrow_percentile = 40", "[make-masks] grow_percentile = 40.0: must be a number in (50,"),
+    ("[make-masks]\ngrow_percentile = 99.9", "[make-masks] grow_percentile = 99.9: must be <= healthy_perc"),
     ("[preprocess]\ngrid = [30, 128, 128]", "[preprocess] grid = [30, 128, 128]: must be a multiple of"),
     ('[train-gan]\npreset = "tiny"\ncrop = [64, 64, 64]', "[train-gan] crop = [64, 64, 64]: must fit in"),
 ]

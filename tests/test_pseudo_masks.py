@@ -57,9 +57,11 @@ def test_off_is_the_plain_threshold():
     assert np.array_equal(refined_mask(diff, lung, HIGH, 20, None), plain)
     healthy = [np.linspace(0, 0.2, 1000, dtype=np.float32).reshape(10, 10, 10)]
     lungs = [np.ones((10, 10, 10))]
-    record = calibration_record(healthy, lungs, PseudoMaskConfig(), DEFAULT_HU_SCALE)
+    off = PseudoMaskConfig(healthy_percentile=99.0, grow_percentile=None)  # the recipe before issue 16
+    record = calibration_record(healthy, lungs, off, DEFAULT_HU_SCALE)
     assert "grow_percentile" not in record and "grow_threshold" not in record
-    assert calibrate_grow_threshold(healthy, lungs, PseudoMaskConfig(), DEFAULT_HU_SCALE) is None
+    assert calibrate_grow_threshold(healthy, lungs, off, DEFAULT_HU_SCALE) is None
+    assert PseudoMaskConfig().grow_percentile == 98.0  # on by default
 
 
 def test_the_lower_threshold_is_calibrated_on_healthy_lungs_and_not_above_the_main_one():
@@ -88,7 +90,7 @@ def test_the_lower_threshold_is_calibrated_on_healthy_lungs_and_not_above_the_ma
         ({"grow_percentile": 100.0}, "must be a number in (50, 100) or none"),
         ({"grow_percentile": math.nan}, "must be a number in (50, 100) or none"),
         ({"grow_percentile": "95"}, "must be a number in (50, 100) or none"),
-        ({"grow_percentile": 99.5}, "must be <= healthy_percentile (99.0)"),
+        ({"grow_percentile": 99.9}, "must be <= healthy_percentile (99.8)"),
         ({"grow_percentile": 96.0, "healthy_percentile": 95.0}, "must be <= healthy_percentile (95.0)"),
     ],
 )

@@ -430,9 +430,12 @@ def make_masks(
         float | None,
         typer.Option(
             help="Hysteresis: grow the mask into connected lung above this healthy-lung percentile "
-            "(50-100, <= healthy_percentile; default: the calibration's)."
+            "(50-100, <= healthy_percentile; default: the calibration's, 98)."
         ),
     ] = None,
+    no_grow: Annotated[
+        bool, typer.Option("--no-grow", help="No hysteresis: the thresholded mask as it is.")
+    ] = False,
     native: Annotated[bool, typer.Option(help="Also write NIfTI in the source CT's geometry.")] = True,
     backend: Annotated[
         str, typer.Option(help="auto (onnx for a .onnx file, torch otherwise), torch or onnx.")
@@ -450,8 +453,8 @@ def make_masks(
         asked = {"high_infected": high_infected, "low_infected": low_infected}
         if min_component is not None:
             asked["min_component"] = min_component
-        if grow_percentile is not None:
-            asked["grow_percentile"] = grow_percentile
+        if grow_percentile is not None or no_grow:
+            asked["grow_percentile"] = None if no_grow else grow_percentile
         if healthy_percentile is not None:
             asked["healthy_percentile"] = healthy_percentile
         _check_options(PseudoMaskConfig(**asked), threshold=threshold)  # before anything is read
@@ -511,10 +514,10 @@ def train_seg(
             "gamma, 256 grey levels, read back through window -1350..150 HU, as JPEG/PNG inputs of "
             "predict --intensity window:-1350,150 are); 0: off."
         ),
-    ] = 0.0,
+    ] = 0.5,
     blur_p: Annotated[
         float, typer.Option(help="Share of augmented slices blurred (Gaussian, sigma up to 1 px); 0: off.")
-    ] = 0.0,
+    ] = 0.3,
     eval_every: Annotated[int, typer.Option(help="Validate, checkpoint and plot every N steps.")] = 50,
     device: DeviceOpt = "auto",
     seed: SeedOpt = 0,

@@ -162,9 +162,9 @@ class SegTrainConfig:
     offset_jitter_hu: float = 70.0  # intensity offset in ± this (HU)
     noise_std_hu: float = 14.0  # Gaussian noise (HU)
     # 8-bit display slices (JPEG/PNG read with --intensity window:LO,HI): learning/augment.py
-    blur_p: float = 0.0  # share of images blurred (0: off, nothing drawn)
+    blur_p: float = 0.3  # share of images blurred (0: off, nothing drawn)
     blur_sigma_px: float = 1.0  # blur sigma uniform in (0, this] (pixels)
-    display_p: float = 0.0  # share of images rendered as display slices (0: off, nothing drawn)
+    display_p: float = 0.5  # share of images rendered as display slices (0: off, nothing drawn)
     display_center_hu: tuple[float, float] = (-750.0, -450.0)  # display window centre drawn in (HU)
     display_width_hu: tuple[float, float] = (1000.0, 1700.0)  # display window width drawn in (HU)
     display_gamma: float = 1.3  # curve v ** g, g log-uniform in [1 / this, this]
@@ -182,8 +182,9 @@ class SegTrainConfig:
 
     @classmethod
     def from_json(cls, data: dict) -> SegTrainConfig:
-        """Also a train_config written before a setting existed (an older checkpoint): its default."""
-        data = dict(data)
+        """Also a train_config written before a setting existed (an older checkpoint): its default,
+        except the display-slice augmentations, which such a run trained without (off)."""
+        data = {"display_p": 0.0, "blur_p": 0.0, **data}
         for key in ("scale_range", "display_center_hu", "display_width_hu", "display_assumed_window_hu"):
             if key in data:
                 data[key] = tuple(float(v) for v in data[key])

@@ -200,7 +200,8 @@ def run_make_masks(
     calibration = info["calibration"]
     if config is None:
         calibrated = ("smooth_sigma", "healthy_percentile", "min_component", "grow_percentile")
-        from_calibration = {key: calibration[key] for key in calibrated if key in calibration}
+        from_calibration = {"grow_percentile": None}  # a calibration from before hysteresis: off
+        from_calibration.update({key: calibration[key] for key in calibrated if key in calibration})
         config = PseudoMaskConfig(**{**from_calibration, **(overrides or {})})
         check_config(config)
     _refuse_previous_output(out_dir, overwrite)
