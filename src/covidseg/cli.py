@@ -518,6 +518,13 @@ def train_seg(
     blur_p: Annotated[
         float, typer.Option(help="Share of augmented slices blurred (Gaussian, sigma up to 1 px); 0: off.")
     ] = 0.3,
+    synth_lesion_p: Annotated[
+        float,
+        typer.Option(
+            help="Share of training slices given a synthetic lesion in their lung (random shape, ground "
+            "glass, consolidation, crazy paving, air bronchograms), added to their targets; 0: off."
+        ),
+    ] = 0.0,
     eval_every: Annotated[int, typer.Option(help="Validate, checkpoint and plot every N steps.")] = 50,
     device: DeviceOpt = "auto",
     seed: SeedOpt = 0,
@@ -532,7 +539,7 @@ def train_seg(
             config = SegTrainConfig(
                 arch=arch, preset=preset, steps=steps, batch_size=batch_size, lr=lr, lr_schedule=lr_schedule,
                 augment=not no_augment, eval_every=eval_every, seed=seed, grad_accum=grad_accum,
-                display_p=display_p, blur_p=blur_p,
+                display_p=display_p, blur_p=blur_p, synth_lesion_p=synth_lesion_p,
             )  # fmt: skip
             loss_config = SegLossConfig(
                 w_sensitivity=w_sensitivity,

@@ -169,6 +169,7 @@ class SegTrainConfig:
     display_width_hu: tuple[float, float] = (1000.0, 1700.0)  # display window width drawn in (HU)
     display_gamma: float = 1.3  # curve v ** g, g log-uniform in [1 / this, this]
     display_assumed_window_hu: tuple[float, float] = (-1350.0, 150.0)  # grey 0..255 read back as lo..hi HU
+    synth_lesion_p: float = 0.0  # share of slices given a synthetic lesion (method/slice_lesions.py); 0: off
     threshold: float = 0.5  # probability -> mask
     seed: int = 0
     eval_every: int = 50  # validation, best-checkpoint selection, overlay PNG, checkpoint
@@ -183,8 +184,9 @@ class SegTrainConfig:
     @classmethod
     def from_json(cls, data: dict) -> SegTrainConfig:
         """Also a train_config written before a setting existed (an older checkpoint): its default,
-        except the display-slice augmentations, which such a run trained without (off)."""
-        data = {"display_p": 0.0, "blur_p": 0.0, **data}
+        except the display-slice augmentations and the synthetic lesions, which such a run trained
+        without (off)."""
+        data = {"display_p": 0.0, "blur_p": 0.0, "synth_lesion_p": 0.0, **data}
         for key in ("scale_range", "display_center_hu", "display_width_hu", "display_assumed_window_hu"):
             if key in data:
                 data[key] = tuple(float(v) for v in data[key])

@@ -307,6 +307,7 @@ RULES: dict[str, dict[str, Rule]] = {
         "display_width_hu": _lo_hi(number(0, 6000, open_lo=True), "in (0, 6000] HU"),
         "display_gamma": number(1, 10),
         "display_assumed_window_hu": HU_WINDOW,
+        "synth_lesion_p": FRACTION,
         "threshold": number(0, 1, open_lo=True, open_hi=True),
         "seed": SEED,
         "eval_every": AT_LEAST_1,

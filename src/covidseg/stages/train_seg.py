@@ -50,6 +50,8 @@ from covidseg.learning.loop import (
     step_generator,
 )
 from covidseg.learning.losses import SegmentationLoss
+from covidseg.method.pseudo_masks import SOFT_SCALE_HU
+from covidseg.method.slice_lesions import paint_slice_lesions
 from covidseg.models.segmenters import make_segmenter, segmenter_config_dict
 from covidseg.progress import Progress, losses_text
 from covidseg.reporting.plots import loss_curves, panels
@@ -154,7 +156,10 @@ class _SegStep(torch.nn.Module):
 def _micro_batch(
     data: SliceSet, train_idx: np.ndarray, config: SegTrainConfig, gen: torch.Generator, device
 ) -> tuple[torch.Tensor, ...]:
-    """One (augmented) micro-batch drawn from `gen`.
+    """One (augmented) micro-batch drawn from `gen`: with ``config.synth_lesion_p`` > 0 a share of
+    the slices first get a synthetic lesion (:mod:`covidseg.method.slice_lesions`), added to their
+    binary and soft targets (the soft one: the density rise over ``SOFT_SCALE_HU``, as make-masks
+    scales differences) and left out of the contrastive term, whose high/low sets they no longer fit.
 
     Returns image, soft, binary ``[B, 1, H, W]`` and is_high, contrast ``[B]`` bool (the lung mask
     is warped along so the draws stay as they were, but the loss does not use it).
@@ -164,6 +169,15 @@ def _micro_batch(
         torch.from_numpy(np.ascontiguousarray(a[idx], dtype=np.float32))[:, None].to(device)
         for a in (data.images, data.lungs > 0, data.soft, data.binary)
     )  # each [B, 1, H, W]
+    sets = data.sets[idx]
+    is_high = torch.from_numpy(sets == "high").to(device)
+    contrast = torch.from_numpy(sets != "mid").to(device)
+    if config.synth_lesion_p > 0:  # painted slices join the targets and leave the contrastive term
+        lesions = paint_slice_lesions(image, lung, gen, data.hu_scale, config.synth_lesion_p)
+        image, binary = lesions.image, torch.maximum(binary, lesions.mask)
+        rise = lesions.rise / data.hu_scale.unit_of_hu_difference(SOFT_SCALE_HU)
+        soft = torch.maximum(soft, rise.clamp(0.0, 1.0))
+        contrast = contrast & ~lesions.painted
     if config.augment:
         image, (lung, soft, binary) = augment_batch(
             image, [lung, soft, binary], gen, data.hu_scale, config.max_rotation_deg, config.scale_range,
@@ -172,9 +186,6 @@ def _micro_batch(
             display=_display_rendering(config),
         )  # fmt: skip
         binary = (binary >= 0.5).float()
-    sets = data.sets[idx]
-    is_high = torch.from_numpy(sets == "high").to(device)
-    contrast = torch.from_numpy(sets != "mid").to(device)
     return image, soft, binary, is_high, contrast
 
 
