@@ -260,3 +260,28 @@ def test_train_seg_options_reach_the_config(tmp_path, monkeypatch):
     result = CliRunner().invoke(app, [*args, "--display-p", "1.5"])
     assert result.exit_code == 2 and "--display-p 1.5: must be a number in [0, 1]" in result.output
     assert len(seen) == 2
+
+
+def test_synthetic_lesions_come_from_the_option_or_a_settings_file_and_old_runs_resume_without(
+    tmp_path, monkeypatch
+):
+    from covidseg.learning.loop import resumed_config
+
+    seen = []
+    monkeypatch.setattr(
+        "covidseg.stages.train_seg.run_train_seg",
+        lambda masks, output, config, *rest: (
+            seen.append(config) or {"best": {"step": 0, "val_dice_pseudo": -1.0}}
+        ),
+    )
+    args = ["train-seg", str(tmp_path / "masks"), "-o", str(tmp_path / "seg"), "--no-progress"]
+    assert CliRunner().invoke(app, [*args, "--synth-lesion-p", "0.3"]).exit_code == 0
+    assert seen[0].synth_lesion_p == 0.3
+    result = CliRunner().invoke(app, [*args, "--synth-lesion-p", "2"])
+    assert result.exit_code == 2 and "--synth-lesion-p 2.0: must be a number in [0, 1]" in result.output
+    path = tmp_path / "synth.toml"
+    path.write_text("[train-seg]\nsynth_lesion_p = 0.4\n", encoding="utf-8")
+    assert load_config(path).train_seg.synth_lesion_p == 0.4
+    saved = SegTrainConfig(steps=10).to_json()
+    del saved["synth_lesion_p"]  # a checkpoint from before the synthetic lesions
+    assert resumed_config(SegTrainConfig(synth_lesion_p=0.5), saved).synth_lesion_p == 0.0
