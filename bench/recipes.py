@@ -219,7 +219,9 @@ def main() -> int:
         help="real healthy CT (files or folders; normal002 of bench/real_ct.py too)",
     )  # fmt: skip
     parser.add_argument("--variant", action="append", default=[], help="NAME=EXTRA TRAIN-SEG ARGS")
-    parser.add_argument("--masks", action="append", default=[], help="NAME=MAKE-MASKS FOLDER")
+    parser.add_argument(
+        "--masks", action="append", default=[], help="NAME=MAKE-MASKS FOLDER ({seed}: the run's seed)"
+    )
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--table", action="store_true", help="print the table of OUT/results.jsonl")
@@ -234,7 +236,8 @@ def main() -> int:
                 name, _, extra = spec.partition("=")
                 if (name, seed) in done:
                     continue
-                result = one_run(args, name, extra, Path(masks.get(name, args.work / "masks")), seed)
+                masks_dir = Path(masks.get(name, str(args.work / "masks")).format(seed=seed))
+                result = one_run(args, name, extra, masks_dir, seed)
                 with open(log, "a") as f:
                     f.write(json.dumps(result) + "\n")
         _complete(log, args)
