@@ -11,8 +11,8 @@ AUC (slice score = lesion area in mm², label = the radiologists' 0/1 infection 
 sensitivity and specificity at >= 50 mm² of lesion; for normal002 the % of lung flagged is the
 false-positive rate. Methods:
 
-* ``baseline``: HU > -600 inside the lung mask, components under 20 voxels dropped (as
-  ``covidseg.method.pseudo_masks.threshold_baseline``), on the lung mask of ``covidseg.imaging.lungs``;
+* ``baseline``: HU > -600 inside the lung mask, components under 20 voxels dropped
+  (``covidseg.method.pseudo_masks.hu_threshold_baseline``), on the lung mask of ``covidseg.imaging.lungs``;
 * each ``--model NAME=MODEL``: ``covidseg predict`` (the command a user runs, default flags, with
   ``--snapshots``) with that model (an exported .onnx, a train-seg best.pt or a model-home name).
 
@@ -36,11 +36,9 @@ from scipy import stats
 from covidseg.imaging.lungs import segment_lungs
 from covidseg.imaging.readout import read_out
 from covidseg.io import read_ct, read_mask
-from covidseg.method.pseudo_masks import remove_small_components
+from covidseg.method.pseudo_masks import hu_threshold_baseline
 
 SCANS = ("P002", "cap002", "normal002")
-BASELINE_HU = -600.0
-BASELINE_MIN_VOXELS = 20
 POSITIVE_MM2 = 50.0  # a slice with at least this much lesion counts as infected
 
 
@@ -63,11 +61,6 @@ def slice_figures(lesion: np.ndarray, pixel_mm2: float, labels: np.ndarray | Non
         out["sensitivity"] = float(called[labels == 1].mean()) if (labels == 1).any() else None
         out["specificity"] = float((~called[labels == 0]).mean()) if (labels == 0).any() else None
     return out
-
-
-def baseline_mask(hu: np.ndarray, lungs: np.ndarray) -> np.ndarray:
-    """HU > -600 inside the lungs, small components dropped: the trivial baseline."""
-    return remove_small_components((hu > BASELINE_HU) & (lungs > 0), BASELINE_MIN_VOXELS)
 
 
 def run_predict(name: str, model: str, data: Path, out: Path) -> Path:
@@ -105,7 +98,7 @@ def evaluate_scan(data: Path, scan: str, predictions: dict[str, Path]) -> tuple[
     voxel_ml, pixel_mm2 = float(np.prod(spacing)) / 1000.0, spacing[1] * spacing[2]
     lungs = segment_lungs(volume.hu, spacing).full()
     labels = scan_labels(data, scan, volume.hu.shape[0])
-    masks = {"baseline": baseline_mask(volume.hu, lungs)}
+    masks = {"baseline": hu_threshold_baseline(volume.hu, lungs)}
     for name, pred in predictions.items():
         path = pred / f"{scan}.nii.gz"
         if not path.exists():

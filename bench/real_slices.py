@@ -6,8 +6,8 @@ runs, ``covidseg predict --intensity window:-1350,150`` (the display-slice lung 
 experts' masks (never used for training or tuning). Next to each model, on the same slices and the
 same lung mask:
 
-* ``baseline``: mapped HU > -600 inside the lung mask, components under 20 pixels dropped (the
-  threshold baseline of every other table).
+* ``baseline``: mapped HU > -600 inside the lung mask, components under 20 pixels dropped
+  (``covidseg.method.pseudo_masks.hu_threshold_baseline``, the threshold baseline of every other table).
 
     python bench/real_slices.py --model NAME=MODEL [--model ...] [--data DIR] [--out DIR] [--json]
         [--picture PNG]
@@ -32,14 +32,12 @@ import numpy as np
 from covidseg.imaging.display_lungs import segment_display_lungs
 from covidseg.imaging.intensity import parse_intensity
 from covidseg.io import read_ct, write_array
-from covidseg.method.pseudo_masks import remove_small_components
+from covidseg.method.pseudo_masks import hu_threshold_baseline
 
 DEFAULT_DATA = (
     Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "covid_semiseg_infnet" / "train"
 )
 INTENSITY = "window:-1350,150"
-BASELINE_HU = -600.0
-BASELINE_MIN_PIXELS = 20
 
 
 def baseline_masks(images: Path, out_dir: Path) -> None:
@@ -49,7 +47,7 @@ def baseline_masks(images: Path, out_dir: Path) -> None:
     for path in sorted(images.iterdir()):
         volume, _ = read_ct(path, intensity=mapping)
         lungs = segment_display_lungs(volume.hu).full() > 0
-        lesion = remove_small_components((volume.hu > BASELINE_HU) & lungs, BASELINE_MIN_PIXELS)
+        lesion = hu_threshold_baseline(volume.hu, lungs)
         native = volume.orientation.to_native(lesion.astype(np.uint8))
         write_array(out_dir / f"{path.name.rsplit('.', 1)[0]}.nii.gz", native, volume.geometry)
 

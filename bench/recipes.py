@@ -99,7 +99,7 @@ def baseline_scores(test: Path, out: Path) -> dict:
     """HU > -600 inside the classical lung mask on a synth folder, scored like a model (made once)."""
     from covidseg.imaging.lungs import segment_lungs
     from covidseg.io import read_ct, write_array
-    from covidseg.method.pseudo_masks import remove_small_components
+    from covidseg.method.pseudo_masks import hu_threshold_baseline
 
     pred = out / "pred"
     if not (out / "eval" / "metrics.csv").exists():
@@ -107,7 +107,7 @@ def baseline_scores(test: Path, out: Path) -> dict:
         for path in sorted((test / "covid").iterdir()) + sorted((test / "healthy").iterdir()):
             volume, _ = read_ct(path)
             lungs = segment_lungs(volume.hu, volume.spacing_zyx).full() > 0
-            mask = remove_small_components((volume.hu > real_slices.BASELINE_HU) & lungs, 20)
+            mask = hu_threshold_baseline(volume.hu, lungs)
             stem = path.name.split(".")[0]
             write_array(
                 pred / f"{stem}.nii.gz", volume.orientation.to_native(mask.astype(np.uint8)), volume.geometry

@@ -1,5 +1,6 @@
 """Hysteresis refinement of the pseudo-masks (``grow_percentile``): the lower threshold calibrated on
-healthy lungs, seeds growing into connected less certain tissue, and off == the plain threshold."""
+healthy lungs, seeds growing into connected less certain tissue, and off == the plain threshold; and the
+trivial HU-threshold baseline."""
 
 from __future__ import annotations
 
@@ -8,15 +9,19 @@ import math
 import numpy as np
 import pytest
 
-from covidseg.imaging.grid import DEFAULT_HU_SCALE
+from covidseg.imaging.grid import DEFAULT_HU_SCALE, HuScale
 from covidseg.method.pseudo_masks import (
+    BASELINE_HU,
+    BASELINE_MIN_COMPONENT,
     PseudoMaskConfig,
     binarise,
     calibrate_grow_threshold,
     calibrate_threshold,
     calibration_record,
     grow_from_seeds,
+    hu_threshold_baseline,
     refined_mask,
+    threshold_baseline,
 )
 from covidseg.settings import SettingError, check_config
 
@@ -100,3 +105,40 @@ def test_bad_grow_settings_are_refused(values, cause):
     assert cause in str(caught.value)
     check_config(PseudoMaskConfig(grow_percentile=95.0))  # a good one passes
     check_config(PseudoMaskConfig(grow_percentile=99.0))
+
+
+def _baseline_case() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """HU [z, y, x] (float64), its lung and the voxels the baseline must flag: a dense 27-voxel blob in
+    the lung (flagged), a dense blob outside it, a 2-voxel dense speck in the lung (under 20 voxels,
+    dropped) and a 27-voxel blob at exactly -600 HU (not above the level)."""
+    hu = np.full((5, 24, 24), -850.0)
+    lung = np.zeros(hu.shape, np.uint8)
+    lung[:, :, :12] = 1
+    hu[1:4, 2:5, 2:5] = -100.0  # dense blob in the lung: kept
+    hu[1:4, 2:5, 16:19] = -100.0  # dense blob outside the lung
+    hu[2, 15:17, 8] = -300.0  # 2-voxel speck in the lung
+    hu[1:4, 18:21, 2:5] = -600.0  # at the level, not above it
+    expected = np.zeros(hu.shape, bool)
+    expected[1:4, 2:5, 2:5] = True
+    return hu, lung, expected
+
+
+def test_the_hu_baseline_flags_dense_lung_components_of_20_voxels_or_more():
+    hu, lung, expected = _baseline_case()
+    assert (BASELINE_HU, BASELINE_MIN_COMPONENT) == (-600.0, 20)
+    flagged = hu_threshold_baseline(hu, lung)
+    assert flagged.dtype == bool and np.array_equal(flagged, expected)
+    speck = hu_threshold_baseline(hu, lung, min_component=1)  # the speck stays without the size filter
+    assert speck.sum() == 27 + 2 and speck[2, 15:17, 8].all()
+    assert hu_threshold_baseline(hu, lung, hu_level=-601.0).sum() == 2 * 27  # the -600 blob is above -601
+
+
+@pytest.mark.parametrize("scale", [DEFAULT_HU_SCALE, HuScale(-1200.0, 600.0)])
+def test_the_unit_scale_baseline_equals_the_hu_baseline(scale):
+    hu, lung, expected = _baseline_case()
+    unit = scale.to_unit(np.clip(hu, *scale.window))
+    assert np.array_equal(threshold_baseline(unit, lung, scale), expected)
+    for level, size in [(-600.0, 1), (-200.0, 20), (-900.0, 20)]:
+        assert np.array_equal(
+            threshold_baseline(unit, lung, scale, level, size), hu_threshold_baseline(hu, lung, level, size)
+        )

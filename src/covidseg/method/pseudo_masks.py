@@ -169,16 +169,42 @@ def refined_mask(
     return grow_from_seeds(difference, binary, lung, grow_threshold)
 
 
-def threshold_baseline(
-    image: np.ndarray, lung: np.ndarray, scale: HuScale, hu: float = -600.0, min_component: int = 20
-) -> np.ndarray:
-    """The trivial baseline: voxels above `hu` HU inside the lung, small components removed.
+#: The trivial baseline's density level (HU): voxels denser than this inside the lung are flagged.
+BASELINE_HU = -600.0
+#: The trivial baseline drops 26-connected components smaller than this (voxels; pixels on a slice).
+BASELINE_MIN_COMPONENT = 20
 
-    `image` is on the preprocess [0, 1] `scale`. It flags vessels as well as lesions, which is
-    exactly what a learned method must beat.
+
+def _above_in_lung(values: np.ndarray, lung: np.ndarray, level: float, min_component: int) -> np.ndarray:
+    """`values` above `level` inside `lung`, components under `min_component` voxels removed (bool)."""
+    return remove_small_components((values > level) & (lung > 0), min_component)
+
+
+def hu_threshold_baseline(
+    hu: np.ndarray,
+    lung: np.ndarray,
+    hu_level: float = BASELINE_HU,
+    min_component: int = BASELINE_MIN_COMPONENT,
+) -> np.ndarray:
+    """The trivial baseline on HU: voxels of `hu` (HU, any shape, e.g. [z, y, x]) above `hu_level`
+    (HU) inside `lung` (nonzero = lung, same shape), 26-connected components with fewer than
+    `min_component` voxels removed; bool, the shape of `hu`.
+
+    It flags vessels as well as lesions, which is exactly what a learned method must beat.
     """
-    level = scale.to_unit(hu)
-    return remove_small_components((image > level) & (lung > 0), min_component)
+    return _above_in_lung(hu, lung, hu_level, min_component)
+
+
+def threshold_baseline(
+    image: np.ndarray,
+    lung: np.ndarray,
+    scale: HuScale,
+    hu: float = BASELINE_HU,
+    min_component: int = BASELINE_MIN_COMPONENT,
+) -> np.ndarray:
+    """:func:`hu_threshold_baseline` on an `image` on the preprocess [0, 1] `scale`: voxels above
+    `hu` HU (put on `scale`) inside the lung, small components removed (bool)."""
+    return _above_in_lung(image, lung, scale.to_unit(hu), min_component)
 
 
 def split_slices(binary: np.ndarray, lung: np.ndarray, cfg: PseudoMaskConfig) -> list[tuple[int, str, float]]:

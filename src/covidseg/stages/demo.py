@@ -29,7 +29,7 @@ from covidseg.imaging.grid import HuScale
 from covidseg.imaging.lungs import LungParams, segment_lungs
 from covidseg.io import read_ct, read_mask, write_array
 from covidseg.io.atomic import write_json
-from covidseg.method.pseudo_masks import threshold_baseline
+from covidseg.method.pseudo_masks import BASELINE_HU, threshold_baseline
 from covidseg.progress import ProgressFor, silent_for
 from covidseg.reporting.html import DemoReport, MethodScores, demo_report, write_report
 from covidseg.stages._workdir import read_manifest
@@ -37,7 +37,6 @@ from covidseg.stages.run import RunInputs, run_pipeline
 from covidseg.versions import software_versions
 
 TEST_SEED_OFFSET = 1  # test phantoms: synth seed S + 1 (unseen cases)
-BASELINE_HU = -600.0
 ARCH_NAMES = {"transunet": "TransUNet", "unet": "UNet"}
 
 
