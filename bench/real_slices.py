@@ -63,17 +63,28 @@ def scores(eval_dir: Path) -> dict[str, dict]:
         return {row["case_id"]: row for row in csv.DictReader(f)}
 
 
-def summarise(rows: dict[str, dict], reference: dict[str, dict] | None, n_cases: int) -> dict:
-    """Dice per slice and pooled, sensitivity, specificity; paired difference against `reference`."""
-    dice = np.array([float(r["dice"]) for r in rows.values()])
+def case_figures(rows: dict[str, dict]) -> dict:
+    """Per-case Dice (by case id), pooled Dice and mean sensitivity of evaluate's rows (`scores`)."""
     tp, fp, fn = (sum(int(r[k]) for r in rows.values()) for k in ("tp", "fp", "fn"))
+    return {
+        "dice": {k: float(r["dice"]) for k, r in rows.items()},
+        "pooled": 2 * tp / max(2 * tp + fp + fn, 1),
+        "sensitivity": float(np.mean([float(r["sensitivity"]) for r in rows.values()])),
+    }
+
+
+def summarise(rows: dict[str, dict], reference: dict[str, dict] | None, n_cases: int) -> dict:
+    """Dice per slice (mean ± std) and pooled, sensitivity, specificity (:func:`case_figures` and
+    evaluate's rows); paired difference against `reference`."""
+    figures = case_figures(rows)
+    dice = np.array(list(figures["dice"].values()))
     out = {
         "scored": len(rows),
         "lost": n_cases - len(rows),
         "dice_mean": float(dice.mean()),
         "dice_std": float(dice.std()),
-        "dice_pooled": 2 * tp / max(2 * tp + fp + fn, 1),
-        "sensitivity": float(np.mean([float(r["sensitivity"]) for r in rows.values()])),
+        "dice_pooled": figures["pooled"],
+        "sensitivity": figures["sensitivity"],
         "specificity": float(np.mean([float(r["specificity"]) for r in rows.values()])),
     }
     if reference is not None:

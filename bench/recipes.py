@@ -68,16 +68,6 @@ def _evaluate(pred: Path, reference: Path, out: Path) -> None:
     covidseg("evaluate", "--pred", str(pred), "--ref", str(reference), "-o", str(out), "--overwrite")
 
 
-def _figures(rows: dict[str, dict]) -> dict:
-    """Per-case Dice, pooled Dice and mean sensitivity of evaluate's rows."""
-    tp, fp, fn = (sum(int(r[k]) for r in rows.values()) for k in ("tp", "fp", "fn"))
-    return {
-        "dice": {k: float(r["dice"]) for k, r in rows.items()},
-        "pooled": 2 * tp / max(2 * tp + fp + fn, 1),
-        "sensitivity": float(np.mean([float(r["sensitivity"]) for r in rows.values()])),
-    }
-
-
 def _predict_and_evaluate(model: Path, inputs: list[Path], reference: Path, out: Path, *flags: str) -> dict:
     pred = out / "pred"
     covidseg("predict", *map(str, inputs), "-o", str(pred), "--model", str(model), "--overwrite", *flags)
@@ -92,7 +82,7 @@ def phantom_scores(model: Path, test: Path, out: Path) -> dict:
         json.loads((out / "pred" / f"{p.name.split('.')[0]}.json").read_text())["involvement_pct"]
         for p in sorted((test / "healthy").iterdir())
     ]
-    return {**_figures(rows), "healthy_flagged_pct": float(np.mean(flagged))}
+    return {**real_slices.case_figures(rows), "healthy_flagged_pct": float(np.mean(flagged))}
 
 
 def baseline_scores(test: Path, out: Path) -> dict:
@@ -118,14 +108,17 @@ def baseline_scores(test: Path, out: Path) -> dict:
         _evaluate(pred, test / "manifest.json", out / "eval")
     flagged = [json.loads((pred / f"{p.name.split('.')[0]}.json").read_text())["involvement_pct"]
                for p in sorted((test / "healthy").iterdir())]  # fmt: skip
-    return {**_figures(real_slices.scores(out / "eval")), "healthy_flagged_pct": float(np.mean(flagged))}
+    return {
+        **real_slices.case_figures(real_slices.scores(out / "eval")),
+        "healthy_flagged_pct": float(np.mean(flagged)),
+    }
 
 
 def real_scores(model: Path, out: Path, data: Path) -> dict:
     """predict + evaluate on the real display slices (Imgs/, GT/); `lost`: slices without a mask."""
     flags = ("--intensity", real_slices.INTENSITY)
     rows = _predict_and_evaluate(model, [data / "Imgs"], data / "GT", out, *flags)
-    return {**_figures(rows), "lost": len(list((data / "Imgs").iterdir())) - len(rows)}
+    return {**real_slices.case_figures(rows), "lost": len(list((data / "Imgs").iterdir())) - len(rows)}
 
 
 def healthy_real_scores(model: Path, out: Path, inputs: list[Path]) -> dict[str, float]:
@@ -257,7 +250,7 @@ def _baselines(args) -> dict[str, dict]:
     if not (real / "eval" / "metrics.csv").exists():
         real_slices.baseline_masks(args.real / "Imgs", real / "pred")
         _evaluate(real / "pred", args.real / "GT", real / "eval")
-    out["real"] = {**_figures(real_slices.scores(real / "eval")), "lost": 0}
+    out["real"] = {**real_slices.case_figures(real_slices.scores(real / "eval")), "lost": 0}
     return out
 
 
