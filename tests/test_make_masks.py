@@ -4,6 +4,7 @@ the fixed ONNX window, and the lock on its output folder."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -133,6 +134,49 @@ def test_make_masks_recalibrates_another_healthy_percentile_on_the_training_grid
     assert strict["config"]["healthy_percentile"] == 99.8
     assert strict["threshold_source"].startswith("calibrated on 1 healthy grids of")
     assert strict["threshold"] >= base["threshold"] and strict["grow_threshold"] <= strict["threshold"]
+
+
+def test_thresholds_make_the_healthy_maps_once_and_only_when_calibrating_and_record_a_portable_path(trained):
+    """Both thresholds recalibrated: the healthy training grids go through the generator once; both
+    from the calibration: not at all. The source names the training grids relative to the output
+    folder when they lie in its work folder (as ``preprocess`` is), else absolute."""
+    from covidseg.imaging.grid import DEFAULT_HU_SCALE
+    from covidseg.method.pseudo_masks import PseudoMaskConfig
+    from covidseg.stages._workdir import stored_path
+    from covidseg.stages.make_masks import _thresholds
+
+    calls = []
+
+    def generate(case):  # pseudo-healthy = the image itself: every difference is 0
+        calls.append(case.case_id)
+        return case.image
+
+    config = PseudoMaskConfig(healthy_percentile=99.5, grow_percentile=97.0)
+    generator = trained.gan / "generator.pt"
+    out = trained.root / "masks"  # never written: _thresholds only names it
+    chosen = _thresholds(config, {}, (None, None), generator, generate, DEFAULT_HU_SCALE, out)
+    assert len(calls) == 1  # one healthy training grid, made once for both percentiles
+    assert (
+        chosen["threshold_source"]
+        == chosen["grow_threshold_source"]
+        == "calibrated on 1 healthy grids of ../pre"
+    )
+    assert stored_path(out, chosen["threshold_source"].rsplit(" of ", 1)[1]) == trained.pre
+    elsewhere = _thresholds(
+        config, {}, (None, None), generator, generate, DEFAULT_HU_SCALE, Path("/x/y/masks")
+    )
+    assert elsewhere["threshold_source"] == f"calibrated on 1 healthy grids of {trained.pre.as_posix()}"
+    calls.clear()
+    calibration = {
+        "healthy_percentile": 99.5,
+        "threshold": 0.2,
+        "grow_percentile": 97.0,
+        "grow_threshold": 0.1,
+    }
+    chosen = _thresholds(config, calibration, (None, None), generator, generate, DEFAULT_HU_SCALE, out)
+    assert calls == [] and chosen["threshold_source"] == chosen["grow_threshold_source"] == "calibration"
+    chosen = _thresholds(config, calibration, (0.3, None), generator, generate, DEFAULT_HU_SCALE, out)
+    assert calls == [] and chosen["threshold"] == 0.3 and chosen["threshold_source"] == "given"
 
 
 def test_make_masks_grow_percentile_option_is_checked_and_needs_the_training_grids(trained, tmp_path):

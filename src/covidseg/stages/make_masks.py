@@ -21,6 +21,7 @@ Output folder::
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
@@ -229,7 +230,8 @@ def run_make_masks(
                 onnx, case.image, case.lungs > 0, "cpu", seed=0, window=onnx.window, config=onnx.config
             )
 
-    chosen = _thresholds(config, calibration, (threshold, grow_threshold), generator_path, generate, scale)
+    given = (threshold, grow_threshold)
+    chosen = _thresholds(config, calibration, given, generator_path, generate, scale, out_dir)
     threshold = chosen["threshold"]
     out_dir.mkdir(parents=True, exist_ok=True)
     with folder_lock(out_dir, STAGE_LOCK, "covidseg make-masks"):
@@ -248,26 +250,31 @@ def run_make_masks(
 
 def _thresholds(
     config: PseudoMaskConfig, calibration: Mapping, given: tuple[float | None, float | None],
-    generator_path: Path, generate, scale: HuScale,
+    generator_path: Path, generate, scale: HuScale, out_dir: Path,
 ) -> dict:  # fmt: skip
     """The binary threshold and the lower hysteresis one (unit scale; None when
     ``config.grow_percentile`` is None; never above the main one) with where each came from, as the
     manifest records them (``threshold_source``, ``grow_threshold_source``): ``given`` (`given`, the
     command's values), ``calibration`` (train-gan calibrated it at the configured percentile) or
-    calibrated here on the healthy training grids, as train-gan would have (the preprocess folder named
-    by the train-gan manifest.json beside `generator_path`; its difference maps are made once)."""
-    healthy_maps: list = []
+    ``calibrated on N healthy grids of PATH``: calibrated here on the healthy training grids, as
+    train-gan would have (PATH: the preprocess folder named by the train-gan manifest.json beside
+    `generator_path`, stored as :func:`portable_path` writes it for `out_dir`; its difference maps are
+    made once, and only when a threshold is calibrated here)."""
+
+    @functools.cache
+    def healthy_maps(train_pre: Path) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """Difference maps and lungs of the healthy grids of `train_pre` (made on the first call)."""
+        healthy = load_grid_cases(train_pre, groups=("healthy",))
+        if not healthy:
+            raise UsageError(train_pre, "no healthy cases to calibrate a threshold on")
+        diffs = [difference_map(c.image, generate(c), c.lungs, config.smooth_sigma) for c in healthy]
+        return diffs, [c.lungs for c in healthy]
 
     def recalibrated(percentile: float) -> tuple[float, str]:
         train_pre = _training_grids(generator_path, percentile)
-        if not healthy_maps:
-            healthy = load_grid_cases(train_pre, groups=("healthy",))
-            if not healthy:
-                raise UsageError(train_pre, "no healthy cases to calibrate a threshold on")
-            diffs = [difference_map(c.image, generate(c), c.lungs, config.smooth_sigma) for c in healthy]
-            healthy_maps.extend([diffs, [c.lungs for c in healthy]])
-        value = calibrate_threshold(*healthy_maps, config, scale, percentile=percentile)
-        return value, f"calibrated on {len(healthy_maps[0])} healthy grids of {train_pre}"
+        diffs, lungs = healthy_maps(train_pre)
+        value = calibrate_threshold(diffs, lungs, config, scale, percentile=percentile)
+        return value, f"calibrated on {len(diffs)} healthy grids of {portable_path(train_pre, out_dir)}"
 
     def resolve(value: float | None, percentile: float, key: str, percentile_key: str) -> tuple[float, str]:
         if value is not None:
