@@ -213,3 +213,53 @@ def test_train_gan_calibrates_the_grow_threshold_and_make_masks_uses_it(trained,
     assert masks["config"]["grow_percentile"] == 95.0  # taken from the calibration, like the percentile
     assert masks["grow_threshold"] == calibration["grow_threshold"]
     assert masks["grow_threshold_source"] == "calibration"
+
+
+def test_make_masks_with_a_teacher_adds_its_voxels_at_the_threshold_healthy_lungs_allow(trained, tmp_path):
+    from _small_inputs import GRID
+    from conftest import save_untrained_segmenter
+    from covidseg.inference.model_files import open_seg_model
+    from covidseg.inference.runners import TorchRunner
+    from covidseg.stages._workdir import load_grid_cases, stored_path
+
+    teacher = save_untrained_segmenter(tmp_path / "teacher" / "best.pt", slice_size=GRID[1:])
+    plain = run_make_masks(trained.pre, trained.gan, tmp_path / "plain", device="cpu", native=False)
+    taught = run_make_masks(trained.pre, trained.gan, tmp_path / "taught", device="cpu", native=False,
+                            teacher=teacher, teacher_budget_percent=100.0)  # fmt: skip
+    record = json.loads((tmp_path / "taught" / "manifest.json").read_text())["teacher"]
+    assert record["threshold"] == 0.5  # a budget of 100 %: the lowest threshold
+    assert stored_path(tmp_path / "taught", record["model"]).resolve() == teacher.resolve()
+    run = TorchRunner(open_seg_model(teacher).torch_model(), "cpu")
+    cases = {c.case_id: c for c in load_grid_cases(trained.pre)}
+    added = 0
+    for before, after in zip(plain["cases"], taught["cases"], strict=True):
+        case = cases[before["id"]]
+        prob = 1 / (1 + np.exp(-run(case.image[:, None])[:, 0]))
+        old = np.load(tmp_path / "plain" / before["files"]["binary_grid"]).astype(bool)
+        new = np.load(tmp_path / "taught" / after["files"]["binary_grid"]).astype(bool)
+        assert np.array_equal(new, old | ((prob >= 0.5) & (case.lungs > 0)))
+        added += after["teacher_added_voxels"]
+    assert added > 0 and record["added_percent_of_masks"] > 0
+    before_percent, after_percent = record["healthy_flagged_percent"]
+    assert before_percent <= after_percent <= 100.0
+
+    strict = run_make_masks(trained.pre, trained.gan, tmp_path / "strict", device="cpu", native=False,
+                            teacher=teacher, teacher_budget_percent=after_percent - 1e-6)  # fmt: skip
+    assert strict["teacher"]["threshold"] > 0.5  # the budget rules out t = 0.5
+    assert strict["teacher"]["healthy_flagged_percent"][1] < after_percent
+
+
+def test_a_teacher_made_for_other_grids_is_refused_before_anything_is_written(trained, tmp_path):
+    from conftest import save_untrained_segmenter
+
+    teacher = save_untrained_segmenter(tmp_path / "other.pt", slice_size=(64, 64))
+    with pytest.raises(
+        UsageError, match=r"other\.pt: a teacher must be trained on grids like these: it takes 64x64"
+    ):
+        run_make_masks(
+            trained.pre, trained.gan, tmp_path / "out", device="cpu", native=False, teacher=teacher
+        )
+    assert not (tmp_path / "out").exists()
+    args = ["make-masks", str(trained.pre), "--gan", str(trained.gan), "-o", str(tmp_path / "cli")]
+    result = runner.invoke(app, [*args, "--teacher", str(teacher), "--teacher-budget", "120"])
+    assert result.exit_code == 2 and "--teacher-budget 120.0: must be a number in [0, 100] %" in result.output

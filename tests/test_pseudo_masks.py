@@ -142,3 +142,40 @@ def test_the_unit_scale_baseline_equals_the_hu_baseline(scale):
         assert np.array_equal(
             threshold_baseline(unit, lung, scale, level, size), hu_threshold_baseline(hu, lung, level, size)
         )
+
+
+# ---- self-training: the teacher's threshold and the refreshed masks ---------------------------------------
+
+
+def test_the_teacher_threshold_is_the_lowest_that_keeps_healthy_lung_within_budget():
+    from covidseg.method.pseudo_masks import teacher_threshold
+
+    lung = np.ones((1, 10, 10), dtype=np.uint8)
+    mask = np.zeros((1, 10, 10), dtype=bool)
+    mask[0, 0, :2] = True  # 2 % of the lung before the teacher
+    prob = np.zeros((1, 10, 10), dtype=np.float32)
+    prob[0, 5, :] = 0.6  # 10 voxels at 0.6
+    prob[0, 6, :3] = 0.8  # 3 at 0.8
+    assert teacher_threshold([mask], [prob], [lung], budget_percent=15.0) == (0.5, 15.0)
+    assert teacher_threshold([mask], [prob], [lung], budget_percent=6.0) == (0.65, 5.0)
+    assert teacher_threshold([mask], [prob], [lung], budget_percent=1.0) is None  # 2 % before it
+    prob[0, 5, :] = 0.99  # confident everywhere it speaks: no threshold helps
+    assert teacher_threshold([mask], [prob], [lung], budget_percent=5.0) is None
+
+
+def test_the_teacher_adds_its_confident_lung_voxels_and_raises_the_soft_mask_there():
+    from covidseg.method.pseudo_masks import with_teacher
+
+    lung = np.zeros((1, 4, 4), dtype=np.uint8)
+    lung[0, :, :3] = 1
+    binary = np.zeros((1, 4, 4), dtype=bool)
+    binary[0, 0, 0] = True
+    soft = np.full((1, 4, 4), 0.2, dtype=np.float32)
+    prob = np.full((1, 4, 4), 0.1, dtype=np.float32)
+    prob[0, 1, :] = 0.9  # confident on a row that leaves the lung at x = 3
+    new_binary, new_soft = with_teacher(binary, soft, prob, lung, threshold=0.7)
+    expected = binary.copy()
+    expected[0, 1, :3] = True
+    assert np.array_equal(new_binary, expected)
+    assert np.allclose(new_soft[0, 1, :3], 0.9) and new_soft[0, 1, 3] == np.float32(0.2)
+    assert np.array_equal(new_soft[0, 2:], soft[0, 2:]) and new_soft.dtype == np.float32

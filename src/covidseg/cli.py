@@ -436,6 +436,20 @@ def make_masks(
     no_grow: Annotated[
         bool, typer.Option("--no-grow", help="No hysteresis: the thresholded mask as it is.")
     ] = False,
+    teacher: Annotated[
+        Path | None,
+        typer.Option(
+            help="Self-training: a train-seg folder, model .pt or exported .onnx trained on earlier "
+            "pseudo-masks of these grids; its confident voxels join the masks."
+        ),
+    ] = None,
+    teacher_budget: Annotated[
+        float,
+        typer.Option(
+            help="With --teacher: the teacher's threshold is the lowest probability (0.50-0.95) at which "
+            "the healthy cases' masks flag at most this % of their lung."
+        ),
+    ] = 1.0,
     native: Annotated[bool, typer.Option(help="Also write NIfTI in the source CT's geometry.")] = True,
     backend: Annotated[
         str, typer.Option(help="auto (onnx for a .onnx file, torch otherwise), torch or onnx.")
@@ -458,10 +472,13 @@ def make_masks(
         if healthy_percentile is not None:
             asked["healthy_percentile"] = healthy_percentile
         _check_options(PseudoMaskConfig(**asked), threshold=threshold)  # before anything is read
+        if not 0.0 <= teacher_budget <= 100.0:  # also refuses nan
+            raise UsageError(None, f"--teacher-budget {teacher_budget}: must be a number in [0, 100] %")
         with _bars(not no_progress) as bars:
             manifest = run_make_masks(
                 pre, gan, output, device, threshold=threshold, native=native, overwrite=overwrite,
-                progress=bars("make-masks"), backend=backend, overrides=asked,
+                progress=bars("make-masks"), backend=backend, overrides=asked, teacher=teacher,
+                teacher_budget_percent=teacher_budget,
             )  # fmt: skip
     except SettingError as exc:  # the generator's calibrated settings with the options
         _fail(_option_error(exc))
@@ -482,6 +499,13 @@ def _print_masks(manifest: dict, output: Path) -> None:
         f"(threshold {manifest['threshold']:.4f}); "
         f"2D set: {s['n']} slices, {s['high']} high-infected, {s['low']} low-infected"
     )
+    if manifest.get("teacher"):
+        t = manifest["teacher"]
+        before, after = t["healthy_flagged_percent"]
+        out.print(
+            f"teacher p >= {t['threshold']:.2f} added {t['added_percent_of_masks']:.1f} % to the COVID "
+            f"masks; healthy lung flagged {before:.2f} -> {after:.2f} %"
+        )
 
 
 @command("train-seg")

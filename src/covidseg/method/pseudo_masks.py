@@ -207,6 +207,39 @@ def threshold_baseline(
     return _above_in_lung(image, lung, scale.to_unit(hu), min_component)
 
 
+#: Teacher probabilities :func:`teacher_threshold` tries (self-training), lowest first: 0.50 .. 0.95.
+TEACHER_THRESHOLDS = tuple(round(0.50 + 0.05 * k, 2) for k in range(10))
+
+
+def teacher_threshold(
+    masks: list[np.ndarray], probabilities: list[np.ndarray], lungs: list[np.ndarray], budget_percent: float
+) -> tuple[float, float] | None:
+    """Self-training's label-free teacher threshold, calibrated on healthy lungs like the pseudo-mask
+    thresholds: the lowest t of :data:`TEACHER_THRESHOLDS` at which the healthy volumes' pseudo-masks
+    (`masks`, bool) with the teacher's pixels of probability >= t added (:func:`with_teacher`) flag at
+    most `budget_percent` % of their lung voxels. Returns (t, that %) or None when even the highest t
+    flags more. Lists run over the healthy volumes; arrays [z, y, x]."""
+    lung_voxels = max(sum(int((lung > 0).sum()) for lung in lungs), 1)
+    for t in TEACHER_THRESHOLDS:
+        flagged = sum(
+            int((mask | ((prob >= t) & (lung > 0))).sum())
+            for mask, prob, lung in zip(masks, probabilities, lungs, strict=True)
+        )
+        if 100.0 * flagged / lung_voxels <= budget_percent:
+            return t, 100.0 * flagged / lung_voxels
+    return None
+
+
+def with_teacher(
+    binary: np.ndarray, soft: np.ndarray, probability: np.ndarray, lung: np.ndarray, threshold: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Pseudo-masks refreshed by a teacher (self-training): the teacher's lung voxels of probability
+    >= `threshold` join the binary mask, and there the soft mask becomes the larger of itself and the
+    probability. Returns (binary bool, soft float32), arrays [z, y, x]."""
+    confident = (probability >= threshold) & (lung > 0)
+    return binary | confident, np.where(confident, np.maximum(soft, probability), soft).astype(np.float32)
+
+
 def split_slices(binary: np.ndarray, lung: np.ndarray, cfg: PseudoMaskConfig) -> list[tuple[int, str, float]]:
     """(z, set, lesion fraction) for each slice with enough lung: set is 'high', 'low' or 'mid'.
 

@@ -9,6 +9,12 @@ lungs), and the high-/low-infected slice sets for the contrastive loss. The gene
 ``covidseg.inference.generator_files``); both share the host-side noise, windows and blending of
 :func:`covidseg.inference.sliding_window.run_generator`.
 
+Self-training (``--teacher``): a segmenter trained by train-seg on earlier pseudo-masks of these
+grids runs on every grid slice, and its confident voxels join the pseudo-masks
+(:func:`~covidseg.method.pseudo_masks.with_teacher`). How confident is chosen without labels, like
+the thresholds: the lowest probability at which the healthy cases' refreshed masks flag at most
+``teacher_budget_percent`` % of their lung (:func:`~covidseg.method.pseudo_masks.teacher_threshold`).
+
 Output folder::
 
     pseudo_healthy/<id>.nii.gz   pseudo-healthy CT in HU, native geometry of the source CT
@@ -36,7 +42,8 @@ from covidseg.imaging.geometry import Geometry, Orientation
 from covidseg.imaging.grid import CropBox, HuScale, grid_to_canonical
 from covidseg.imaging.intensity import parse_intensity
 from covidseg.inference.generator_files import OnnxGenerator, generator_from_payload, load_generator_payload
-from covidseg.inference.runners import requested_providers
+from covidseg.inference.model_files import open_seg_model
+from covidseg.inference.runners import OnnxRunner, TorchRunner, requested_providers
 from covidseg.inference.sliding_window import run_generator
 from covidseg.io import read_ct, write_array
 from covidseg.io.atomic import folder_lock, save_npy, write_csv, write_json
@@ -48,6 +55,8 @@ from covidseg.method.pseudo_masks import (
     refined_mask,
     soft_mask,
     split_slices,
+    teacher_threshold,
+    with_teacher,
 )
 from covidseg.progress import Progress
 from covidseg.settings import check_config
@@ -175,6 +184,8 @@ def run_make_masks(
     backend: str = "auto",
     overrides: Mapping[str, object] | None = None,
     grow_threshold: float | None = None,
+    teacher: Path | None = None,
+    teacher_budget_percent: float = 1.0,
 ) -> dict:
     """Run the generator over every case and write pseudo-masks; return the manifest.
 
@@ -187,6 +198,9 @@ def run_make_masks(
     here on the healthy training grids named by the train-gan manifest beside the generator; with
     ``config.grow_percentile`` the lower hysteresis threshold likewise (`grow_threshold`)
     (:func:`_thresholds`).
+    With `teacher` (a train-seg folder, model .pt or exported .onnx trained on grids like these), the
+    masks are refreshed by it (self-training, see the module docstring; the generator runs twice on
+    the healthy cases, once to choose the teacher's threshold).
     With `native`, NIfTI outputs in the source geometry are written too (this re-reads each source
     CT). `progress` gets (cases done, cases, "<case id>: N % of lung" or ": failed") per case.
     """
@@ -233,19 +247,104 @@ def run_make_masks(
     given = (threshold, grow_threshold)
     chosen = _thresholds(config, calibration, given, generator_path, generate, scale, out_dir)
     threshold = chosen["threshold"]
+    thresholds = (threshold, chosen["grow_threshold"])
+    refresher = None
+    if teacher is not None:
+        refresher = _Teacher.open(Path(teacher), cases, scale, device, teacher_budget_percent)
+        refresher.calibrate([c for c in cases if c.group == "healthy"], generate, config, thresholds, pre_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     with folder_lock(out_dir, STAGE_LOCK, "covidseg make-masks"):
         _refuse_previous_output(out_dir, overwrite)  # again: another run may have finished meanwhile
         (out_dir / "manifest.json").unlink(missing_ok=True)
-        thresholds = (threshold, chosen["grow_threshold"])
-        outcome = _mask_cases(out_dir, cases, generate, config, thresholds, scale, native, progress)
+        outcome = _mask_cases(
+            out_dir, cases, generate, config, thresholds, scale, native, progress, refresher
+        )
         _write_slices(out_dir, outcome)
         manifest = _manifest(
             out_dir, pre_dir, generator_path, backend_info, threshold, config, cases, scale, outcome
         )
         manifest.update(chosen)
+        manifest["teacher"] = refresher.record(outcome.records, out_dir) if refresher else None
         write_json(out_dir / "manifest.json", manifest)
     return manifest
+
+
+@dataclass
+class _Teacher:
+    """A trained segmenter that refreshes the pseudo-masks (self-training) and the threshold chosen
+    for it (:func:`~covidseg.method.pseudo_masks.teacher_threshold`)."""
+
+    path: Path  # the model file
+    sha256: str
+    run: object  # TorchRunner | OnnxRunner: [N, 1, H, W] slices -> logits
+    budget_percent: float  # the healthy lung (%) the refreshed masks may flag
+    threshold: float | None = None
+    healthy_flagged: tuple[float, float] | None = None  # % of healthy lung, before and after
+
+    @classmethod
+    def open(cls, path: Path, cases: list[GridCase], scale: HuScale, device: str, budget: float) -> _Teacher:
+        """Open `path` (train-seg folder, .pt or .onnx); a model made for other grids (HU window or
+        slice size) is refused."""
+        model = open_seg_model(path)
+        grid_slices = {tuple(c.image.shape[1:]) for c in cases}
+        if tuple(model.spec.hu_window) != scale.window or grid_slices != {tuple(model.spec.slice_size)}:
+            raise UsageError(
+                model.path,
+                f"a teacher must be trained on grids like these: it takes {_sizes([model.spec.slice_size])} "
+                f"slices of window {list(model.spec.hu_window)} HU, the grids have {_sizes(grid_slices)} "
+                f"slices of {list(scale.window)} HU",
+            )
+        if model.kind == "torch":
+            run = TorchRunner(model.torch_model(), device)
+        else:
+            run = OnnxRunner(str(model.path), device)
+        return cls(model.path, model.info["sha256"], run, budget)
+
+    def probabilities(self, case: GridCase, batch: int = 32) -> np.ndarray:
+        """The teacher's lesion probabilities on every slice of the case's grid ([z, y, x] float32)."""
+        image = case.image
+        logits = np.concatenate(
+            [self.run(image[i : i + batch, None])[:, 0] for i in range(0, len(image), batch)]
+        )
+        return (1.0 / (1.0 + np.exp(-logits))).astype(np.float32)
+
+    def calibrate(self, healthy: list[GridCase], generate, config, thresholds: tuple, pre_dir: Path) -> None:
+        """Choose the threshold on the healthy cases' pseudo-masks and the teacher's probabilities."""
+        if not healthy:
+            raise UsageError(pre_dir, "--teacher needs healthy cases here to choose the teacher's threshold")
+        masks = []
+        for case in healthy:
+            diff = difference_map(case.image, generate(case), case.lungs, config.smooth_sigma)
+            masks.append(refined_mask(diff, case.lungs, thresholds[0], config.min_component, thresholds[1]))
+        lungs = [case.lungs for case in healthy]
+        chosen = teacher_threshold(
+            masks, [self.probabilities(c) for c in healthy], lungs, self.budget_percent
+        )
+        if chosen is None:
+            raise UsageError(
+                self.path,
+                f"even its most confident voxels (p >= 0.95) flag more than {self.budget_percent:g} % of the "
+                "healthy cases' lung: not used as a teacher",
+            )
+        before = (
+            100.0 * sum(int(m.sum()) for m in masks) / max(sum(int((lung > 0).sum()) for lung in lungs), 1)
+        )
+        self.threshold, self.healthy_flagged = chosen[0], (before, chosen[1])
+
+    def record(self, case_records: list[dict], out_dir: Path) -> dict:
+        """The manifest's ``teacher`` entry: the model, its threshold, the healthy lung flagged before
+        and after, and the share of the COVID cases' pseudo-mask voxels the teacher added."""
+        covid = [r for r in case_records if r["group"] == "covid"]
+        added = sum(r["teacher_added_voxels"] for r in covid)
+        before = sum(r["pseudo_voxels"] - r["teacher_added_voxels"] for r in covid)
+        return {
+            "model": portable_path(self.path, out_dir),
+            "sha256": self.sha256,
+            "threshold": self.threshold,
+            "budget_percent": self.budget_percent,
+            "healthy_flagged_percent": list(self.healthy_flagged),
+            "added_percent_of_masks": 100.0 * added / max(before, 1),
+        }
 
 
 def _thresholds(
@@ -329,12 +428,19 @@ class _Outcome:
     failures: list[dict] = field(default_factory=list)
 
 
+def _sizes(sizes) -> str:
+    """'128x128' (several: comma-separated, sorted) for slice sizes (H, W)."""
+    return ", ".join(f"{h}x{w}" for h, w in sorted(tuple(size) for size in sizes))
+
+
 def _mask_cases(
-    out_dir: Path, cases, generate, config, thresholds: tuple, scale: HuScale, native: bool, progress
-) -> _Outcome:
+    out_dir: Path, cases, generate, config, thresholds: tuple, scale: HuScale, native: bool, progress,
+    teacher: _Teacher | None = None,
+) -> _Outcome:  # fmt: skip
     """Pseudo-healthy volume, difference map and pseudo-mask of every case (grids on the HU `scale`;
-    `thresholds`: the main one and the hysteresis one or None, unit scale), written per case (with
-    native NIfTI outputs when `native`); a case that fails is recorded and the others go on."""
+    `thresholds`: the main one and the hysteresis one or None, unit scale; refreshed by `teacher`
+    when given), written per case (with native NIfTI outputs when `native`); a case that fails is
+    recorded and the others go on."""
     outcome = _Outcome(has_refs=all(c.ref is not None for c in cases if c.group == "covid"))
     for case in cases:
         start = time.perf_counter()
@@ -343,6 +449,10 @@ def _mask_cases(
             diff = difference_map(case.image, pseudo, case.lungs, config.smooth_sigma)
             binary = refined_mask(diff, case.lungs, thresholds[0], config.min_component, thresholds[1])
             soft = soft_mask(diff, scale)
+            before = int(binary.sum())
+            if teacher is not None:
+                probability = teacher.probabilities(case)
+                binary, soft = with_teacher(binary, soft, probability, case.lungs, teacher.threshold)
             files = _write_case(out_dir, case, pseudo, binary, soft, scale if native else None)
         except CovidsegError as exc:
             outcome.failures.append({"id": case.case_id, "error": str(exc)})
@@ -356,6 +466,8 @@ def _mask_cases(
                 "id": case.case_id,
                 "group": case.group,
                 "pseudo_lesion_percent_of_lung": round(100.0 * float(binary.sum()) / max(lung_voxels, 1), 3),
+                "pseudo_voxels": int(binary.sum()),
+                **({"teacher_added_voxels": int(binary.sum()) - before} if teacher is not None else {}),
                 "files": files,
                 "seconds": round(time.perf_counter() - start, 3),
             }
