@@ -247,7 +247,7 @@ def test_train_seg_options_reach_the_config(tmp_path, monkeypatch):
 
     def fake_run_train_seg(masks, output, config, loss_config, *rest):
         seen.append(config)
-        return {"best": {"step": 0, "val_dice_pseudo": -1.0}}
+        return {"best": {"step": 0, "val_dice_pseudo": -1.0}, "threshold": {"value": 0.5, "source": "fixed"}}
 
     monkeypatch.setattr("covidseg.stages.train_seg.run_train_seg", fake_run_train_seg)
     args = ["train-seg", str(tmp_path / "masks"), "-o", str(tmp_path / "seg"), "--no-progress"]
@@ -271,17 +271,25 @@ def test_synthetic_lesions_come_from_the_option_or_a_settings_file_and_old_runs_
     monkeypatch.setattr(
         "covidseg.stages.train_seg.run_train_seg",
         lambda masks, output, config, *rest: (
-            seen.append(config) or {"best": {"step": 0, "val_dice_pseudo": -1.0}}
+            seen.append(config)
+            or {"best": {"step": 0, "val_dice_pseudo": -1.0}, "threshold": {"value": 0.5, "source": "fixed"}}
         ),
     )
     args = ["train-seg", str(tmp_path / "masks"), "-o", str(tmp_path / "seg"), "--no-progress"]
-    assert CliRunner().invoke(app, [*args, "--synth-lesion-p", "0.3"]).exit_code == 0
-    assert seen[0].synth_lesion_p == 0.3
+    assert CliRunner().invoke(app, [*args, "--synth-lesion-p", "0.3", "--healthy-budget", "1"]).exit_code == 0
+    assert seen[0].synth_lesion_p == 0.3 and seen[0].healthy_budget_percent == 1.0
     result = CliRunner().invoke(app, [*args, "--synth-lesion-p", "2"])
     assert result.exit_code == 2 and "--synth-lesion-p 2.0: must be a number in [0, 1]" in result.output
     path = tmp_path / "synth.toml"
-    path.write_text("[train-seg]\nsynth_lesion_p = 0.4\n", encoding="utf-8")
+    path.write_text("[train-seg]\nsynth_lesion_p = 0.4\nhealthy_budget_percent = 2\n", encoding="utf-8")
     assert load_config(path).train_seg.synth_lesion_p == 0.4
+    assert load_config(path).train_seg.healthy_budget_percent == 2.0
+    path.write_text("[train-seg]\nhealthy_budget_percent = 101\n", encoding="utf-8")
+    with pytest.raises(
+        UsageError, match=re.escape("healthy_budget_percent = 101: must be a number in [0, 100]")
+    ):
+        load_config(path)
     saved = SegTrainConfig(steps=10).to_json()
-    del saved["synth_lesion_p"]  # a checkpoint from before the synthetic lesions
-    assert resumed_config(SegTrainConfig(synth_lesion_p=0.5), saved).synth_lesion_p == 0.0
+    del saved["synth_lesion_p"], saved["healthy_budget_percent"]  # a checkpoint from before them
+    resumed = resumed_config(SegTrainConfig(synth_lesion_p=0.5, healthy_budget_percent=1.0), saved)
+    assert resumed.synth_lesion_p == 0.0 and resumed.healthy_budget_percent is None

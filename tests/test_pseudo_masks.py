@@ -148,7 +148,7 @@ def test_the_unit_scale_baseline_equals_the_hu_baseline(scale):
 
 
 def test_the_teacher_threshold_is_the_lowest_that_keeps_healthy_lung_within_budget():
-    from covidseg.method.pseudo_masks import teacher_threshold
+    from covidseg.method.pseudo_masks import healthy_probability_threshold
 
     lung = np.ones((1, 10, 10), dtype=np.uint8)
     mask = np.zeros((1, 10, 10), dtype=bool)
@@ -156,11 +156,11 @@ def test_the_teacher_threshold_is_the_lowest_that_keeps_healthy_lung_within_budg
     prob = np.zeros((1, 10, 10), dtype=np.float32)
     prob[0, 5, :] = 0.6  # 10 voxels at 0.6
     prob[0, 6, :3] = 0.8  # 3 at 0.8
-    assert teacher_threshold([mask], [prob], [lung], budget_percent=15.0) == (0.5, 15.0)
-    assert teacher_threshold([mask], [prob], [lung], budget_percent=6.0) == (0.65, 5.0)
-    assert teacher_threshold([mask], [prob], [lung], budget_percent=1.0) is None  # 2 % before it
+    assert healthy_probability_threshold([mask], [prob], [lung], budget_percent=15.0) == (0.5, 15.0)
+    assert healthy_probability_threshold([mask], [prob], [lung], budget_percent=6.0) == (0.65, 5.0)
+    assert healthy_probability_threshold([mask], [prob], [lung], budget_percent=1.0) is None  # 2 % before it
     prob[0, 5, :] = 0.99  # confident everywhere it speaks: no threshold helps
-    assert teacher_threshold([mask], [prob], [lung], budget_percent=5.0) is None
+    assert healthy_probability_threshold([mask], [prob], [lung], budget_percent=5.0) is None
 
 
 def test_the_teacher_adds_its_confident_lung_voxels_and_raises_the_soft_mask_there():

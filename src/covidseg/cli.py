@@ -549,6 +549,13 @@ def train_seg(
             "glass, consolidation, crazy paving, air bronchograms), added to their targets; 0: off."
         ),
     ] = 0.0,
+    healthy_budget: Annotated[
+        float | None,
+        typer.Option(
+            help="Threshold: the lowest probability (0.50-0.95) at which the held-out healthy cases' "
+            "slices have at most this % of their lung flagged (default: a fixed 0.5)."
+        ),
+    ] = None,
     eval_every: Annotated[int, typer.Option(help="Validate, checkpoint and plot every N steps.")] = 50,
     device: DeviceOpt = "auto",
     seed: SeedOpt = 0,
@@ -564,6 +571,7 @@ def train_seg(
                 arch=arch, preset=preset, steps=steps, batch_size=batch_size, lr=lr, lr_schedule=lr_schedule,
                 augment=not no_augment, eval_every=eval_every, seed=seed, grad_accum=grad_accum,
                 display_p=display_p, blur_p=blur_p, synth_lesion_p=synth_lesion_p,
+                healthy_budget_percent=healthy_budget,
             )  # fmt: skip
             loss_config = SegLossConfig(
                 w_sensitivity=w_sensitivity,
@@ -592,7 +600,11 @@ def _print_seg(manifest: dict, output: Path) -> None:
         text = f"no validation cases: kept the last step ({best['step']})"
     if "ref_dice" in best:
         text += f"; vs reference masks (not used for training) {best['ref_dice']:.3f}"
-    out.print(f"{text}\nmodel: {output / 'best.pt'}")
+    threshold = manifest["threshold"]
+    text += f"\nthreshold {threshold['value']:.2f} ({threshold['source']}"
+    if "healthy_flagged_percent" in threshold:
+        text += f": {threshold['healthy_flagged_percent']:.2f} % of their lung flagged"
+    out.print(f"{text})\nmodel: {output / 'best.pt'}")
 
 
 def _is_gan_output(source: Path) -> bool:

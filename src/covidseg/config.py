@@ -170,7 +170,9 @@ class SegTrainConfig:
     display_gamma: float = 1.3  # curve v ** g, g log-uniform in [1 / this, this]
     display_assumed_window_hu: tuple[float, float] = (-1350.0, 150.0)  # grey 0..255 read back as lo..hi HU
     synth_lesion_p: float = 0.0  # share of slices given a synthetic lesion (method/slice_lesions.py); 0: off
-    threshold: float = 0.5  # probability -> mask
+    threshold: float = 0.5  # probability -> mask (unless healthy_budget_percent calibrates it)
+    healthy_budget_percent: float | None = None  # threshold: the lowest of 0.50..0.95 flagging at most
+    # this % of the held-out healthy slices' lung (train_seg.calibrate_on_healthy); None: `threshold`
     seed: int = 0
     eval_every: int = 50  # validation, best-checkpoint selection, overlay PNG, checkpoint
     log_every: int = 10
@@ -184,9 +186,15 @@ class SegTrainConfig:
     @classmethod
     def from_json(cls, data: dict) -> SegTrainConfig:
         """Also a train_config written before a setting existed (an older checkpoint): its default,
-        except the display-slice augmentations and the synthetic lesions, which such a run trained
-        without (off)."""
-        data = {"display_p": 0.0, "blur_p": 0.0, "synth_lesion_p": 0.0, **data}
+        except the display-slice augmentations, the synthetic lesions and the threshold calibration,
+        which such a run trained without (off)."""
+        data = {
+            "display_p": 0.0,
+            "blur_p": 0.0,
+            "synth_lesion_p": 0.0,
+            "healthy_budget_percent": None,
+            **data,
+        }
         for key in ("scale_range", "display_center_hu", "display_width_hu", "display_assumed_window_hu"):
             if key in data:
                 data[key] = tuple(float(v) for v in data[key])

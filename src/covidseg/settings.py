@@ -308,6 +308,10 @@ RULES: dict[str, dict[str, Rule]] = {
         "display_gamma": number(1, 10),
         "display_assumed_window_hu": HU_WINDOW,
         "synth_lesion_p": FRACTION,
+        "healthy_budget_percent": Rule(
+            lambda v: v is None or number(0, 100).ok(v),
+            "must be a number in [0, 100] % or none (fixed threshold)",
+        ),
         "threshold": number(0, 1, open_lo=True, open_hi=True),
         "seed": SEED,
         "eval_every": AT_LEAST_1,

@@ -207,20 +207,24 @@ def threshold_baseline(
     return _above_in_lung(image, lung, scale.to_unit(hu), min_component)
 
 
-#: Teacher probabilities :func:`teacher_threshold` tries (self-training), lowest first: 0.50 .. 0.95.
-TEACHER_THRESHOLDS = tuple(round(0.50 + 0.05 * k, 2) for k in range(10))
+#: Probability thresholds :func:`healthy_probability_threshold` tries, lowest first: 0.50 .. 0.95.
+PROBABILITY_THRESHOLDS = tuple(round(0.50 + 0.05 * k, 2) for k in range(10))
 
 
-def teacher_threshold(
+def healthy_probability_threshold(
     masks: list[np.ndarray], probabilities: list[np.ndarray], lungs: list[np.ndarray], budget_percent: float
 ) -> tuple[float, float] | None:
-    """Self-training's label-free teacher threshold, calibrated on healthy lungs like the pseudo-mask
-    thresholds: the lowest t of :data:`TEACHER_THRESHOLDS` at which the healthy volumes' pseudo-masks
-    (`masks`, bool) with the teacher's pixels of probability >= t added (:func:`with_teacher`) flag at
-    most `budget_percent` % of their lung voxels. Returns (t, that %) or None when even the highest t
-    flags more. Lists run over the healthy volumes; arrays [z, y, x]."""
+    """A network's label-free probability threshold, calibrated on healthy lungs like the pseudo-mask
+    thresholds: the lowest t of :data:`PROBABILITY_THRESHOLDS` at which `masks` (bool) with the voxels
+    of probability >= t added flag at most `budget_percent` % of the healthy lungs' voxels. Returns
+    (t, that %) or None when even the highest t flags more. Lists run over healthy volumes (or
+    slices), arrays of one shape each.
+
+    Self-training passes the healthy cases' pseudo-masks and the teacher's probabilities
+    (:func:`with_teacher`); train-seg passes empty masks and its own probabilities on held-out
+    healthy slices."""
     lung_voxels = max(sum(int((lung > 0).sum()) for lung in lungs), 1)
-    for t in TEACHER_THRESHOLDS:
+    for t in PROBABILITY_THRESHOLDS:
         flagged = sum(
             int((mask | ((prob >= t) & (lung > 0))).sum())
             for mask, prob, lung in zip(masks, probabilities, lungs, strict=True)

@@ -13,7 +13,8 @@ Self-training (``--teacher``): a segmenter trained by train-seg on earlier pseud
 grids runs on every grid slice, and its confident voxels join the pseudo-masks
 (:func:`~covidseg.method.pseudo_masks.with_teacher`). How confident is chosen without labels, like
 the thresholds: the lowest probability at which the healthy cases' refreshed masks flag at most
-``teacher_budget_percent`` % of their lung (:func:`~covidseg.method.pseudo_masks.teacher_threshold`).
+``teacher_budget_percent`` % of their lung
+(:func:`~covidseg.method.pseudo_masks.healthy_probability_threshold`).
 
 Output folder::
 
@@ -52,10 +53,10 @@ from covidseg.method.pseudo_masks import (
     PseudoMaskConfig,
     calibrate_threshold,
     difference_map,
+    healthy_probability_threshold,
     refined_mask,
     soft_mask,
     split_slices,
-    teacher_threshold,
     with_teacher,
 )
 from covidseg.progress import Progress
@@ -272,7 +273,7 @@ def run_make_masks(
 @dataclass
 class _Teacher:
     """A trained segmenter that refreshes the pseudo-masks (self-training) and the threshold chosen
-    for it (:func:`~covidseg.method.pseudo_masks.teacher_threshold`)."""
+    for it (:func:`~covidseg.method.pseudo_masks.healthy_probability_threshold`)."""
 
     path: Path  # the model file
     sha256: str
@@ -317,7 +318,7 @@ class _Teacher:
             diff = difference_map(case.image, generate(case), case.lungs, config.smooth_sigma)
             masks.append(refined_mask(diff, case.lungs, thresholds[0], config.min_component, thresholds[1]))
         lungs = [case.lungs for case in healthy]
-        chosen = teacher_threshold(
+        chosen = healthy_probability_threshold(
             masks, [self.probabilities(c) for c in healthy], lungs, self.budget_percent
         )
         if chosen is None:

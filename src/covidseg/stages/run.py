@@ -202,7 +202,8 @@ def _run_train_seg(ctx: _Context, resume: bool) -> dict:
         ctx.work / "masks", ctx.work / "seg", ctx.config.train_seg, ctx.config.seg_loss, ctx.device,
         resume, ctx.progress("train-seg"),
     )  # fmt: skip
-    return {"steps": manifest["steps"], "device": manifest["device"], "best": manifest["best"]}
+    figures = {"steps": manifest["steps"], "device": manifest["device"], "best": manifest["best"]}
+    return {**figures, "threshold": manifest["threshold"]["value"]}
 
 
 def _run_export(ctx: _Context, resume: bool) -> dict:

@@ -4,6 +4,11 @@ No ground truth is used for training or for choosing the best checkpoint: valida
 pseudo-labels of held-out cases. When the make-masks folder carries reference masks (phantoms),
 Dice against them is logged too, in columns named ``ref_*``, for information only.
 
+With ``healthy_budget_percent`` the probability threshold is calibrated at the end, without labels,
+like make-masks' thresholds: the lowest of 0.50..0.95 at which the held-out healthy cases' slices
+have at most that share of their lung flagged (:func:`calibrate_on_healthy`); best.pt and the
+manifest's ``threshold`` record it.
+
 Output folder::
 
     checkpoint.pt   latest state (model, loss module incl. the temperature, optimizer, step)
@@ -50,9 +55,9 @@ from covidseg.learning.loop import (
     step_generator,
 )
 from covidseg.learning.losses import SegmentationLoss
-from covidseg.method.pseudo_masks import SOFT_SCALE_HU
+from covidseg.method.pseudo_masks import PROBABILITY_THRESHOLDS, SOFT_SCALE_HU, healthy_probability_threshold
 from covidseg.method.slice_lesions import paint_slice_lesions
-from covidseg.models.segmenters import make_segmenter, segmenter_config_dict
+from covidseg.models.segmenters import make_segmenter, segmenter_config_dict, segmenter_from_config
 from covidseg.progress import Progress, losses_text
 from covidseg.reporting.plots import loss_curves, panels
 from covidseg.stages._workdir import inside, median_slab_mm, portable_path, read_manifest, stored_path
@@ -86,6 +91,7 @@ class SliceSet:
         if any(len(a) != n for a in (self.images, self.lungs, self.soft, self.binary)):
             raise InputError(folder, "slice arrays and index.csv disagree in length")
         self.case_ids = np.array([row["case_id"] for row in self.index])
+        self.groups = np.array([row["group"] for row in self.index])
         self.sets = np.array([row["set"] for row in self.index])
 
     def split(self, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -287,6 +293,11 @@ def _train_seg(
     best = _train_steps(run, data, (train_idx, val_idx), out_dir, checkpoint_path, log, state, progress)
     if not distributed.is_main():
         return distributed.broadcast_object(None)  # rank 0's manifest, once it is written
+    threshold = {"value": config.threshold, "source": "fixed"}
+    if config.healthy_budget_percent is not None:
+        threshold = calibrate_on_healthy(
+            out_dir / "best.pt", data, val_idx, config.healthy_budget_percent, device
+        )
     manifest = {
         "format": "covidseg.seg",
         "version": 1,
@@ -301,10 +312,48 @@ def _train_seg(
         "n_val_slices": int(len(val_idx)),
         "val_cases": sorted(set(data.case_ids[val_idx])),
         "best": best,
+        "threshold": threshold,
         "files": {"best": "best.pt", "checkpoint": "checkpoint.pt", "metrics": "metrics.csv"},
     }
     write_json(out_dir / "manifest.json", manifest)
     return distributed.broadcast_object(manifest)
+
+
+def calibrate_on_healthy(
+    model_path: Path, data: SliceSet, val_idx: np.ndarray, budget_percent: float, device
+) -> dict:
+    """Choose the model's probability threshold without labels and write it into `model_path`
+    (best.pt): the lowest of 0.50..0.95 at which the held-out healthy cases' slices have at most
+    `budget_percent` % of their lung flagged
+    (:func:`~covidseg.method.pseudo_masks.healthy_probability_threshold`); the highest when none is
+    that low; the threshold in the file is kept when no healthy case was held out. Returns the
+    manifest's ``threshold`` record (value, source, flagged %, slices)."""
+    payload = load_checkpoint(model_path)
+    healthy = val_idx[data.groups[val_idx] == "healthy"]
+    if len(healthy) == 0:
+        return {
+            "value": payload["threshold"],
+            "source": "fixed: no healthy case was held out to calibrate on",
+        }
+    model = segmenter_from_config(payload["model"]["arch"], payload["model"]["config"])
+    model.load_state_dict(payload["weights"])
+    probabilities, lungs = (
+        predict_probabilities(model.to(device), data.images[healthy], device),
+        data.lungs[healthy] > 0,
+    )
+    chosen = healthy_probability_threshold([np.zeros_like(lungs)], [probabilities], [lungs], budget_percent)
+    if chosen is None:
+        top = PROBABILITY_THRESHOLDS[-1]
+        chosen = (top, 100.0 * float(((probabilities >= top) & lungs).sum()) / max(int(lungs.sum()), 1))
+    payload["threshold"] = payload["preprocessing"]["threshold"] = chosen[0]
+    save_checkpoint(model_path, payload)
+    cases = len(set(data.case_ids[healthy]))
+    return {
+        "value": chosen[0],
+        "source": f"calibrated on {len(healthy)} slices of {cases} held-out healthy cases",
+        "budget_percent": budget_percent,
+        "healthy_flagged_percent": chosen[1],
+    }
 
 
 def _resume(
