@@ -199,7 +199,9 @@ def test_train_seg_reads_the_display_augmentations_from_a_settings_file(tmp_path
                                  display_gamma=1.5, display_assumed_window_hu=(-1200.0, 200.0))  # fmt: skip
     assert SegTrainConfig.from_json(json.loads(json.dumps(seg.to_json()))) == seg  # as config.json holds it
     defaults = SegTrainConfig()
-    assert (defaults.display_p, defaults.blur_p) == (0.5, 0.3)  # the measured recipe (docs/results.md)
+    # the measured recipe (docs/results.md)
+    assert (defaults.display_p, defaults.blur_p, defaults.synth_lesion_p) == (0.5, 0.3, 0.3)
+    assert defaults.healthy_budget_percent is None
 
 
 def test_a_train_seg_config_from_before_the_display_augmentations_resumes_with_them_off():

@@ -548,7 +548,7 @@ def train_seg(
             help="Share of training slices given a synthetic lesion in their lung (random shape, ground "
             "glass, consolidation, crazy paving, air bronchograms), added to their targets; 0: off."
         ),
-    ] = 0.0,
+    ] = 0.3,
     healthy_budget: Annotated[
         float | None,
         typer.Option(

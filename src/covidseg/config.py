@@ -169,7 +169,7 @@ class SegTrainConfig:
     display_width_hu: tuple[float, float] = (1000.0, 1700.0)  # display window width drawn in (HU)
     display_gamma: float = 1.3  # curve v ** g, g log-uniform in [1 / this, this]
     display_assumed_window_hu: tuple[float, float] = (-1350.0, 150.0)  # grey 0..255 read back as lo..hi HU
-    synth_lesion_p: float = 0.0  # share of slices given a synthetic lesion (method/slice_lesions.py); 0: off
+    synth_lesion_p: float = 0.3  # share of slices given a synthetic lesion (method/slice_lesions.py); 0: off
     threshold: float = 0.5  # probability -> mask (unless healthy_budget_percent calibrates it)
     healthy_budget_percent: float | None = None  # threshold: the lowest of 0.50..0.95 flagging at most
     # this % of the held-out healthy slices' lung (train_seg.calibrate_on_healthy); None: `threshold`
