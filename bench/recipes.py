@@ -20,7 +20,7 @@ made by ``make-masks --grow-percentile``) with the demo's settings (600 steps, b
 Nothing is tuned on a label: the labels only score. Results go to OUT/results.jsonl (one line per run,
 kept across invocations: a finished run is not repeated); ``--table`` prints, per variant, the mean ±
 std over seeds of the per-run means and the paired per-volume (per-slice) Dice difference against the
-first variant, pooled over seeds (mean ± std, wins).
+first variant (or ``--against NAME``), pooled over seeds (mean ± std, wins).
 """
 
 from __future__ import annotations
@@ -151,12 +151,12 @@ def _mean_std(values) -> str:
     return f"{values.mean():.3f} ± {values.std():.3f}"
 
 
-def table(results: list[dict], baselines: dict[str, dict]) -> None:
-    """Per variant: mean ± std over seeds of the per-run means; paired differences vs the first.
-    The HU baseline (one run: it has no seed) comes first, compared with the first variant."""
+def table(results: list[dict], baselines: dict[str, dict], against: str | None = None) -> None:
+    """Per variant: mean ± std over seeds of the per-run means; paired differences vs `against` (default:
+    the first variant). The HU baseline (one run: it has no seed) comes first, compared with each."""
     variants = list(dict.fromkeys(r["variant"] for r in results))
     by = {(r["variant"], r["seed"]): r for r in results}
-    first = variants[0]
+    first = against or variants[0]
     for data in ("demo", "family2", "real"):
         print(f"\n{data}: variant, seeds, Dice per volume (mean ± std over seeds), pooled, sensitivity,"
               f" {'lost' if data == 'real' else 'healthy flagged %'}, paired vs {first} (wins)")  # fmt: skip
@@ -218,6 +218,7 @@ def main() -> int:
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--table", action="store_true", help="print the table of OUT/results.jsonl")
+    parser.add_argument("--against", help="the variant the table pairs the others with (default: the first)")
     args = parser.parse_args()
     log = args.out / "results.jsonl"
     if not args.table:
@@ -234,7 +235,7 @@ def main() -> int:
                 with open(log, "a") as f:
                     f.write(json.dumps(result) + "\n")
         _complete(log, args)
-    table(_read(log), _baselines(args))
+    table(_read(log), _baselines(args), args.against)
     healthy_table(_read(log))
     return 0
 
