@@ -95,6 +95,24 @@ def test_a_config_json_from_before_lesion_settings_counts_as_the_default_lesions
         check_work_dir(work, inputs, other, force=False)
 
 
+def test_a_config_json_from_before_synthetic_lesions_counts_as_trained_without_them(tmp_path):
+    from covidseg.config import RunConfig
+    from covidseg.errors import UsageError
+    from covidseg.stages.run import RunInputs, check_work_dir
+
+    inputs = RunInputs(tmp_path / "healthy", tmp_path / "covid")
+    inputs.healthy.mkdir(), inputs.covid.mkdir()
+    work = tmp_path / "work"
+    work.mkdir()
+    old = RunConfig().to_json()
+    del old["train-seg"]["synth_lesion_p"], old["train-seg"]["healthy_budget_percent"]  # written before them
+    (work / "config.json").write_text(json.dumps(old), encoding="utf-8")
+    with pytest.raises(UsageError, match=r"other settings \(train-seg\.synth_lesion_p: 0\.0 -> 0\.3\)"):
+        check_work_dir(work, inputs, RunConfig(), force=False)
+    without = RunConfig(train_seg=replace(RunConfig().train_seg, synth_lesion_p=0.0))
+    assert check_work_dir(work, inputs, without, force=False) == {}  # the same recipe: resumable
+
+
 # ---- a whole tiny run -----------------------------------------------------------------------------
 
 

@@ -188,13 +188,7 @@ class SegTrainConfig:
         """Also a train_config written before a setting existed (an older checkpoint): its default,
         except the display-slice augmentations, the synthetic lesions and the threshold calibration,
         which such a run trained without (off)."""
-        data = {
-            "display_p": 0.0,
-            "blur_p": 0.0,
-            "synth_lesion_p": 0.0,
-            "healthy_budget_percent": None,
-            **data,
-        }
+        data = {**SEG_SETTINGS_ABSENT_MEANS_OFF, **data}
         for key in ("scale_range", "display_center_hu", "display_width_hu", "display_assumed_window_hu"):
             if key in data:
                 data[key] = tuple(float(v) for v in data[key])
@@ -205,6 +199,16 @@ class SegTrainConfig:
         if "noise_std" in data:
             data["noise_std_hu"] = float(data.pop("noise_std")) * width_hu
         return cls(**data)
+
+
+#: train-seg settings added after runs were made with their behaviour off: a saved train_config or a
+#: run's config.json without them ran without them (SegTrainConfig.from_json, run's folder check).
+SEG_SETTINGS_ABSENT_MEANS_OFF = {
+    "display_p": 0.0,
+    "blur_p": 0.0,
+    "synth_lesion_p": 0.0,
+    "healthy_budget_percent": None,
+}
 
 
 @dataclass(frozen=True)

@@ -33,7 +33,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from covidseg import __version__
-from covidseg.config import RunConfig, config_from_tables
+from covidseg.config import SEG_SETTINGS_ABSENT_MEANS_OFF, RunConfig, config_from_tables
 from covidseg.errors import UsageError
 from covidseg.io.atomic import write_json
 from covidseg.progress import ProgressFor, silent_for
@@ -97,9 +97,16 @@ def _read_json(path: Path) -> dict | None:
 
 def _with_defaults(old_config: dict) -> dict:
     """An earlier run's config.json with the settings it lacks at their defaults (a config.json
-    written before ``[train-gan.lesions]`` was a setting); as it is when it no longer reads."""
+    written before ``[train-gan.lesions]`` was a setting), except train-seg settings whose behaviour
+    such a run did not have, which are off (:data:`SEG_SETTINGS_ABSENT_MEANS_OFF`: a folder trained
+    before synthetic lesions is not taken for one trained with them); as it is when it no longer reads."""
+    tables = dict(old_config)
+    seg = tables.get("train-seg")
+    if isinstance(seg, dict):
+        absent = {k: v for k, v in SEG_SETTINGS_ABSENT_MEANS_OFF.items() if k not in seg and v is not None}
+        tables["train-seg"] = {**absent, **seg}
     try:
-        return config_from_tables(old_config).to_json()
+        return config_from_tables(tables).to_json()
     except UsageError:
         return old_config
 
