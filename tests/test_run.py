@@ -77,18 +77,26 @@ def test_cli_exits_2_on_a_bad_settings_file_before_doing_anything(phantoms, tmp_
     assert _run(phantoms, tmp_path / "work", yaml).exit_code == 2
 
 
-def test_a_config_json_from_before_lesion_settings_counts_as_the_default_lesions(tmp_path):
-    from covidseg.config import CorruptionConfig, RunConfig
-    from covidseg.errors import UsageError
-    from covidseg.stages.run import RunInputs, check_work_dir
+def _folder_with_config(tmp_path, config_json: dict):
+    """(work folder holding `config_json` as an earlier run's config.json, that run's RunInputs)."""
+    from covidseg.stages.run import RunInputs
 
     inputs = RunInputs(tmp_path / "healthy", tmp_path / "covid")
     inputs.healthy.mkdir(), inputs.covid.mkdir()
     work = tmp_path / "work"
     work.mkdir()
+    (work / "config.json").write_text(json.dumps(config_json), encoding="utf-8")
+    return work, inputs
+
+
+def test_a_config_json_from_before_lesion_settings_counts_as_the_default_lesions(tmp_path):
+    from covidseg.config import CorruptionConfig, RunConfig
+    from covidseg.errors import UsageError
+    from covidseg.stages.run import check_work_dir
+
     old = RunConfig().to_json()
     del old["train-gan"]["lesions"]  # config.json written before [train-gan.lesions] existed
-    (work / "config.json").write_text(json.dumps(old), encoding="utf-8")
+    work, inputs = _folder_with_config(tmp_path, old)
     assert check_work_dir(work, inputs, RunConfig(), force=False) == {}
     other = RunConfig(train_gan=replace(RunConfig().train_gan, lesions=CorruptionConfig(octaves=2)))
     with pytest.raises(UsageError, match=r"train-gan\.lesions\.octaves: 3 -> 2"):
@@ -98,15 +106,11 @@ def test_a_config_json_from_before_lesion_settings_counts_as_the_default_lesions
 def test_a_config_json_from_before_synthetic_lesions_counts_as_trained_without_them(tmp_path):
     from covidseg.config import RunConfig
     from covidseg.errors import UsageError
-    from covidseg.stages.run import RunInputs, check_work_dir
+    from covidseg.stages.run import check_work_dir
 
-    inputs = RunInputs(tmp_path / "healthy", tmp_path / "covid")
-    inputs.healthy.mkdir(), inputs.covid.mkdir()
-    work = tmp_path / "work"
-    work.mkdir()
     old = RunConfig().to_json()
     del old["train-seg"]["synth_lesion_p"], old["train-seg"]["healthy_budget_percent"]  # written before them
-    (work / "config.json").write_text(json.dumps(old), encoding="utf-8")
+    work, inputs = _folder_with_config(tmp_path, old)
     with pytest.raises(UsageError, match=r"other settings \(train-seg\.synth_lesion_p: 0\.0 -> 0\.3\)"):
         check_work_dir(work, inputs, RunConfig(), force=False)
     without = RunConfig(train_seg=replace(RunConfig().train_seg, synth_lesion_p=0.0))
