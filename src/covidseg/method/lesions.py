@@ -37,8 +37,9 @@ def _border_proximity(lung: torch.Tensor, radius: int = 4) -> torch.Tensor:
     return (1.0 - blurred).clamp(0, 1) * 2.0  # border voxels of a straight edge: ~0.5 -> 1
 
 
-def _quantile_per_sample(values: torch.Tensor, mask: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """Per batch element, the `q` quantile of `values` where `mask` (returns [B])."""
+def quantile_in_mask(values: torch.Tensor, mask: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """Per batch element, the `q` [B] quantile of `values` where `mask` > 0.5 (returns [B]; +inf for
+    an element with an empty mask, so a threshold at it selects nothing). Any spatial shape."""
     out = []
     for v, m, qi in zip(values, mask, q, strict=True):
         inside = v[m > 0.5]
@@ -80,7 +81,7 @@ def perlin_lesions(
 
     lo, hi = cfg.load_range
     load = torch.exp(uniform(math.log(lo), math.log(hi)))  # [B] lesion fraction of the lung
-    threshold = _quantile_per_sample(score, lung, 1.0 - load).view(b, 1, 1, 1, 1)
+    threshold = quantile_in_mask(score, lung, 1.0 - load).view(b, 1, 1, 1, 1)
     weight = torch.sigmoid((score - threshold) / cfg.edge) * lung  # soft lesion [B, 1, D, H, W]
 
     texture = scale.unit_of_hu_difference(cfg.texture_hu) * fractal_perlin_3d(
@@ -92,7 +93,7 @@ def perlin_lesions(
 
     has_core = uniform(0.0, 1.0) < cfg.core_probability
     core_share = uniform(*cfg.core_fraction)
-    core_threshold = _quantile_per_sample(score, lung, 1.0 - load * core_share).view(b, 1, 1, 1, 1)
+    core_threshold = quantile_in_mask(score, lung, 1.0 - load * core_share).view(b, 1, 1, 1, 1)
     core = torch.sigmoid((score - core_threshold) / cfg.edge) * lung * has_core.view(b, 1, 1, 1, 1)
     cons = torch.tensor([scale.to_unit(v) for v in cfg.consolidation_hu], device=device)
     cons_level = (cons[0] + (cons[1] - cons[0]) * uniform(0.0, 1.0)).view(b, 1, 1, 1, 1) + texture

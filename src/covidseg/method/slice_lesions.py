@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from covidseg.imaging.grid import HuScale
+from covidseg.method.lesions import quantile_in_mask
 from covidseg.method.noise import fractal_perlin_2d
 
 
@@ -141,7 +142,8 @@ def _paint(
 
 def _pleura_proximity(lung: torch.Tensor) -> torch.Tensor:
     """~1 at the lung's border falling to 0 a sixteenth of the slice's width inside ([B, 1, H, W])."""
-    radius, k = max(2, lung.shape[-1] // 16), 2 * max(2, lung.shape[-1] // 16) + 1
+    radius = max(2, lung.shape[-1] // 16)
+    k = 2 * radius + 1
     inside = F.avg_pool2d(lung, (k, 1), stride=1, padding=(radius, 0))  # a box filter, one axis at a time
     inside = F.avg_pool2d(inside, (1, k), stride=1, padding=(0, radius))
     return ((1.0 - inside) * 2.0).clamp(0.0, 1.0)
@@ -155,10 +157,6 @@ def _erode(weight: torch.Tensor, radius: int) -> torch.Tensor:
 
 
 def _lung_quantile(values: torch.Tensor, lung: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """Per image, the `q` [B, 1, 1, 1] quantile of `values` over its lung ([B, 1, 1, 1]; +inf
-    where an image has no lung, so nothing is painted there)."""
-    out = []
-    for v, m, qi in zip(values, lung, q.flatten(), strict=True):
-        inside = v[m > 0.5]
-        out.append(torch.quantile(inside, qi.clamp(0, 1)) if inside.numel() else v.new_tensor(math.inf))
-    return torch.stack(out).view(-1, 1, 1, 1)
+    """:func:`~covidseg.method.lesions.quantile_in_mask` over each image's lung, shaped to broadcast
+    against [B, 1, H, W]: `q` and the result are [B, 1, 1, 1]."""
+    return quantile_in_mask(values, lung, q.flatten()).view(-1, 1, 1, 1)
