@@ -166,3 +166,39 @@ def test_phantoms_with_table_arms_clothing_and_gas_keep_them_out_of_the_lungs():
         assert (lungs & outside).sum() == 0, seed
         assert (lungs & gas).sum() <= 0.01 * gas.sum(), seed
     assert min(seen.values()) >= 2, seen
+
+
+def test_outside_air_joined_to_a_foam_pad_is_still_outside_air():
+    """The demo's training case covid_007 (synth seed 0): both arms reach the image border, and the
+    outside air, joined to the foam pad under the patient (-655 HU), averaged above ``outside_hu``.
+    Taken for a lung cut by a tight crop, it made every slice 'cropped' and the table's enclosed air
+    a third lung (1.8 L). The median decides now: no lung voxel in the table."""
+    from covidseg.stages.synth import case_seed
+
+    phantom = make_phantom(covid=True, seed=case_seed(0, "covid", 7))
+    assert phantom.scene_info["table"] is not None and phantom.scene_info["arms"] != "none"
+    labels = segment_lungs(phantom.hu, phantom.spacing_zyx).full()
+    assert _dice(labels, phantom.lungs) >= 0.95
+    lowest_lung_row = np.nonzero(phantom.lungs)[1].max()
+    assert not labels[:, lowest_lung_row + 5 :].any()  # the table lies below the lungs (larger y)
+
+
+def test_a_series_cut_by_its_field_of_view_is_cut_in_every_slice_the_torso_reaches_the_border():
+    """One field of view per series: slices near the apex, where the narrower body leaves more
+    outside air (15 % here), are cut like the rest once most slices are; a whole-body field of
+    view (40 % outside air, arms on the border) never is."""
+    from covidseg.imaging.lungs import _cropped_slices
+
+    body = np.zeros((10, 20, 20), dtype=bool)
+    body[:, 5:15, 0:20] = True  # the torso reaches the left and right border in every slice
+    outside = np.zeros_like(body)
+    outside[:8, 0:1, :] = True  # 5 % of the slice
+    outside[8:, 0:3, :] = True  # 15 %: the apex
+    assert _cropped_slices(body, outside).all()
+    outside[:] = False
+    outside[:, 0:8, :] = True  # 40 %
+    assert not _cropped_slices(body, outside).any()
+    outside[:] = False
+    outside[:4, 0:1, :] = True  # a minority of tight slices stays a minority
+    outside[4:, 0:8, :] = True
+    assert _cropped_slices(body, outside).tolist() == [True] * 4 + [False] * 6

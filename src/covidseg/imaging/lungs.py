@@ -17,7 +17,7 @@ The method is the textbook one (threshold, components, closing), with the steps 
 
 It works on a coarser copy (about ``work_mm`` mm voxels) for speed: a 512x512x300 CT becomes
 ~256x256x150. In slices where the torso touches the image border (a tight crop, common in CTA),
-air that touches the border but averages above ``outside_hu`` (a lung cut by the crop, ~-850 HU)
+air that touches the border but is mostly above ``outside_hu`` (a lung cut by the crop, ~-850 HU)
 is lung too; true outside air (~-1000 HU) is not.
 """
 
@@ -47,7 +47,7 @@ class LungParams:
     """Parameters of the classical lung segmentation (HU, mm, mL)."""
 
     air_hu: float = -300.0  # voxels below are air-like (lung incl. ground glass, airways, outside air)
-    outside_hu: float = -950.0  # border-touching air darker than this on average is outside the body
+    outside_hu: float = -950.0  # border-touching air mostly (median) darker than this is outside the body
     work_mm: float = 2.0  # target voxel size of the working copy (mm); never upsampled
     closing_mm: float = 12.0  # in-plane closing radius per lung (mm): pulls dense lesions inside
     z_gap_mm: float = 60.0  # per (y, x) column, gaps up to this long between lung above and below
@@ -120,23 +120,33 @@ def _downsample_mean(hu: np.ndarray, factors: tuple[int, int, int]) -> np.ndarra
 
 
 def _border_air(air: np.ndarray, hu: np.ndarray, outside_hu: float) -> tuple[np.ndarray, np.ndarray]:
-    """Per slice, the air components that touch the image border, split by their mean HU:
-    (true outside air, below `outside_hu`; air-like tissue above it, e.g. a lung cut by a crop)."""
+    """Per slice, the air components that touch the image border, split by their median HU:
+    (true outside air, mostly below `outside_hu`; air-like tissue, mostly above it, e.g. a lung cut
+    by a crop). The median, not the mean: outside air joined to a foam mattress or a blanket
+    (-900..-700 HU) under the patient can average above `outside_hu`, and taken for a cut lung it
+    would let the table's enclosed air become lung."""
     labels, n = ndimage.label(air, structure=IN_PLANE_4)
     if n == 0:
         return np.zeros_like(air), np.zeros_like(air)
     touches = touches_border(labels, n)
     touches[0] = False
-    dark = np.nan_to_num(ndimage.mean(hu, labels, index=np.arange(n + 1)), nan=-1000.0) < outside_hu
+    counts = np.maximum(np.bincount(labels.ravel(), minlength=n + 1), 1)
+    dark_share = np.bincount(labels.ravel(), weights=(hu < outside_hu).ravel(), minlength=n + 1) / counts
+    dark = dark_share > 0.5  # median below outside_hu
     return (touches & dark)[labels], (touches & ~dark)[labels]
 
 
 def _cropped_slices(body: np.ndarray, outside: np.ndarray, max_outside: float = 0.1) -> np.ndarray:
     """[z] bool: slices cut by a tight field of view: the torso reaches the image border and true
     outside air covers less than `max_outside` of the slice (a whole-body field of view has plenty,
-    so the foam of a mattress that reaches the border is never mistaken for a cut lung)."""
+    so the foam of a mattress that reaches the border is never mistaken for a cut lung).
+
+    A series has one field of view: when most slices are cut by it, every slice where the torso
+    reaches the border is cut too, also near the apex where the body narrows and more outside air
+    shows (up to ~20 % of the slice in a CTA crop)."""
     on_border = body[:, 0, :].any(1) | body[:, -1, :].any(1) | body[:, :, 0].any(1) | body[:, :, -1].any(1)
-    return on_border & (outside.mean(axis=(1, 2)) < max_outside)
+    tight = on_border & (outside.mean(axis=(1, 2)) < max_outside)
+    return on_border if tight.mean() > 0.5 else tight
 
 
 def lung_region(work: np.ndarray, work_spacing: tuple[float, float, float], params: LungParams) -> np.ndarray:
