@@ -215,17 +215,25 @@ def test_train_gan_calibrates_the_grow_threshold_and_make_masks_uses_it(trained,
     assert masks["grow_threshold_source"] == "calibration"
 
 
-def test_make_masks_with_a_teacher_adds_its_voxels_at_the_threshold_healthy_lungs_allow(trained, tmp_path):
+def test_make_masks_with_a_teacher_adds_its_voxels_at_the_threshold_healthy_lungs_allow(
+    trained, tmp_path, monkeypatch
+):
     from _small_inputs import GRID
     from conftest import save_untrained_segmenter
     from covidseg.inference.model_files import open_seg_model
     from covidseg.inference.runners import TorchRunner
+    from covidseg.stages import make_masks
     from covidseg.stages._workdir import load_grid_cases, stored_path
 
+    calls = []
+    counted = make_masks.run_generator
+    monkeypatch.setattr(make_masks, "run_generator", lambda *a, **k: calls.append(1) or counted(*a, **k))
     teacher = save_untrained_segmenter(tmp_path / "teacher" / "best.pt", slice_size=GRID[1:])
     plain = run_make_masks(trained.pre, trained.gan, tmp_path / "plain", device="cpu", native=False)
+    plain_calls = len(calls)
     taught = run_make_masks(trained.pre, trained.gan, tmp_path / "taught", device="cpu", native=False,
                             teacher=teacher, teacher_budget_percent=100.0)  # fmt: skip
+    assert len(calls) == 2 * plain_calls  # the generator runs once per case with a teacher too
     record = json.loads((tmp_path / "taught" / "manifest.json").read_text())["teacher"]
     assert record["threshold"] == 0.5  # a budget of 100 %: the lowest threshold
     assert stored_path(tmp_path / "taught", record["model"]).resolve() == teacher.resolve()

@@ -200,8 +200,8 @@ def run_make_masks(
     ``config.grow_percentile`` the lower hysteresis threshold likewise (`grow_threshold`)
     (:func:`_thresholds`).
     With `teacher` (a train-seg folder, model .pt or exported .onnx trained on grids like these), the
-    masks are refreshed by it (self-training, see the module docstring; the generator runs twice on
-    the healthy cases, once to choose the teacher's threshold).
+    masks are refreshed by it (self-training, see the module docstring; the healthy cases'
+    pseudo-healthy volumes, made first to choose the teacher's threshold, are kept for their masks).
     With `native`, NIfTI outputs in the source geometry are written too (this re-reads each source
     CT). `progress` gets (cases done, cases, "<case id>: N % of lung" or ": failed") per case.
     """
@@ -252,7 +252,9 @@ def run_make_masks(
     refresher = None
     if teacher is not None:
         refresher = _Teacher.open(Path(teacher), cases, scale, device, teacher_budget_percent)
-        refresher.calibrate([c for c in cases if c.group == "healthy"], generate, config, thresholds, pre_dir)
+        healthy = [c for c in cases if c.group == "healthy"]
+        generate = _kept_for_a_second_call(generate, {c.case_id for c in healthy})
+        refresher.calibrate(healthy, generate, config, thresholds, pre_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     with folder_lock(out_dir, STAGE_LOCK, "covidseg make-masks"):
         _refuse_previous_output(out_dir, overwrite)  # again: another run may have finished meanwhile
@@ -268,6 +270,23 @@ def run_make_masks(
         manifest["teacher"] = refresher.record(outcome.records, out_dir) if refresher else None
         write_json(out_dir / "manifest.json", manifest)
     return manifest
+
+
+def _kept_for_a_second_call(generate, case_ids: set[str]):
+    """`generate` that keeps its output for the cases `case_ids` after the first call and hands it
+    out on the second (then forgets it): the teacher's calibration and the masks share one
+    generator pass over the healthy cases (the generator is deterministic, so nothing changes)."""
+    kept: dict[str, np.ndarray] = {}
+
+    def generate_once(case: GridCase) -> np.ndarray:
+        if case.case_id in kept:
+            return kept.pop(case.case_id)
+        pseudo = generate(case)
+        if case.case_id in case_ids:
+            kept[case.case_id] = pseudo
+        return pseudo
+
+    return generate_once
 
 
 @dataclass
