@@ -135,6 +135,13 @@ def test_settings_errors_are_usage_errors_naming_the_key(tmp_path, text, message
         ("texture_hu = -1", "texture_hu = -1.0: must be a number in [0, 1000] HU"),
         ("border_bias = nan", "border_bias = nan: must be a finite number"),
         ("posterior_bias = inf", "posterior_bias = inf: must be a finite number"),
+        ("fine_mix = 1.5", "fine_mix = 1.5: must be a number in [0, 1]"),
+        ("reversed_halo_probability = -0.1", "reversed_halo_probability = -0.1: must be a number in [0, 1]"),
+        (
+            "crazy_paving_hu = [250, 80]",
+            "crazy_paving_hu = [250.0, 80.0]: must be two numbers [lo, hi] in [0, 1000] HU",
+        ),
+        ("air_bronchogram_probability = 2", "air_bronchogram_probability = 2.0: must be a number in [0, 1]"),
     ],
 )
 def test_a_bad_lesion_setting_is_a_usage_error_naming_the_table_and_key(tmp_path, line, message):

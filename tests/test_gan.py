@@ -138,6 +138,58 @@ def test_perlin_lesions_prefer_the_lung_border():
     assert share_on_border > border.sum() / lung.sum()
 
 
+def _looks(**looks) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Eight uniform -850 HU lungs painted with `looks` (CorruptionConfig fields): image, corrupted HU,
+    lesion mask."""
+    image = torch.full((8, 1, 16, 64, 64), hu_to_unit(-850.0))
+    lung = _lung((8, 1, 16, 64, 64))
+    cfg = CorruptionConfig(**looks)
+    corrupted, lesion = perlin_lesions(
+        image, lung, torch.Generator().manual_seed(6), cfg, scale=DEFAULT_HU_SCALE
+    )
+    return lung, DEFAULT_HU_SCALE.to_hu(corrupted), lesion
+
+
+def _erode(mask: torch.Tensor, radius: int) -> torch.Tensor:
+    k = 2 * radius + 1
+    return -torch.nn.functional.max_pool3d(-mask, (1, k, k), 1, (0, radius, radius))
+
+
+def test_perlin_lesions_more_looks_each_do_what_they_say():
+    """fine_mix: more, smaller foci; reversed halo: the consolidation at the lesion's rim, not its
+    centre; crazy paving: lines denser than the ground glass; air bronchograms: air inside the
+    consolidation. Each against the lesions without it, on the same lungs."""
+    from scipy import ndimage
+
+    def foci(lesion):
+        return np.mean([ndimage.label(m[0].numpy())[1] for m in lesion])
+
+    _, _, plain = _looks(core_probability=0.0)
+    _, _, fine = _looks(core_probability=0.0, fine_mix=1.0)
+    assert foci(fine) > 1.5 * foci(plain)
+
+    _, hu_core, lesion_core = _looks(core_probability=1.0)
+    _, hu_rim, lesion_rim = _looks(core_probability=1.0, reversed_halo_probability=1.0)
+    shares = []  # of the dense voxels, those within 1 voxel of the lesion's edge
+    for hu, lesion in ((hu_core, lesion_core), (hu_rim, lesion_rim)):
+        dense = (hu > -250.0) & (lesion > 0)
+        shares.append(float((dense & (_erode(lesion, 1) == 0)).sum() / dense.sum()))
+    assert shares[1] > shares[0] + 0.2, shares  # measured 0.75 vs 0.44
+
+    _, hu_ggo, lesion_ggo = _looks(core_probability=0.0)
+    _, hu_paved, lesion_paved = _looks(core_probability=0.0, crazy_paving_probability=1.0)
+    assert torch.equal(lesion_ggo, lesion_paved)  # the same lesions, lines added
+    assert (hu_paved >= hu_ggo - 1e-3).all() and (
+        hu_paved[lesion_paved > 0] > hu_ggo[lesion_ggo > 0] + 60
+    ).any()
+
+    lung, hu_air, lesion_air = _looks(core_probability=1.0, air_bronchogram_probability=1.0)
+    inside = lesion_air > 0
+    assert torch.equal(lesion_air, lesion_core)
+    assert ((hu_air < -700.0) & inside & (hu_core > -250.0)).sum() > 0  # air tubes through the dense part
+    assert (hu_air[lung == 0] == hu_core[lung == 0]).all()
+
+
 def test_difference_threshold_and_components():
     image = np.zeros((4, 32, 32), np.float32)
     image[1:3, 10:20, 10:20] = 0.3  # a lesion

@@ -89,6 +89,12 @@ class CorruptionConfig:
     posterior_bias: float = 0.5  # preference for posterior positions (field units)
     edge: float = 0.04  # softness of lesion borders (field units)
     texture_hu: float = 42.0  # amplitude (HU) of the lesion intensity texture
+    # more looks (issue 16; each 0 = off, nothing drawn, the lesions of before bit for bit):
+    fine_mix: float = 0.0  # largest share of a fine field (3x the frequency) in the shape: lobular foci
+    reversed_halo_probability: float = 0.0  # share of consolidating volumes whose dense part is the rim
+    crazy_paving_probability: float = 0.0  # share of volumes with reticular lines over the ground glass
+    crazy_paving_hu: tuple[float, float] = (80.0, 250.0)  # how much denser the lines are (HU)
+    air_bronchogram_probability: float = 0.0  # share of consolidating volumes crossed by air tubes
 
     def __post_init__(self) -> None:
         check_config(self)
@@ -98,7 +104,7 @@ class CorruptionConfig:
 
     @classmethod
     def from_json(cls, data: dict) -> CorruptionConfig:
-        ranges = ("load_range", "ggo_hu", "consolidation_hu", "core_fraction", "frequency")
+        ranges = ("load_range", "ggo_hu", "consolidation_hu", "core_fraction", "frequency", "crazy_paving_hu")
         return cls(**{k: tuple(float(x) for x in v) if k in ranges else v for k, v in data.items()})
 
 

@@ -185,6 +185,7 @@ def _lo_hi(item: Rule, where: str) -> Rule:
 
 HU_RANGE = _lo_hi(HU, "in [-2000, 4000] HU")
 FRACTION_RANGE = _lo_hi(FRACTION, "in [0, 1]")
+HU_RISE_RANGE = _lo_hi(number(0, 1000, unit="HU"), "in [0, 1000] HU")  # density added, lo..hi
 LOAD_RANGE = _lo_hi(number(0, 1, open_lo=True), "in (0, 1]")  # drawn log-uniformly, so lo > 0
 PERLIN_FREQUENCY = _sequence(3, POSITIVE, lambda f: True, "must be three numbers > 0 (Perlin cells, z, y, x)")
 #: Perlin cells along one axis of the finest octave of the lesion field (frequency × 2^(octaves - 1)):
@@ -272,6 +273,11 @@ RULES: dict[str, dict[str, Rule]] = {
         "posterior_bias": FINITE,
         "edge": POSITIVE,
         "texture_hu": number(0, 1000, unit="HU"),
+        "fine_mix": FRACTION,
+        "reversed_halo_probability": FRACTION,
+        "crazy_paving_probability": FRACTION,
+        "crazy_paving_hu": HU_RISE_RANGE,
+        "air_bronchogram_probability": FRACTION,
     },
     "PseudoMaskConfig": {
         "smooth_sigma": NON_NEGATIVE,
