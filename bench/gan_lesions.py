@@ -10,9 +10,10 @@ DEMO is a `covidseg demo` output folder: its work/pre are the training grids and
 the train-gan settings (600 steps of the tiny preset on 16x64x64 crops). Per variant and seed:
 ``train-gan`` with the variant's ``[train-gan.lesions]`` (calibrated with today's make-masks defaults),
 then ``make-masks`` (native outputs) and ``evaluate`` on every ``--set`` (preprocessed grids and the
-synth manifest that holds their truth) and on the training grids themselves (the labels train-seg
-learns from). Variants: ``plain`` (today's lesions) and ``looks`` (fine_mix 1, reversed halo 0.3,
-crazy paving 0.3, air bronchograms 0.4, the shares train-seg's 2D lesions use).
+synth manifest that holds their truth; the training grids, DEMO/work/pre with
+DEMO/phantoms/train/manifest.json, score the labels train-seg learns from). Variants: ``plain``
+(today's lesions) and ``looks`` (fine_mix 1, reversed halo 0.3, crazy paving 0.3, air bronchograms
+0.4, the shares train-seg's 2D lesions use).
 
 Results go to OUT/results.jsonl (one line per variant, seed and set; a finished run is not repeated);
 ``--table`` prints per variant and set the mean ± std over seeds of the per-run mean Dice, pooled Dice,
@@ -126,8 +127,7 @@ def main() -> int:
     args = parser.parse_args()
     log = args.out / "results.jsonl"
     if not args.table:
-        demo_train = (args.demo / "work" / "pre", args.demo / "phantoms" / "train" / "manifest.json")
-        sets = {"demo train": demo_train}
+        sets = {}
         for item in args.set:
             name, _, paths = item.partition("=")
             pre, reference = paths.split(",")
