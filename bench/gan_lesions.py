@@ -24,17 +24,18 @@ sensitivity, % of healthy lung flagged, and the paired per-volume Dice differenc
 from __future__ import annotations
 
 import argparse
-import csv
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
 
 from covidseg.config import GanTrainConfig
 from covidseg.method.pseudo_masks import PseudoMaskConfig
-from covidseg.stages.evaluate import run_evaluate
-from covidseg.stages.make_masks import run_make_masks
 from covidseg.stages.train_gan import run_train_gan
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from hysteresis import score  # noqa: E402  (make-masks + evaluate on one phantom set, shared)
 
 VARIANTS = {
     "plain": {},
@@ -58,22 +59,6 @@ def train(demo: Path, variant: str, seed: int, out: Path, steps: int | None) -> 
         run_train_gan(demo / "work" / "pre", gan, GanTrainConfig.from_json(settings), "cpu",
                       mask_config=PseudoMaskConfig())  # fmt: skip
     return gan
-
-
-def score(gan: Path, pre: Path, reference: Path, out: Path) -> dict:
-    """make-masks with `gan` on `pre`, scored against `reference` (a synth manifest)."""
-    masks = run_make_masks(pre, gan, out / "masks", "cpu", native=True, overwrite=True)
-    run_evaluate(out / "masks" / "pseudo_masks", reference, out / "eval", overwrite=True)
-    with open(out / "eval" / "metrics.csv", newline="") as f:
-        rows = {r["case_id"]: r for r in csv.DictReader(f)}
-    tp, fp, fn = (sum(int(r[k]) for r in rows.values()) for k in ("tp", "fp", "fn"))
-    healthy = [c["pseudo_lesion_percent_of_lung"] for c in masks["cases"] if c["group"] == "healthy"]
-    return {
-        "dice": {k: float(r["dice"]) for k, r in rows.items()},
-        "pooled": 2 * tp / max(2 * tp + fp + fn, 1),
-        "sensitivity": float(np.mean([float(r["sensitivity"]) for r in rows.values()])),
-        "healthy_flagged_pct": float(np.mean(healthy)),
-    }
 
 
 def table(results: list[dict]) -> None:
@@ -109,7 +94,8 @@ def measure(demo: Path, sets: dict, variants: list[str], seeds: list[int], out: 
             for name, (pre, reference) in sets.items():
                 if (variant, seed, name) in done:
                     continue
-                result = score(gan, pre, reference, out / f"{variant}-seed{seed}" / name.replace(" ", "_"))
+                run = out / f"{variant}-seed{seed}" / name.replace(" ", "_")
+                result = score(gan, pre, reference, "off", run)  # "off": the generator's calibration
                 with log.open("a") as f:
                     f.write(json.dumps({"variant": variant, "seed": seed, "set": name, **result}) + "\n")
                 print(name, variant, seed, f"{np.mean(list(result['dice'].values())):.3f}", flush=True)

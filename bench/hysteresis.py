@@ -41,10 +41,11 @@ def overrides(setting: str) -> dict:
     return {"healthy_percentile": float(healthy), **({"grow_percentile": float(grow)} if grow else {})}
 
 
-def score(demo: Path, pre: Path, reference: Path, setting: str, out: Path) -> dict:
-    """make-masks with `setting` on `pre`, scored against `reference` (a synth manifest)."""
+def score(gan: Path, pre: Path, reference: Path, setting: str, out: Path) -> dict:
+    """make-masks with generator `gan` and `setting` on `pre`, scored against `reference` (a synth
+    manifest; also used by bench/gan_lesions.py)."""
     masks = out / f"masks-{setting}"
-    manifest = run_make_masks(pre, demo / "work" / "gan", masks, "cpu", native=True, overwrite=True,
+    manifest = run_make_masks(pre, gan, masks, "cpu", native=True, overwrite=True,
                               overrides=overrides(setting))  # fmt: skip
     run_evaluate(masks / "pseudo_masks", reference, out / f"eval-{setting}", overwrite=True)
     with open(out / f"eval-{setting}" / "metrics.csv", newline="") as f:
@@ -100,7 +101,8 @@ def main() -> int:
         )
     for name, (pre, reference) in sets.items():
         out = args.out / name.replace(" ", "_")
-        results = {s: score(args.demo, pre, reference, s, out) for s in args.settings.split(",")}
+        gan = args.demo / "work" / "gan"
+        results = {s: score(gan, pre, reference, s, out) for s in args.settings.split(",")}
         report(name, results)
     return 0
 
