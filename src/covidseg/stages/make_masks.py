@@ -275,7 +275,8 @@ def run_make_masks(
 def _kept_for_a_second_call(generate, case_ids: set[str]):
     """`generate` that keeps its output for the cases `case_ids` after the first call and hands it
     out on the second (then forgets it): the teacher's calibration and the masks share one
-    generator pass over the healthy cases (the generator is deterministic, so nothing changes)."""
+    generator pass over the healthy cases (the generator is deterministic, so nothing changes). The
+    kept volumes are float32 grids: 2 MB per case at the default 32x128x128."""
     kept: dict[str, np.ndarray] = {}
 
     def generate_once(case: GridCase) -> np.ndarray:
