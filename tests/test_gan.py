@@ -20,7 +20,7 @@ from covidseg.method.pseudo_masks import (
     split_slices,
     threshold_baseline,
 )
-from covidseg.models.gan3d import GAN_PRESETS, Discriminator3D, Generator3D, latent_noise
+from covidseg.models.gan3d import GAN_PRESETS, Discriminator3D, Generator3D, latent_noise, to_device
 
 
 def _lung(shape=(1, 1, 16, 64, 64)) -> torch.Tensor:
@@ -69,6 +69,19 @@ def test_explicit_noise_reproduces_the_seeded_forward():
     assert torch.equal(drawn[0], given[0]) and torch.equal(drawn[1], given[1])
     with pytest.raises(ValueError, match="noise must be"):
         g(x, lung, noise=torch.zeros(2, 64, 1, 2, 2))
+
+
+def test_to_device_on_the_cpu_takes_the_channels_last_layout_and_keeps_the_values():
+    torch.manual_seed(0)
+    g = Generator3D(GAN_PRESETS["tiny"].generator).eval()
+    x, lung = torch.rand(2, 1, 16, 64, 64), torch.ones(2, 1, 16, 64, 64)
+    with torch.no_grad():
+        before = g(x, lung, noise_generator=torch.Generator().manual_seed(3))[0]
+        assert to_device(g, "cpu") is g
+        after = g(x, lung, noise_generator=torch.Generator().manual_seed(3))[0]
+    wide = g.downs[0].down[0].weight  # [c1, c0, 3, 3, 3] (the stem's one in-channel fits both layouts)
+    assert wide.is_contiguous(memory_format=torch.channels_last_3d) and not wide.is_contiguous()
+    assert torch.allclose(before, after, atol=1e-4)  # the same network, rounded in another order
 
 
 @pytest.mark.parametrize("kind", ["perlin", "uniform", "none"])

@@ -220,6 +220,18 @@ class Generator3D(nn.Module):
         return healthy, removal
 
 
+def to_device(model: nn.Module, device: torch.device | str) -> nn.Module:
+    """`model` (a 3D network of this module) moved to `device`, in place; on the CPU also into the
+    channels-last-3d layout, where oneDNN runs the 3D convolutions of these narrow networks faster
+    (tiny generator on 2 cores: a training step 1.47x, make-masks' windowed inference 1.59x;
+    ``python bench/generator.py``). Inputs may stay contiguous; results equal the default layout's up
+    to float rounding. Other devices keep the default layout (not measured there)."""
+    model.to(device)
+    if torch.device(device).type == "cpu":
+        model.to(memory_format=torch.channels_last_3d)
+    return model
+
+
 class GeneratorRemoval(nn.Module):
     """The generator as a backend: ``(image, lung, noise) -> removal``, noise given, no compositing.
 

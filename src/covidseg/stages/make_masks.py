@@ -59,6 +59,7 @@ from covidseg.method.pseudo_masks import (
     split_slices,
     with_teacher,
 )
+from covidseg.models.gan3d import to_device
 from covidseg.progress import Progress
 from covidseg.settings import check_config
 from covidseg.stages._workdir import (
@@ -227,7 +228,7 @@ def run_make_masks(
     scale = grids_hu_scale(pre_dir, generator_path, info)  # the [0, 1] scale of the grids
     if kind == "torch":
         torch_device = resolve_device(device)
-        model = generator_from_payload(payload).to(torch_device)
+        model = to_device(generator_from_payload(payload), torch_device)
         crop = payload["train_config"].get("crop")
         inference_window = None if crop is None else tuple(int(v) for v in crop)
         backend_info = {"kind": "torch", "device": str(torch_device)}

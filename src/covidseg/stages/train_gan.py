@@ -50,7 +50,7 @@ from covidseg.learning.loop import (
 from covidseg.learning.losses import adversarial_loss, masked_mse
 from covidseg.method.lesions import perlin_lesions
 from covidseg.method.pseudo_masks import PseudoMaskConfig, calibration_record, difference_map
-from covidseg.models.gan3d import GAN_PRESETS, Discriminator3D, Generator3D
+from covidseg.models.gan3d import GAN_PRESETS, Discriminator3D, Generator3D, to_device
 from covidseg.progress import Progress, losses_text
 from covidseg.reporting.plots import loss_curves, panels
 from covidseg.stages._workdir import (
@@ -376,8 +376,8 @@ def _build_training(
     seed_everything(config.seed)
     generator, discriminator = build_models(config)
     _check_grid(grid, config, generator.config.divisor)
-    generator.to(device)
-    discriminator.to(device)
+    to_device(generator, device)
+    to_device(discriminator, device)
     opt_g = torch.optim.Adam(generator.parameters(), lr=config.lr_g, betas=config.betas)
     opt_d = torch.optim.Adam(discriminator.parameters(), lr=config.lr_d, betas=config.betas)
     if state is not None:
