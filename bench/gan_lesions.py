@@ -12,8 +12,9 @@ the train-gan settings (600 steps of the tiny preset on 16x64x64 crops). Per var
 then ``make-masks`` (native outputs) and ``evaluate`` on every ``--set`` (preprocessed grids and the
 synth manifest that holds their truth; the training grids, DEMO/work/pre with
 DEMO/phantoms/train/manifest.json, score the labels train-seg learns from). Variants: ``plain``
-(today's lesions) and ``looks`` (fine_mix 1, reversed halo 0.3, crazy paving 0.3, air bronchograms
-0.4, the shares train-seg's 2D lesions use).
+(today's lesions), ``looks`` (fine_mix 1, reversed halo 0.3, crazy paving 0.3, air bronchograms
+0.4, the shares train-seg's 2D lesions use) and each of the four alone (``fine_mix``,
+``reversed_halo``, ``crazy_paving``, ``air_bronchogram``).
 
 Results go to OUT/results.jsonl (one line per variant, seed and set; a finished run is not repeated);
 ``--table`` prints per variant and set the mean ± std over seeds of the per-run mean Dice, pooled Dice,
@@ -37,15 +38,13 @@ from covidseg.stages.train_gan import run_train_gan
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from hysteresis import score  # noqa: E402  (make-masks + evaluate on one phantom set, shared)
 
-VARIANTS = {
-    "plain": {},
-    "looks": {
-        "fine_mix": 1.0,
-        "reversed_halo_probability": 0.3,
-        "crazy_paving_probability": 0.3,
-        "air_bronchogram_probability": 0.4,
-    },
+LOOKS = {  # each look at the share train-seg's 2D lesions use
+    "fine_mix": {"fine_mix": 1.0},
+    "reversed_halo": {"reversed_halo_probability": 0.3},
+    "crazy_paving": {"crazy_paving_probability": 0.3},
+    "air_bronchogram": {"air_bronchogram_probability": 0.4},
 }
+VARIANTS = {"plain": {}, "looks": {k: v for look in LOOKS.values() for k, v in look.items()}, **LOOKS}
 
 
 def train(demo: Path, variant: str, seed: int, out: Path, steps: int | None) -> Path:
@@ -71,7 +70,7 @@ def table(results: list[dict]) -> None:
         for variant in dict.fromkeys(r["variant"] for r in runs):
             mine = [r for r in runs if r["variant"] == variant]
             means = [np.mean(list(r["dice"].values())) for r in mine]
-            line = f"  {variant:<8} {len(mine)}  {np.mean(means):.3f} ± {np.std(means):.3f}"
+            line = f"  {variant:<15} {len(mine)}  {np.mean(means):.3f} ± {np.std(means):.3f}"
             for key in ("pooled", "sensitivity", "healthy_flagged_pct"):
                 values = [r[key] for r in mine]
                 line += f"  {np.mean(values):.3f} ± {np.std(values):.3f}"

@@ -52,9 +52,14 @@ class SegModelFile:
         """The segmenter as a torch module (eval mode, CPU)."""
         if self.payload is None:
             raise InputError(self.path, "an ONNX model has no torch weights; use --backend onnx")
-        model = segmenter_from_config(self.payload["model"]["arch"], self.payload["model"]["config"])
-        model.load_state_dict(self.payload["weights"])
-        return model.eval()
+        return segmenter_from_payload(self.payload)
+
+
+def segmenter_from_payload(payload: dict) -> torch.nn.Module:
+    """The segmenter of a train-seg model file (best.pt) payload, weights loaded (eval mode, CPU)."""
+    model = segmenter_from_config(payload["model"]["arch"], payload["model"]["config"])
+    model.load_state_dict(payload["weights"])
+    return model.eval()
 
 
 def preprocessing_spec(path: Path, data) -> SlicePreprocessing:

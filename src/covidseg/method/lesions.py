@@ -114,7 +114,7 @@ def perlin_lesions(
     core_threshold = quantile_in_mask(score, lung, 1.0 - load * core_share).view(b, 1, 1, 1, 1)
     core = torch.sigmoid((score - core_threshold) / cfg.edge) * lung * has_core.view(b, 1, 1, 1, 1)
     if cfg.reversed_halo_probability > 0:  # the dense part is the lesion's rim instead of its core
-        rim = (weight - _erode_in_plane(weight, max(2, round(h / 48)))).clamp(0, 1)
+        rim = (weight - erode_in_plane(weight, max(2, round(h / 48)))).clamp(0, 1)
         is_rim = (uniform(0.0, 1.0) < cfg.reversed_halo_probability).view(b, 1, 1, 1, 1)
         core = torch.where(is_rim, rim * has_core.view(b, 1, 1, 1, 1), core)
     cons = torch.tensor([scale.to_unit(v) for v in cfg.consolidation_hu], device=device)
@@ -133,11 +133,19 @@ def _crazy_paving(field: torch.Tensor, cfg: CorruptionConfig, scale: HuScale, un
     b = field.shape[0]
     chosen = (uniform(0.0, 1.0) < cfg.crazy_paving_probability).view(b, 1, 1, 1, 1)
     rise = scale.unit_of_hu_difference(uniform(*cfg.crazy_paving_hu)).view(b, 1, 1, 1, 1)
-    return torch.exp(-((field / 0.15) ** 2)) * rise * chosen
+    return zero_set_lines(field) * rise * chosen
 
 
-def _erode_in_plane(weight: torch.Tensor, radius: int) -> torch.Tensor:
-    """Grey-level erosion of `weight` [B, 1, D, H, W] by a (2 radius + 1)² square in each slice."""
+def erode_in_plane(weight: torch.Tensor, radius: int) -> torch.Tensor:
+    """Grey-level erosion of `weight` ``[B, 1, H, W]`` or ``[B, 1, D, H, W]`` by a square of side
+    2 radius + 1 (voxels) in each slice."""
     k = 2 * radius + 1
-    rows = F.max_pool3d(-weight, (1, k, 1), stride=1, padding=(0, radius, 0))
-    return -F.max_pool3d(rows, (1, 1, k), stride=1, padding=(0, 0, radius))
+    planes = -weight.reshape(-1, 1, *weight.shape[-2:])  # [B·D, 1, H, W]
+    rows = F.max_pool2d(planes, (k, 1), stride=1, padding=(radius, 0))
+    return -F.max_pool2d(rows, (1, k), stride=1, padding=(0, radius)).reshape(weight.shape)
+
+
+def zero_set_lines(field: torch.Tensor, width: float = 0.15) -> torch.Tensor:
+    """~1 on the zero set of `field` (a unit-std Perlin field), falling to 0 within `width` of it: a
+    network of thin lines in 2D, thin sheets in 3D (lines in every slice). Any shape."""
+    return torch.exp(-((field / width) ** 2))

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from covidseg.imaging.grid import HuScale
-from covidseg.method.lesions import quantile_in_mask
+from covidseg.method.lesions import erode_in_plane, quantile_in_mask, zero_set_lines
 from covidseg.method.noise import fractal_perlin_2d
 
 
@@ -125,16 +125,16 @@ def _paint(
     texture = uniform((0.0, look.texture_hu)) * field(24.0, 2)
     ggo = scale.to_unit(uniform(look.ggo_hu) + texture)
     out = torch.maximum(image, image + weight * (ggo - image))  # vessels stay brighter
-    lines = torch.exp(-((field(14.0, 1) / 0.15) ** 2))  # thin network along a zero set
+    lines = zero_set_lines(field(14.0, 1))  # thin network along a zero set
     paving = chance(look.crazy_paving_p) * scale.unit_of_hu_difference(uniform(look.crazy_paving_hu))
     out = out + weight * lines * paving
 
     core_share = uniform(look.core_share)
     core = torch.sigmoid((score - _lung_quantile(score, lung, 1 - load * core_share)) / edge) * lung
-    rim = (weight - _erode(weight, max(2, round(h / 48)))).clamp(0, 1)
+    rim = (weight - erode_in_plane(weight, max(2, round(h / 48)))).clamp(0, 1)
     dense = torch.where(chance(look.reversed_halo_p), rim, core) * chance(look.consolidation_p)
     out = out + dense * (scale.to_unit(uniform(look.consolidation_hu)) - out)
-    air = torch.exp(-((field(6.0, 1) / 0.12) ** 2)) * chance(look.air_bronchogram_p)
+    air = zero_set_lines(field(6.0, 1), width=0.12) * chance(look.air_bronchogram_p)
     out = out + dense * air * (scale.to_unit(look.air_hu) - out)
 
     return out.clamp(0.0, 1.0), ((weight >= 0.5) & (lung > 0)).to(image.dtype)
@@ -147,13 +147,6 @@ def _pleura_proximity(lung: torch.Tensor) -> torch.Tensor:
     inside = F.avg_pool2d(lung, (k, 1), stride=1, padding=(radius, 0))  # a box filter, one axis at a time
     inside = F.avg_pool2d(inside, (1, k), stride=1, padding=(0, radius))
     return ((1.0 - inside) * 2.0).clamp(0.0, 1.0)
-
-
-def _erode(weight: torch.Tensor, radius: int) -> torch.Tensor:
-    """Grey-level erosion of `weight` [B, 1, H, W] by a square of side 2 radius + 1 (pixels)."""
-    k = 2 * radius + 1
-    rows = F.max_pool2d(-weight, (k, 1), stride=1, padding=(radius, 0))
-    return -F.max_pool2d(rows, (1, k), stride=1, padding=(0, radius))
 
 
 def _lung_quantile(values: torch.Tensor, lung: torch.Tensor, q: torch.Tensor) -> torch.Tensor:

@@ -36,7 +36,7 @@ from covidseg.errors import InputError, UsageError
 from covidseg.imaging.grid import HuScale
 from covidseg.imaging.metrics import dice
 from covidseg.inference.ct_segment import SlicePreprocessing
-from covidseg.inference.model_files import MODEL_FORMAT
+from covidseg.inference.model_files import MODEL_FORMAT, segmenter_from_payload
 from covidseg.inference.runners import predict_probabilities
 from covidseg.io.atomic import write_json
 from covidseg.learning import distributed
@@ -57,7 +57,7 @@ from covidseg.learning.loop import (
 from covidseg.learning.losses import SegmentationLoss
 from covidseg.method.pseudo_masks import PROBABILITY_THRESHOLDS, SOFT_SCALE_HU, healthy_probability_threshold
 from covidseg.method.slice_lesions import paint_slice_lesions
-from covidseg.models.segmenters import make_segmenter, segmenter_config_dict, segmenter_from_config
+from covidseg.models.segmenters import make_segmenter, segmenter_config_dict
 from covidseg.progress import Progress, losses_text
 from covidseg.reporting.plots import loss_curves, panels
 from covidseg.stages._workdir import inside, median_slab_mm, portable_path, read_manifest, stored_path
@@ -335,8 +335,7 @@ def calibrate_on_healthy(
             "value": payload["threshold"],
             "source": "fixed: no healthy case was held out to calibrate on",
         }
-    model = segmenter_from_config(payload["model"]["arch"], payload["model"]["config"])
-    model.load_state_dict(payload["weights"])
+    model = segmenter_from_payload(payload)
     probabilities, lungs = (
         predict_probabilities(model.to(device), data.images[healthy], device),
         data.lungs[healthy] > 0,
