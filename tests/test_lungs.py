@@ -202,3 +202,21 @@ def test_a_series_cut_by_its_field_of_view_is_cut_in_every_slice_the_torso_reach
     outside[:4, 0:1, :] = True  # a minority of tight slices stays a minority
     outside[4:, 0:8, :] = True
     assert _cropped_slices(body, outside).tolist() == [True] * 4 + [False] * 6
+
+
+def test_a_diaphragm_dome_rising_into_the_lung_stays_out_and_a_lesion_stays_in():
+    """The top of a dome cut by axial slices is an island of tissue enclosed by lung, with liver under
+    it; the in-plane closing used to fill it (and a larger one's hole shrank to a square), so its
+    dense tissue and the partial volume over it were "lung" and looked like a lesion."""
+    hu, lungs, _ = _hospital_scene(table_touches=False)
+    z, y, x = np.mgrid[0 : hu.shape[0], 0 : hu.shape[1], 0 : hu.shape[2]].astype(np.float32)
+    r2 = ((x - 40) / 10) ** 2 + ((y - 60) / 10) ** 2  # under the right lung, 20 mm radius
+    dome = (z <= 12 + 7 * (1 - r2)) & (r2 <= 1) & lungs
+    hu[dome] = 40.0
+    lesion = ((x - 88) ** 2 + (y - 58) ** 2 + ((z - 35) * 1.25) ** 2) <= 6**2
+    hu[lesion] = -100.0
+    labels = segment_lungs(hu, (2.5, 2.0, 2.0)).full() > 0
+    assert dome.sum() > 300
+    assert labels[dome].mean() < 0.05  # without the rule: 0.61
+    assert labels[lesion].mean() > 0.95
+    assert _dice(labels, lungs & ~dome) >= 0.95

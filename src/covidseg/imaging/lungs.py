@@ -13,7 +13,9 @@ The method is the textbook one (threshold, components, closing), with the steps 
    below ``gas_hu``) and, when the trachea is in view, do not touch the airway; the lungs do.
 5. Dense lesions (consolidation, -100..+50 HU) look like the chest wall. Each lung is closed
    in-plane with a large structuring element (``closing_mm``, default 12 mm radius) and its holes
-   are filled, which brings subpleural consolidations back **inside** the lung mask.
+   are filled, which brings subpleural consolidations back **inside** the lung mask. The tops of
+   the diaphragm's domes, islands of tissue in the lung with liver or spleen under them, stay out,
+   and so does the one slice of partial volume over them (it looks like ground glass).
 
 It works on a coarser copy (about ``work_mm`` mm voxels) for speed: a 512x512x300 CT becomes
 ~256x256x150. In slices where the torso touches the image border (a tight crop, common in CTA),
@@ -209,6 +211,37 @@ def _fill_holes(mask: np.ndarray, max_hole_px: int, vessel_px: int, min_support:
     return out
 
 
+def _diaphragm_islands(
+    lung: np.ndarray, mask: np.ndarray, min_px: int, min_support: float = 0.1
+) -> np.ndarray:
+    """The tops of the diaphragm's domes that the closing took into `mask`, and the slice over each.
+
+    Islands: in-slice components of non-air enclosed by `lung` (the air candidates), larger than
+    `min_px` pixels, that rest on no lung: less than `min_support` of their footprint in the slice
+    below is in the mask, once that slice's own islands are out. A dome cut by a slice is such an
+    island with liver or spleen under it, each one inside the one below; the box closing fills a
+    small one and shrinks a large one's hole to a square, leaving a ring of dense tissue as lung. A
+    lesion inside the lung has lung under it; one lying on a dome is mostly wider than the dome's
+    top, which is why `min_support` is low (at 0.5, 3 of 32 COVID phantoms lost 7-15 % of their
+    lesion; at 0.1, at most 1.9 %, where a lesion touches the dome in-plane). Caps: the mask's
+    voxels right over an island, partial volume with the dome that looks like ground glass. Slices
+    go from the bottom (z = 0) up; returns the islands' and caps' voxels."""
+    islands = np.zeros_like(mask)
+    for k in range(1, mask.shape[0]):
+        labels, n = ndimage.label(~lung[k], structure=IN_PLANE_4[1])
+        if n == 0:
+            continue
+        sizes = np.bincount(labels.ravel(), minlength=n + 1)
+        enclosed = (sizes > min_px) & ~touches_border(labels, n)
+        enclosed[0] = False  # label 0 is the lung itself
+        below = mask[k - 1] & ~islands[k - 1]
+        support = np.bincount(labels.ravel(), weights=below.ravel(), minlength=n + 1)
+        islands[k] = (enclosed & (support < min_support * sizes))[labels] & mask[k]
+    caps = np.zeros_like(mask)
+    caps[1:] = islands[:-1] & mask[1:] & ~islands[1:]  # one slice over the dome: partial volume with it
+    return islands | caps
+
+
 def _close_2d(mask: np.ndarray, radius_px: tuple[int, int]) -> np.ndarray:
     """In-plane binary closing with a (2ry+1) x (2rx+1) box, slice by slice.
 
@@ -380,6 +413,7 @@ def segment_lungs(
         lung = sides[box] == value
         closed = (_close_2d(lung, radius_px) | _fill_z_gaps(lung, gap_px)) & ~airway_rim[box]
         closed = _fill_holes(closed, max_hole_px, vessel_px) & region[box]
+        closed &= ~_diaphragm_islands(lung, closed, vessel_px)
         target = labels[box]
         target[closed & (target == 0)] = value
     return LungMask(labels=labels, factors=factors, shape=tuple(hu.shape))
