@@ -6,6 +6,7 @@ the grid's z size). Prediction reproduces that for any scan: the lung box is cut
 ``round(height_mm / slab_mm)`` slabs (at least one), every slab is resized to ``slice_size``, and the
 network's probabilities are interpolated back onto the box's native voxels (trilinear), so a
 thin-slice scan gets a smooth full-resolution mask and the network sees what it was trained on.
+Lesions are kept inside the lung mask and below ``MAX_LESION_HU`` (with a voxel's margin).
 
 Everything here works on canonical ``[z, y, x]`` arrays (see :mod:`covidseg.imaging.geometry`).
 """
@@ -18,14 +19,20 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
+from scipy import ndimage
 
 from covidseg.imaging.airways import AirwayParams
+from covidseg.imaging.body import IN_PLANE_4
 from covidseg.imaging.grid import CropBox, HuScale, lung_crop_box, resize
 from covidseg.imaging.lungs import LungMask, LungParams, segment_lungs
 from covidseg.settings import check_config, check_values
 
 #: logits for a batch of slices: [N, 1, H, W] float32 in -> [N, 1, H, W] float32 out
 LogitsFn = Callable[[np.ndarray], np.ndarray]
+
+#: No COVID-19 lesion is this dense (HU): ground glass to consolidation span about -750..+100 HU;
+#: what is denser is a contrast-filled vessel, bone or calcification.
+MAX_LESION_HU = 200.0
 
 
 def _lung_params_from_json(data) -> LungParams:
@@ -130,6 +137,14 @@ class CTSegmentation:
         return out
 
 
+def too_dense(hu: np.ndarray, max_hu: float = MAX_LESION_HU) -> np.ndarray:
+    """Voxels of `hu` [z, y, x] (HU) that cannot be lesion: at or above `max_hu`, and their four
+    in-plane neighbours (the partial volume around a contrast-filled vessel looks like ground glass).
+    On a CT angiogram the model flagged enhanced hilar vessels and their rims; a scan without
+    contrast has next to nothing here."""
+    return ndimage.binary_dilation(hu >= max_hu, structure=IN_PLANE_4)
+
+
 def segment_ct(
     hu: np.ndarray,
     spacing_zyx: tuple[float, float, float],
@@ -142,7 +157,8 @@ def segment_ct(
     """Lesion mask of a canonical CT in HU; None when no lungs are found.
 
     Lesions are only kept inside the lung mask (the classical lung segmentation of
-    :mod:`covidseg.imaging.lungs`, the same the training data was cropped and gated with).
+    :mod:`covidseg.imaging.lungs`, the same the training data was cropped and gated with) and off
+    the voxels :func:`too_dense` for a lesion.
     """
     lungs = lungs if lungs is not None else segment_lungs(hu, spacing_zyx, spec.lungs)
     box = lung_crop_box(lungs, spacing_zyx, spec.margin_mm)
@@ -156,7 +172,7 @@ def segment_ct(
     probability_grid = torch.sigmoid(torch.from_numpy(logits))
     probability = resize(probability_grid, box.shape).numpy()  # [bz, by, bx]
     lung_box = lungs.full()[box.slices]
-    lesion = (probability >= spec.threshold) & (lung_box > 0)
+    lesion = (probability >= spec.threshold) & (lung_box > 0) & ~too_dense(hu[box.slices])
     return CTSegmentation(
         box=box,
         canonical_shape=tuple(hu.shape),
