@@ -190,6 +190,24 @@ def _dilate_near(mask: np.ndarray, structure: np.ndarray, iterations: int = 1) -
     return out
 
 
+def _slice_islands(
+    background: np.ndarray, below: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The in-slice components of `background` [y, x] and what they rest on.
+
+    Returns (labels [y, x], 4-connected, 0 where `background` is False; sizes [n + 1], pixels per
+    label; enclosed [n + 1], True for a component off the slice border, never for label 0;
+    support [n + 1], pixels of each component's footprint that are True in `below` [y, x], the
+    slice under it).
+    """
+    labels, n = ndimage.label(background, structure=IN_PLANE_4[1])
+    sizes = np.bincount(labels.ravel(), minlength=n + 1)
+    enclosed = ~touches_border(labels, n)  # on the slice border: not enclosed
+    enclosed[0] = False  # label 0 is the foreground
+    support = np.bincount(labels.ravel(), weights=below.ravel(), minlength=n + 1)
+    return labels, sizes, enclosed, support
+
+
 def _fill_holes(mask: np.ndarray, max_hole_px: int, vessel_px: int, min_support: float = 0.5) -> np.ndarray:
     """Fill holes enclosed in 3D, in-slice holes of at most `vessel_px` pixels (vessels, small
     nodules), and in-slice holes of at most `max_hole_px` pixels that rest on lung: at least
@@ -198,15 +216,10 @@ def _fill_holes(mask: np.ndarray, max_hole_px: int, vessel_px: int, min_support:
     lies liver or spleen, so it stays out. Slices go from the bottom (z = 0) up."""
     out = ndimage.binary_fill_holes(mask) if mask.shape[0] > 1 else mask.copy()
     for k in range(mask.shape[0]):
-        labels, n = ndimage.label(~mask[k], structure=IN_PLANE_4[1])
-        if n == 0:
-            continue
-        sizes = np.bincount(labels.ravel())
-        small = (sizes <= max_hole_px) & ~touches_border(labels, n)  # on the slice border: not a hole
-        small[0] = False  # label 0 is the mask itself
-        if k > 0 and small.any():
-            support = np.bincount(labels.ravel(), weights=out[k - 1].ravel(), minlength=n + 1)
-            small &= (support >= min_support * sizes) | (sizes <= vessel_px)
+        below = out[k - 1] if k > 0 else np.ones_like(mask[k])  # the bottom slice: no support test
+        labels, sizes, enclosed, support = _slice_islands(~mask[k], below)
+        small = enclosed & (sizes <= max_hole_px)
+        small &= (support >= min_support * sizes) | (sizes <= vessel_px)
         out[k] |= small[labels]
     return out
 
@@ -233,15 +246,9 @@ def _diaphragm_islands(
     (z = 0) up; returns the voxels of `mask` to leave out."""
     islands = np.zeros_like(mask)
     for k in range(1, mask.shape[0]):
-        labels, n = ndimage.label(~lung[k], structure=IN_PLANE_4[1])
-        if n == 0:
-            continue
-        sizes = np.bincount(labels.ravel(), minlength=n + 1)
-        enclosed = (sizes > min_px) & ~touches_border(labels, n)
-        enclosed[0] = False  # label 0 is the lung itself
-        below = mask[k - 1] & ~islands[k - 1]
-        support = np.bincount(labels.ravel(), weights=below.ravel(), minlength=n + 1)
-        islands[k] = (enclosed & (support < min_support * sizes))[labels] & mask[k]
+        labels, sizes, enclosed, support = _slice_islands(~lung[k], mask[k - 1] & ~islands[k - 1])
+        dome = enclosed & (sizes > min_px) & (support < min_support * sizes)
+        islands[k] = dome[labels] & mask[k]
     # partial volume with the dome: one pixel around each island in-plane, and the slice over it
     grown = ndimage.binary_dilation(islands, structure=IN_PLANE_SQUARE)
     grown[1:] |= grown[:-1].copy()
