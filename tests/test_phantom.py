@@ -249,3 +249,64 @@ def test_n_lesions_range_is_respected():
 def test_invalid_arguments_raise(kwargs):
     with pytest.raises(ValueError):
         make_phantom(**{"shape_zyx": SHAPE, "spacing_zyx": SPACING, **kwargs})
+
+
+# Lesion variety (issue 16): each COVID case draws its own lesion style.
+
+
+@pytest.fixture(scope="module")
+def varied_cases() -> list[Phantom]:
+    return [_phantom(seed, covid=True, lesion_variety=True) for seed in range(1, 7)]
+
+
+def test_variety_changes_the_lesions_not_the_anatomy(covid_cases, varied_cases):
+    for plain, varied in zip(covid_cases, varied_cases, strict=True):
+        assert np.array_equal(plain.lungs, varied.lungs)
+        assert varied.lesions.any() and not np.array_equal(plain.hu, varied.hu)
+        assert (varied.lungs[varied.lesions > 0] > 0).all()
+        assert all("shape" not in info for info in plain.lesion_info)
+
+
+def test_variety_draws_every_look_and_ground_glass_level(varied_cases):
+    infos = [info for case in varied_cases for info in case.lesion_info]
+    assert {info["shape"] for info in infos} == {"blob", "band", "lobular"}
+    assert any(info.get("crazy_paving") for info in infos)
+    assert any(info.get("reversed_halo") for info in infos)
+    levels = [np.median([i["hu"] for i in case.lesion_info if i["kind"] != "consolidation"] or [np.nan])
+              for case in varied_cases]  # fmt: skip
+    assert np.nanmax(levels) - np.nanmin(levels) > 100.0  # faint and dense ground-glass cases
+
+
+def test_crazy_paving_is_a_network_of_thin_lines():
+    from covidseg.imaging.phantom import PLAIN_STYLE, _Grid, _Look
+
+    look = _Look(PLAIN_STYLE, reticulation_hu=150.0, rng=np.random.default_rng(0))
+    grid = _Grid((40, 100, 100), (1.0, 1.0, 1.0))
+    box = (slice(0, 40), slice(0, 100), slice(0, 100))
+    lines = look.reticulation(grid, box)
+    assert lines.shape == (40, 100, 100) and 0.0 <= lines.min() and lines.max() <= 150.0
+    on = lines[20] > 75.0
+    assert 0.05 < on.mean() < 0.4
+    labels, n = ndimage.label(on)
+    assert np.bincount(labels.ravel())[1:].max() > 0.3 * on.sum()  # connected: a network, not dots
+    assert ndimage.binary_erosion(on, np.ones((3, 3))).sum() < 0.2 * on.sum()  # thin
+    assert _Look(PLAIN_STYLE).reticulation(grid, box) == 0.0
+
+
+def test_reversed_halo_puts_the_dense_part_at_the_rim():
+    def dense_depth(case: Phantom) -> float:
+        """Mean depth (mm from the lesion's edge) of its dense voxels over that of all its voxels."""
+        lesion = case.lesions > 0
+        depth = ndimage.distance_transform_edt(lesion, sampling=SPACING)
+        return float(depth[lesion & (case.hu > -200.0)].mean() / depth[lesion].mean())
+
+    # seeds found by drawing single mixed lesions of >= 30 mL with lesion variety (seed 29: the
+    # first with a reversed halo)
+    found = {}
+    for seed in (15, 29):
+        case = _phantom(seed, covid=True, n_lesions=(1, 1), lesion_variety=True)
+        info = case.lesion_info[0]
+        assert info["kind"] == "mixed" and info["volume_ml"] >= 30.0
+        found[info["reversed_halo"]] = case
+    assert set(found) == {True, False}
+    assert dense_depth(found[True]) < 0.8 < 1.2 < dense_depth(found[False])

@@ -205,3 +205,22 @@ def test_cli_no_surroundings(tmp_path):
     manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
     assert manifest["parameters"]["surroundings"] is False
     assert manifest["cases"][0]["scene"]["surroundings"] is False
+
+
+def test_cli_lesion_variety_is_passed_and_recorded(synth_run, tmp_path):
+    from typer.testing import CliRunner
+
+    from covidseg.cli import app
+
+    _, manifest, _ = synth_run
+    assert manifest["parameters"]["lesion_variety"] is False
+    assert all("shape" not in lesion for case in manifest["cases"] for lesion in case["lesions"])
+    out = tmp_path / "varied"
+    args = ["synth", "-o", str(out), "--healthy", "0", "--covid", "1", "--seed", "7", "--shape", "16,64,64"]
+    args += ["--spacing", "18,5.25,5.25", "--lesion-variety", "--no-progress"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    varied = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
+    assert varied["parameters"]["lesion_variety"] is True
+    lesions = varied["cases"][0]["lesions"]
+    assert lesions and all(lesion["shape"] in ("blob", "band", "lobular") for lesion in lesions)

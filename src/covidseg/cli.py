@@ -218,6 +218,14 @@ def synth(
             "or the plain phantoms.",
         ),
     ] = True,
+    lesion_variety: Annotated[
+        bool,
+        typer.Option(
+            "--lesion-variety",
+            help="Each COVID case draws its own lesion style: shapes (blobs, subpleural bands, lobular "
+            "foci), ground-glass level, margins, crazy paving, reversed halos.",
+        ),
+    ] = False,
     no_progress: NoProgress = False,
 ) -> None:
     """Make synthetic chest-CT phantoms (HU) with lung and lesion ground truth."""
@@ -229,7 +237,7 @@ def synth(
         with _bars(not no_progress) as bars:
             manifest = run_synth(
                 output, healthy, covid, seed, shape_zyx, spacing_zyx, montage=montage, progress=bars("synth"),
-                surroundings=surroundings,
+                surroundings=surroundings, lesion_variety=lesion_variety,
             )  # fmt: skip
     except CovidsegError as exc:
         _fail(exc)

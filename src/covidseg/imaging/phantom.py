@@ -53,6 +53,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from scipy import ndimage
+from scipy.spatial import cKDTree
 
 from covidseg.imaging import phantom_surroundings as surround
 
@@ -131,6 +132,7 @@ def make_phantom(
     seed: int = 0,
     n_lesions: tuple[int, int] = (1, 10),
     surroundings: bool = True,
+    lesion_variety: bool = False,
 ) -> Phantom:
     """A synthetic chest CT of `shape_zyx` voxels of `spacing_zyx` mm, in HU.
 
@@ -142,12 +144,17 @@ def make_phantom(
     phantom of earlier versions (a flat table slab, 15-25 HU of noise), bit for bit. `lungs`,
     `lesions` and `lesion_info` are the same either way.
 
+    With `lesion_variety`, each case draws its own lesion style (:func:`_draw_style`): ground-glass
+    level, texture, margin width, and per lesion a shape (blob, subpleural band, lobular foci),
+    crazy-paving reticulation and a reversed halo; the lesions' sizes and places stay those of the
+    same seed without it. Off (the default), the lesions of earlier versions, bit for bit.
+
     The same arguments always give bit-identical arrays. A default phantom takes about a second, a
     512 x 512 x 300 one at 1 mm under 10 s (peak memory ~0.9 GB).
     """
     shape, spacing = _check_args(shape_zyx, spacing_zyx, n_lesions)
-    streams = np.random.default_rng(seed).spawn(5)  # the first four are those of earlier versions
-    anatomy_rng, tree_rng, lesion_rng, noise_rng, scene_rng = streams
+    streams = np.random.default_rng(seed).spawn(6)  # the first five are those of earlier versions
+    anatomy_rng, tree_rng, lesion_rng, noise_rng, scene_rng, look_rng = streams
     grid = _Grid(shape, spacing)
     anatomy = _draw_anatomy(anatomy_rng, grid)
     scene = _draw_scene(scene_rng, grid, anatomy) if surroundings else None
@@ -161,7 +168,8 @@ def make_phantom(
     lesions = np.zeros(shape, dtype=np.uint8)
     info: list[dict] = []
     if covid:
-        info = _add_lesions(lesion_rng, grid, anatomy, hu, lungs, airways, lesions, n_lesions)
+        looks = _Looks(look_rng, _draw_style(look_rng) if lesion_variety else PLAIN_STYLE)
+        info = _add_lesions(lesion_rng, looks, grid, anatomy, hu, lungs, airways, lesions, n_lesions)
     del airways
     if scene is not None:
         surround.add_streaks(hu, grid.x, grid.y, grid.z, scene.streaks, _pixel_mm(grid))
@@ -996,13 +1004,15 @@ def _lesion_shape(
     rotation: np.ndarray,
     semi: np.ndarray,
     radius_mm: float,
+    fine_weight: float = 0.6,
 ):
     """Irregular blob around `centre`: (box, score [z,y,x], texture [z,y,x]) or None off-grid.
 
     score = (1 - rho^2) + 0.45 * field, where rho is the normalised radius of the ellipsoid
     envelope (semi-axes `semi` mm along the columns of `rotation`) and field a smoothed Gaussian
-    random field (not Perlin noise) whose grain scales with `radius_mm`; the lesion is where
-    score > 0.3, always inside rho < 1.
+    random field (not Perlin noise) whose grain scales with `radius_mm`, its fine part weighted by
+    `fine_weight` (larger: patchier, lobular foci); the lesion is where score > 0.3, always inside
+    rho < 1.
     """
     half = float(semi.max())
     cell = max(1.0, radius_mm / 8.0)
@@ -1019,7 +1029,7 @@ def _lesion_shape(
         u = dx * float(rotation[0, axis]) + dy * float(rotation[1, axis]) + dz * float(rotation[2, axis])
         rho2 += (u / float(semi[axis])) ** 2
     field = 0.8 * _sample_field(shape_field, origin, cell, dx, dy, dz)
-    field += 0.6 * _sample_field(fine_field, origin, cell, dx, dy, dz)
+    field += fine_weight * _sample_field(fine_field, origin, cell, dx, dy, dz)
     score = np.where(rho2 < 1.0, (1.0 - rho2) + 0.45 * field, -1.0).astype(np.float32)
     texture = _sample_field(texture_field, origin, cell, dx, dy, dz)
     return box, score, texture
@@ -1030,8 +1040,124 @@ def _blend_weight(score: np.ndarray, threshold: float, edge: float = 0.12) -> np
     return np.clip((score - threshold) / edge + 0.5, 0.0, 1.0)
 
 
+@dataclass(frozen=True)
+class _LesionStyle:
+    """How one case's lesions look: :data:`PLAIN_STYLE` (earlier versions) or :func:`_draw_style`."""
+
+    ggo_hu: tuple[float, float] = GGO_HU  # this case's ground-glass range, HU
+    texture_hu: float = 35.0  # amplitude of the lesions' texture field, HU
+    edge: float = 0.12  # margin width in score units: 0.06 sharp .. 0.3 soft
+    shapes: tuple[float, float, float] = (1.0, 0.0, 0.0)  # probabilities of SHAPES
+    crazy_paving: float = 0.0  # share of ground-glass lesions with reticulation
+    reversed_halo: float = 0.0  # share of mixed lesions whose dense part is a rim
+
+
+PLAIN_STYLE = _LesionStyle()
+SHAPES = ("blob", "band", "lobular")
+BAND_SCALE = np.array([0.55, 1.9, 0.95])  # envelope: thin across the pleura, long along it (volume kept)
+FINE_WEIGHT = {"blob": 0.6, "band": 0.6, "lobular": 1.6}  # weight of the fine field: patchy foci
+RETICULATION_HU = (80.0, 220.0)  # thickened septa above the ground glass
+LOBULE_MM = 12.0  # spacing of the septal network's cells (secondary lobules: 10-25 mm)
+SEPTA_HALF_WIDTH_MM = 1.2  # thickened septa: full on the line, half 0.6 mm from it
+
+
+def _draw_style(rng: np.random.Generator) -> _LesionStyle:
+    """A case's lesion style: a ground-glass level from faint to dense, texture, sharp to soft
+    margins, a mix of shapes, and how often crazy paving and reversed halos appear."""
+    centre, half = rng.uniform(-640.0, -400.0), rng.uniform(40.0, 120.0)
+    return _LesionStyle(
+        ggo_hu=(float(centre - half), float(centre + half)),
+        texture_hu=float(rng.uniform(15.0, 70.0)),
+        edge=float(np.exp(rng.uniform(math.log(0.06), math.log(0.3)))),
+        shapes=tuple(float(v) for v in rng.dirichlet((1.0, 1.0, 1.0))),
+        crazy_paving=float(rng.choice([0.0, 0.3, 0.7])),
+        reversed_halo=float(rng.choice([0.0, 0.5])),
+    )
+
+
+@dataclass(frozen=True)
+class _Look:
+    """One lesion's look under a case's style; ``rng`` draws its septal network."""
+
+    style: _LesionStyle
+    shape: str = "blob"
+    reticulation_hu: float = 0.0  # 0: no crazy paving
+    reversed_halo: bool = False
+    rng: np.random.Generator | None = None
+
+    @property
+    def semi_scale(self) -> np.ndarray | float:
+        return BAND_SCALE if self.shape == "band" else 1.0
+
+    @property
+    def fine_weight(self) -> float:
+        return FINE_WEIGHT[self.shape]
+
+    @property
+    def texture_hu(self) -> float:
+        return self.style.texture_hu
+
+    @property
+    def edge(self) -> float:
+        return self.style.edge
+
+    def ggo_hu(self, hu: float) -> float:
+        """A ground-glass HU drawn in :data:`GGO_HU`, mapped linearly into the style's range."""
+        if self.style.ggo_hu == GGO_HU:
+            return hu
+        lo, hi = self.style.ggo_hu
+        return lo + (hu - GGO_HU[0]) / (GGO_HU[1] - GGO_HU[0]) * (hi - lo)
+
+    def reticulation(self, grid: _Grid, box) -> np.ndarray | float:
+        """HU added to the ground glass in `box` [z, y, x] (crazy paving), or 0.0: thickened septa
+        drawn as the faces of Voronoi cells around jittered lattice points :data:`LOBULE_MM` apart
+        (secondary lobules), so every slice shows a connected polygonal network."""
+        if self.reticulation_hu == 0.0 or self.rng is None:
+            return 0.0
+        x, y, z = grid.coords(box)
+        lo = np.array([x.min(), y.min(), z.min()]) - LOBULE_MM
+        counts = np.ceil((np.array([x.max(), y.max(), z.max()]) + LOBULE_MM - lo) / LOBULE_MM).astype(int) + 1
+        lattice = np.stack(np.meshgrid(*(np.arange(n) for n in counts), indexing="ij"), -1).reshape(-1, 3)
+        seeds = lo + (lattice + self.rng.uniform(-0.4, 0.4, size=lattice.shape)) * LOBULE_MM  # mm, x y z
+        points = np.stack(np.broadcast_arrays(x, y, z), -1).reshape(-1, 3)
+        nearest, _ = cKDTree(seeds).query(points, k=2)  # [n, 2] mm to the two nearest lobule centres
+        distance = 0.5 * (nearest[:, 1] - nearest[:, 0])  # mm to the face between them
+        lines = np.clip(1.0 - distance / SEPTA_HALF_WIDTH_MM, 0.0, 1.0).astype(np.float32)
+        return self.reticulation_hu * lines.reshape(np.broadcast(x, y, z).shape)
+
+    def describe(self, kind: str) -> dict:
+        """The look's entries of a lesion's record (none for the plain style)."""
+        if self.style == PLAIN_STYLE:
+            return {}
+        record: dict = {"shape": self.shape}
+        if kind != "consolidation":
+            record["crazy_paving"] = self.reticulation_hu > 0.0
+        if kind == "mixed":
+            record["reversed_halo"] = self.reversed_halo
+        return record
+
+
+class _Looks:
+    """Draws each lesion's look from a case's style; the plain style draws nothing."""
+
+    def __init__(self, rng: np.random.Generator, style: _LesionStyle) -> None:
+        self.rng, self.style = rng, style
+
+    def draw(self) -> _Look:
+        if self.style == PLAIN_STYLE:
+            return _Look(PLAIN_STYLE)
+        u_shape, u_paving, u_halo, u_hu = self.rng.uniform(size=4)
+        shape = SHAPES[min(int(np.searchsorted(np.cumsum(self.style.shapes), u_shape)), len(SHAPES) - 1)]
+        paving = u_paving < self.style.crazy_paving
+        reticulation_hu = (
+            float(RETICULATION_HU[0] + u_hu * (RETICULATION_HU[1] - RETICULATION_HU[0])) if paving else 0.0
+        )
+        return _Look(self.style, shape, reticulation_hu, bool(u_halo < self.style.reversed_halo), self.rng)
+
+
 def _add_lesions(
     rng: np.random.Generator,
+    looks: _Looks,
     grid: _Grid,
     an: _Anatomy,
     hu: np.ndarray,
@@ -1049,7 +1175,7 @@ def _add_lesions(
     for label, kind in _lesion_plan(rng, n):
         for _attempt in range(20):
             record = _add_one_lesion(
-                rng, grid, an, hu, lungs, airways, lesions, candidates, label, kind, lung_ml
+                rng, looks.draw(), grid, an, hu, lungs, airways, lesions, candidates, label, kind, lung_ml
             )
             if record is not None:
                 info.append(record)
@@ -1059,6 +1185,7 @@ def _add_lesions(
 
 def _add_one_lesion(
     rng: np.random.Generator,
+    look: _Look,
     grid: _Grid,
     an: _Anatomy,
     hu: np.ndarray,
@@ -1079,30 +1206,33 @@ def _add_one_lesion(
     max_ml = max(max_fraction * lung_ml[label], 2.0)
     volume_ml = math.exp(rng.uniform(0.0, math.log(max_ml)))
     radius = (3.0 * volume_ml * 1000.0 / (4.0 * math.pi)) ** (1.0 / 3.0)  # mm
-    ggo_hu, cons_hu = rng.uniform(*GGO_HU), rng.uniform(*CONSOLIDATION_HU)
-    semi = _envelope_semi_axes(rng, radius)
+    ggo_hu, cons_hu = look.ggo_hu(rng.uniform(*GGO_HU)), rng.uniform(*CONSOLIDATION_HU)
+    semi = _envelope_semi_axes(rng, radius) * look.semi_scale
     index = _pick_candidate(rng, an, candidates, label, thickness_mm=float(semi[0]))
     if index is None:
         return None
     centre = candidates.points[index]
     rotation = _frame_along(candidates.normal[index], rng)
-    shape = _lesion_shape(rng, grid, centre, rotation, semi, radius)
+    shape = _lesion_shape(rng, grid, centre, rotation, semi, radius, look.fine_weight)
     if shape is None:
         return None
     box, score, texture = shape
     in_lung = lungs[box] == label
     threshold = 0.3
-    weight = _blend_weight(score, threshold) * in_lung
+    weight = _blend_weight(score, threshold, look.edge) * in_lung
     truth = weight >= 0.5
     if not truth.any():
         return None
     region = hu[box]
     if kind in ("ggo", "mixed"):
-        target = ggo_hu + 35.0 * texture
+        target = ggo_hu + look.texture_hu * texture + look.reticulation(grid, box)
         np.maximum(region, region + weight * (target - region), out=region)  # vessels stay brighter
     if kind in ("consolidation", "mixed"):
         core = threshold + (0.35 if kind == "mixed" else 0.0)  # a mixed lesion's core: its densest part
-        dense = _blend_weight(score, core) * in_lung * ~airways[box]  # air bronchograms stay dark
+        dense = _blend_weight(score, core, look.edge)
+        if kind == "mixed" and look.reversed_halo:  # the dense part a rim around ground glass
+            dense = _blend_weight(score, threshold, look.edge) * (1.0 - dense)
+        dense *= in_lung * ~airways[box]  # air bronchograms stay dark
         region += dense * (cons_hu + 15.0 * texture - region)
     lesions[box] |= truth.astype(np.uint8)
     zz, yy, xx = np.nonzero(truth)
@@ -1121,7 +1251,7 @@ def _add_one_lesion(
     }
     if kind == "mixed":
         record["core_hu"] = round(float(cons_hu), 1)
-    return record
+    return record | look.describe(kind)
 
 
 # --------------------------------------------------------------------------------------------

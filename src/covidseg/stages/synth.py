@@ -12,7 +12,8 @@ Output folder (paths in the manifest are relative to it)::
 With ``surroundings`` (the default) every phantom lies on a scanner table, with arms, clothing,
 bowel gas and a random reconstruction kernel, noise level and streaks, as hospital scans do (see
 :mod:`covidseg.imaging.phantom_surroundings`); without, the plain phantoms of earlier versions. The lung and
-lesion ground truth is the same either way.
+lesion ground truth is the same either way. With ``lesion_variety`` each COVID case draws its own
+lesion style (a phantom family no network has learned: see ``make_phantom``); off by default.
 
 Case ``covid_003`` is the same whatever the number of cases asked for: each case's seed is drawn
 from ``SeedSequence([seed, kind, index])`` (kind 0 healthy, 1 COVID), so healthy and COVID cases
@@ -134,12 +135,15 @@ def run_synth(
     montage: bool = False,
     progress: Progress | None = None,
     surroundings: bool = True,
+    lesion_variety: bool = False,
 ) -> dict:
     """Make `n_healthy` healthy and `n_covid` COVID phantoms in `out_dir`; returns the manifest.
 
     `shape_zyx` (voxels) and `spacing_zyx` (mm) set the grid; `progress` gets (phantoms made, all
     phantoms, case id) per finished case; `surroundings` puts table, arms, clothing, bowel gas and
-    scanner variety around the patient (False: the plain phantoms). Raises UsageError for nonsense
+    scanner variety around the patient (False: the plain phantoms); `lesion_variety` gives each COVID
+    case its own lesion style (shapes, ground-glass level, margins, crazy paving, reversed halo; see
+    :func:`covidseg.imaging.phantom.make_phantom`). Raises UsageError for nonsense
     parameters, before writing anything. Files of an earlier run in `out_dir` are overwritten case
     by case; the manifest lists this run's only.
     """
@@ -155,7 +159,12 @@ def run_synth(
             case_id = f"{kind}_{index:03d}"
             phantom_seed = case_seed(seed, kind, index)
             phantom = make_phantom(
-                shape, spacing, covid=kind == "covid", seed=phantom_seed, surroundings=surroundings
+                shape,
+                spacing,
+                covid=kind == "covid",
+                seed=phantom_seed,
+                surroundings=surroundings,
+                lesion_variety=lesion_variety,
             )
             files = _write_case(out_dir, case_id, kind, phantom, geometry, montage)
             cases.append(_case_record(case_id, kind, phantom_seed, phantom, files))
@@ -173,6 +182,7 @@ def run_synth(
             "spacing_zyx": list(spacing),
             "montage": bool(montage),
             "surroundings": bool(surroundings),
+            "lesion_variety": bool(lesion_variety),
             "orientation": "LPS",
             "origin_xyz": list(geometry.origin),
             "hu_dtype": "int16",
