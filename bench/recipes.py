@@ -151,13 +151,19 @@ def _mean_std(values) -> str:
     return f"{values.mean():.3f} ± {values.std():.3f}"
 
 
-def table(results: list[dict], baselines: dict[str, dict], against: str | None = None) -> None:
-    """Per variant: mean ± std over seeds of the per-run means; paired differences vs `against` (default:
-    the first variant). The HU baseline (one run: it has no seed) comes first, compared with each."""
+def table(
+    results: list[dict],
+    baselines: dict[str, dict],
+    against: str | None = None,
+    sets: tuple[str, ...] = ("demo", "family2", "real"),
+) -> None:
+    """Per variant and set: mean ± std over seeds of the per-run means; paired differences vs
+    `against` (default: the first variant). The HU baseline (one run: it has no seed) comes first,
+    compared with each."""
     variants = list(dict.fromkeys(r["variant"] for r in results))
     by = {(r["variant"], r["seed"]): r for r in results}
     first = against or variants[0]
-    for data in ("demo", "family2", "real"):
+    for data in sets:
         print(f"\n{data}: variant, seeds, Dice per volume (mean ± std over seeds), pooled, sensitivity,"
               f" {'lost' if data == 'real' else 'healthy flagged %'}, paired vs {first} (wins)")  # fmt: skip
         if data in baselines:

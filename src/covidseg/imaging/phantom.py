@@ -20,7 +20,9 @@ a soft-tissue wall); liver and spleen under the diaphragm, with a gastric air bu
 (~-850) with a low-frequency texture and a gravity-dependent gradient, and vessel (+40, radius
 ~5 -> 1 mm) and bronchial trees grown at random from each hilum. COVID-19 lesions are ground glass
 (-700..-300, blended so vessels stay brighter), consolidation (-100..+50) or both (a consolidated
-core in ground glass), mostly subpleural, posterior and basal.
+core in ground glass), mostly subpleural, posterior and basal. With ``lesion_variety`` each COVID case
+draws its own lesion style: ground-glass level, texture, margins, and per lesion a shape (blob,
+subpleural band, lobular foci), crazy paving (a Voronoi septal network) and a reversed halo.
 
 Around the patient (``surroundings=True``, the default; :mod:`covidseg.imaging.phantom_surroundings`): a
 curved table whose shell encloses air, sometimes a pad, arms down or raised or out of view,
