@@ -283,14 +283,14 @@ def test_crazy_paving_is_a_network_of_thin_lines():
     look = _Look(PLAIN_STYLE, reticulation_hu=150.0, rng=np.random.default_rng(0))
     grid = _Grid((40, 100, 100), (1.0, 1.0, 1.0))
     box = (slice(0, 40), slice(0, 100), slice(0, 100))
-    lines = look.reticulation(grid, box)
+    lines = look.reticulation(grid, box, np.ones((40, 100, 100), dtype=bool))
     assert lines.shape == (40, 100, 100) and 0.0 <= lines.min() and lines.max() <= 150.0
     on = lines[20] > 75.0
     assert 0.05 < on.mean() < 0.4
     labels, n = ndimage.label(on)
     assert np.bincount(labels.ravel())[1:].max() > 0.3 * on.sum()  # connected: a network, not dots
     assert ndimage.binary_erosion(on, np.ones((3, 3))).sum() < 0.2 * on.sum()  # thin
-    assert _Look(PLAIN_STYLE).reticulation(grid, box) == 0.0
+    assert _Look(PLAIN_STYLE).reticulation(grid, box, np.ones((40, 100, 100), dtype=bool)) == 0.0
 
 
 def test_reversed_halo_puts_the_dense_part_at_the_rim():
