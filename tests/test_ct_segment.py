@@ -8,7 +8,7 @@ from scipy import ndimage
 
 from covidseg.imaging.body import IN_PLANE_4
 from covidseg.imaging.grid import CropBox
-from covidseg.inference.ct_segment import SlicePreprocessing, segment_ct, slab_count, too_dense
+from covidseg.inference.ct_segment import SlicePreprocessing, segment_ct, slab_count, too_dense, too_light
 from test_lungs import _hospital_scene
 
 
@@ -27,9 +27,31 @@ def test_contrast_filled_vessels_and_their_rim_are_never_lesion():
     blob = (np.abs(x - 88) <= 2) & (np.abs(y - 58) <= 2) & (z >= 28) & (z <= 32)
     hu[vessel], hu[blob] = 350.0, 60.0
     spec = SlicePreprocessing(hu_window=(-1000.0, 400.0), slice_size=(64, 64), slab_mm=5.0)
-    result = segment_ct(hu, (2.5, 2.0, 2.0), lambda batch: np.full_like(batch, 10.0), spec)
+    flag_all = lambda batch: np.full_like(batch, 10.0)  # noqa: E731
+    result = segment_ct(hu, (2.5, 2.0, 2.0), flag_all, spec, min_lesion_hu=None)  # the dense rule alone
     lesion = result.full(result.lesion) > 0
     rim = ndimage.binary_dilation(vessel, structure=IN_PLANE_4) & ~vessel
     assert not lesion[vessel].any() and not lesion[rim].any()
     assert lesion[blob].all()
     assert lesion[lungs & ~too_dense(hu)].mean() > 0.95  # the rest of the lung is flagged
+
+
+def test_aerated_lung_is_never_lesion_in_hu_but_is_in_mapped_images():
+    """A model that flags every lung voxel: aerated lung (-850 HU) stays out, ground glass (-600 HU)
+    and its edge stay in; with the rule off (images whose values were mapped to HU) all is flagged."""
+    hu, lungs, _ = _hospital_scene(table_touches=False)
+    z, y, x = np.mgrid[0 : hu.shape[0], 0 : hu.shape[1], 0 : hu.shape[2]]
+    ggo = (np.abs(x - 88) <= 4) & (np.abs(y - 58) <= 4) & (z >= 26) & (z <= 34) & lungs
+    hu[ggo] = -600.0
+    spec = SlicePreprocessing(hu_window=(-1000.0, 400.0), slice_size=(64, 64), slab_mm=5.0)
+    flag_all = lambda batch: np.full_like(batch, 10.0)  # noqa: E731
+    result = segment_ct(hu, (2.5, 2.0, 2.0), flag_all, spec)
+    lesion = result.full(result.lesion) > 0
+    assert lesion[ggo].all()
+    square = np.zeros((3, 3, 3), dtype=bool)
+    square[1] = True  # in-plane 3 x 3
+    aerated = ndimage.binary_erosion(lungs & ~ggo, structure=square) & ~ndimage.binary_dilation(ggo, square)
+    assert aerated.sum() > 0.8 * lungs.sum() and not lesion[aerated].any()
+    assert (lesion == ((result.full(result.lungs) > 0) & ~too_light(hu) & ~too_dense(hu))).all()
+    mapped = segment_ct(hu, (2.5, 2.0, 2.0), flag_all, spec, min_lesion_hu=None)
+    assert (mapped.full(mapped.lesion) > 0)[lungs].mean() > 0.95

@@ -6,7 +6,8 @@ the grid's z size). Prediction reproduces that for any scan: the lung box is cut
 ``round(height_mm / slab_mm)`` slabs (at least one), every slab is resized to ``slice_size``, and the
 network's probabilities are interpolated back onto the box's native voxels (trilinear), so a
 thin-slice scan gets a smooth full-resolution mask and the network sees what it was trained on.
-Lesions are kept inside the lung mask and below ``MAX_LESION_HU`` (with a voxel's margin).
+Lesions are kept inside the lung mask, below ``MAX_LESION_HU`` (with a voxel's margin) and, for
+inputs in HU, above ``MIN_LESION_HU`` (aerated lung).
 
 Everything here works on canonical ``[z, y, x]`` arrays (see :mod:`covidseg.imaging.geometry`).
 """
@@ -19,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
+from scipy import ndimage
 
 from covidseg.imaging.airways import AirwayParams
 from covidseg.imaging.grid import CropBox, HuScale, lung_crop_box, resize
@@ -31,6 +33,10 @@ LogitsFn = Callable[[np.ndarray], np.ndarray]
 #: No COVID-19 lesion is this dense (HU): ground glass to consolidation span about -750..+100 HU;
 #: what is denser is a contrast-filled vessel, bone or calcification.
 MAX_LESION_HU = 200.0
+
+#: Aerated lung is lighter than this (HU, in-plane 3 x 3 mean): quantitative chest CT calls -950..-701
+#: HU well-aerated lung; 50 HU below that boundary leaves room for noise and partial volume.
+MIN_LESION_HU = -750.0
 
 
 def _lung_params_from_json(data) -> LungParams:
@@ -149,6 +155,16 @@ def too_dense(hu: np.ndarray, max_hu: float = MAX_LESION_HU) -> np.ndarray:
     return near
 
 
+def too_light(hu: np.ndarray, min_hu: float = MIN_LESION_HU) -> np.ndarray:
+    """Voxels of `hu` [z, y, x] (HU) that are aerated lung: their in-plane 3 x 3 mean is below `min_hu`.
+
+    The model sees slabs ~10 mm thick at 128 pixels, so its probability spills from anything dense
+    (a diaphragm dome cut tangentially, a lesion's core) into the aerated lung beside it; on normal002
+    most false positives were such a band around the left dome. At the scan's own resolution those
+    voxels are plainly lung. Only for HU: a display image's mapped values are not."""
+    return ndimage.uniform_filter(hu.astype(np.float32, copy=False), size=(1, 3, 3)) < min_hu
+
+
 def segment_ct(
     hu: np.ndarray,
     spacing_zyx: tuple[float, float, float],
@@ -157,12 +173,14 @@ def segment_ct(
     batch_size: int = 16,
     keep_probability: bool = False,
     lungs: LungMask | None = None,
+    min_lesion_hu: float | None = MIN_LESION_HU,
 ) -> CTSegmentation | None:
     """Lesion mask of a canonical CT in HU; None when no lungs are found.
 
     Lesions are only kept inside the lung mask (the classical lung segmentation of
-    :mod:`covidseg.imaging.lungs`, the same the training data was cropped and gated with) and off
-    the voxels :func:`too_dense` for a lesion.
+    :mod:`covidseg.imaging.lungs`, the same the training data was cropped and gated with), off
+    the voxels :func:`too_dense` for a lesion and, unless `min_lesion_hu` is None (an image whose
+    values were mapped to HU), off those :func:`too_light` for one.
     """
     lungs = lungs if lungs is not None else segment_lungs(hu, spacing_zyx, spec.lungs)
     box = lung_crop_box(lungs, spacing_zyx, spec.margin_mm)
@@ -177,6 +195,8 @@ def segment_ct(
     probability = resize(probability_grid, box.shape).numpy()  # [bz, by, bx]
     lung_box = lungs.full()[box.slices]
     lesion = (probability >= spec.threshold) & (lung_box > 0) & ~too_dense(hu[box.slices])
+    if min_lesion_hu is not None:
+        lesion &= ~too_light(hu[box.slices], min_lesion_hu)
     return CTSegmentation(
         box=box,
         canonical_shape=tuple(hu.shape),

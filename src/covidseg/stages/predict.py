@@ -69,7 +69,7 @@ from covidseg.config import PredictOptions
 from covidseg.errors import CovidsegError, InputError, UsageError
 from covidseg.imaging.display_lungs import segment_input_lungs
 from covidseg.imaging.readout import NOT_GRADED, read_out
-from covidseg.inference.ct_segment import segment_ct
+from covidseg.inference.ct_segment import MIN_LESION_HU, segment_ct
 from covidseg.inference.model_files import SegModelFile, open_seg_model
 from covidseg.inference.model_home import resolve_model
 from covidseg.inference.runners import OnnxRunner, TorchRunner
@@ -373,9 +373,11 @@ def predict_volume(
     started = time.perf_counter()
     seg_headers = read_source_headers(volume.dicom_files) if options.writes_seg else None
     lungs = segment_input_lungs(volume.hu, volume.spacing_zyx, seg.spec.lungs, options.intensity)
+    min_hu = None if options.intensity is not None else MIN_LESION_HU  # mapped values are not HU
     result = segment_ct(
-        volume.hu, volume.spacing_zyx, runner, seg.spec, options.batch_size, options.probabilities, lungs
-    )
+        volume.hu, volume.spacing_zyx, runner, seg.spec, options.batch_size, options.probabilities, lungs,
+        min_hu,
+    )  # fmt: skip
     if result is None:
         raise InputError(volume.source, "no lungs found (is this a chest CT, and in HU?)")
     box = result.box
