@@ -3,7 +3,8 @@ vary per case (``synth --lesion-variety``) against the same pipeline on today's 
 
     python bench/phantom_variety.py --demo DEMO --out bench-work/phantom_variety \\
         [--healthy NORMAL002] [--seeds 0,1,2]
-    python bench/phantom_variety.py --out bench-work/phantom_variety --table
+    python bench/phantom_variety.py --demo DEMO --out bench-work/phantom_variety --rescore TAG
+    python bench/phantom_variety.py --out bench-work/phantom_variety --table [--against NAME]
 
 DEMO is a `covidseg demo` output folder: its training phantoms (synth seed 0, 16 healthy + 16 COVID),
 its grids (work/pre) and its settings. Variants:
@@ -19,7 +20,10 @@ share, so both use it), then per variant ``make-masks`` (the defaults) and ``ben
 test phantoms, the second phantom family, the 50 real display slices and the real healthy CT; and on
 ``varied test``: the demo's 12 test patients (synth seed 1) with lesion variety, which no run trains
 on. Nothing is tuned on a label. Results: OUT/results.jsonl (a finished run is not repeated);
-``--table`` prints recipes.py's table (paired per volume against ``plain``, same seed).
+``--table`` prints recipes.py's table (paired per volume against ``plain``, same seed, or
+``--against``). ``--rescore TAG`` scores every finished run's model again with the code installed now
+(no training), as variant ``<variant>+TAG`` in OUT/results-TAG.jsonl: a change in predict measured on
+the same models.
 """
 
 from __future__ import annotations
@@ -81,6 +85,22 @@ def one_run(args, variant: str, seed: int) -> dict:
     return result
 
 
+def rescore(args, finished: dict, tag: str) -> dict:
+    """A finished run's model scored again on every set with today's code (no training), as variant
+    ``<variant>+<tag>``: what a change in predict does to the same models."""
+    run = args.out / f"{finished['variant']}-seed{finished['seed']}"
+    model, out = run / "model.onnx", run / f"rescore-{tag}"
+    varied, family2 = synth_varied(args.demo, "test", args.out), recipes.second_family(args.out / "family2")
+    return {
+        "variant": f"{finished['variant']}+{tag}", "seed": finished["seed"],
+        "demo": recipes.phantom_scores(model, args.test, out / "demo"),
+        "varied_test": recipes.phantom_scores(model, varied, out / "varied"),
+        "family2": recipes.phantom_scores(model, family2, out / "family2"),
+        "real": recipes.real_scores(model, out / "real", args.real),
+        "healthy_real": recipes.healthy_real_scores(model, out / "healthy_real", args.healthy),
+    }  # fmt: skip
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--demo", type=Path, help="a covidseg demo output folder")
@@ -90,10 +110,22 @@ def main() -> int:
                         help="real healthy CT (files, folders; normal002 of bench/real_ct.py)")  # fmt: skip
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--variants", default="plain,varied")
-    parser.add_argument("--table", action="store_true", help="print the table of OUT/results.jsonl")
+    parser.add_argument(
+        "--rescore", metavar="TAG", help="score the finished runs' models again (today's code)"
+    )
+    parser.add_argument("--table", action="store_true", help="print the table of OUT/results*.jsonl")
+    parser.add_argument("--against", default="plain", help="the variant the table pairs the others with")
     args = parser.parse_args()
     log = args.out / "results.jsonl"
-    if not args.table:
+    if args.rescore:
+        args.test = args.demo / "phantoms" / "test"
+        tagged = args.out / f"results-{args.rescore}.jsonl"
+        done = {(r["variant"], r["seed"]) for r in recipes._read(tagged)}
+        for finished in recipes._read(log):
+            if (f"{finished['variant']}+{args.rescore}", finished["seed"]) not in done:
+                with open(tagged, "a") as f:
+                    f.write(json.dumps(rescore(args, finished, args.rescore)) + "\n")
+    elif not args.table:
         args.out.mkdir(parents=True, exist_ok=True)
         args.test, args.steps = args.demo / "phantoms" / "test", 600
         done = {(r["variant"], r["seed"]) for r in recipes._read(log)}
@@ -103,14 +135,14 @@ def main() -> int:
                     result = one_run(args, variant, seed)
                     with open(log, "a") as f:
                         f.write(json.dumps(result) + "\n")
-    results = recipes._read(log)
+    results = [r for path in sorted(args.out.glob("results*.jsonl")) for r in recipes._read(path)]
     baselines = {}
     if args.demo is not None:
         args.test = args.demo / "phantoms" / "test"
         baselines = recipes._baselines(args)
         baselines["varied_test"] = recipes.baseline_scores(synth_varied(args.demo, "test", args.out),
                                                            args.out / "baseline-varied_test")  # fmt: skip
-    recipes.table(results, baselines, "plain", SETS)
+    recipes.table(results, baselines, args.against, SETS)
     recipes.healthy_table(results)
     return 0
 
