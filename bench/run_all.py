@@ -29,7 +29,7 @@ ROOT = BENCH.parent
 #: the order benchmarks run in (segmentation reuses pseudo_masks' data and GAN); others follow by name
 ORDER = ("preprocess", "noise", "lungs", "predict", "scaling", "pseudo_masks", "segmentation")
 #: Studies that need a finished demo folder and take an hour or more: run only when named in --only.
-STUDIES = ("recipes", "hysteresis", "gan_lesions")
+STUDIES = ("recipes", "hysteresis", "gan_lesions", "phantom_variety")
 QUICK_WORK = "bench-work/quick/pseudo_masks"
 QUICK_GAN_STEPS = 30
 QUICK = {  # benchmark -> (option, value) pairs for --quick (passed only when the benchmark has them)
