@@ -161,8 +161,13 @@ def too_light(hu: np.ndarray, min_hu: float = MIN_LESION_HU) -> np.ndarray:
     The model sees slabs ~10 mm thick at 128 pixels, so its probability spills from anything dense
     (a diaphragm dome cut tangentially, a lesion's core) into the aerated lung beside it; on normal002
     most false positives were such a band around the left dome. At the scan's own resolution those
-    voxels are plainly lung. Only for HU: a display image's mapped values are not."""
-    return ndimage.uniform_filter(hu.astype(np.float32, copy=False), size=(1, 3, 3)) < min_hu
+    voxels are plainly lung. Only for HU: a display image's mapped values are not. The mean is taken
+    a few slices at a time (it is in-plane), so the float copy stays small on a large scan."""
+    light = np.empty(hu.shape, dtype=bool)
+    for z0 in range(0, hu.shape[0], 16):
+        chunk = hu[z0 : z0 + 16].astype(np.float32, copy=False)
+        light[z0 : z0 + 16] = ndimage.uniform_filter(chunk, size=(1, 3, 3)) < min_hu
+    return light
 
 
 def segment_ct(
