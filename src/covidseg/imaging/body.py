@@ -17,6 +17,9 @@ from scipy import ndimage
 #: on a [z, y, x] volume labels every axial slice on its own
 IN_PLANE_4 = np.zeros((3, 3, 3), dtype=bool)
 IN_PLANE_4[1] = [[0, 1, 0], [1, 1, 1], [0, 1, 0]]
+#: the in-plane 3 x 3 square (8 neighbours and the voxel itself) as a 3D structure
+IN_PLANE_SQUARE = np.zeros((3, 3, 3), dtype=bool)
+IN_PLANE_SQUARE[1] = True
 
 
 def touches_border(labels: np.ndarray, n: int) -> np.ndarray:

@@ -36,6 +36,7 @@ from scipy import ndimage
 from covidseg.imaging.airways import AirwayParams, trace_airway
 from covidseg.imaging.body import (
     IN_PLANE_4,
+    IN_PLANE_SQUARE,
     disk,
     fill_holes_per_slice,
     largest_per_slice,
@@ -222,10 +223,6 @@ def _fill_holes(mask: np.ndarray, max_hole_px: int, vessel_px: int, min_support:
         small &= (support >= min_support * sizes) | (sizes <= vessel_px)
         out[k] |= small[labels]
     return out
-
-
-IN_PLANE_SQUARE = np.zeros((3, 3, 3), dtype=bool)
-IN_PLANE_SQUARE[1] = True  # the 8 in-plane neighbours and the voxel itself
 
 
 def _diaphragm_islands(
