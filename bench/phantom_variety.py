@@ -77,12 +77,13 @@ def one_run(args, variant: str, seed: int) -> dict:
         pre, gan = grids(args.demo, variant, args.out), gan_for(args.demo, seed, args.out)
         recipes.covidseg("make-masks", str(pre), "--gan", str(gan), "-o", str(masks), "--overwrite")
     result = recipes.one_run(args, variant, "", masks, seed)
-    model = args.out / f"{variant}-seed{seed}" / "model.onnx"
-    varied_test = synth_varied(args.demo, "test", args.out)
-    result["varied_test"] = recipes.phantom_scores(
-        model, varied_test, args.out / f"{variant}-seed{seed}" / "varied"
-    )
-    return result
+    run = args.out / f"{variant}-seed{seed}"
+    return {**result, "varied_test": varied_scores(args, run / "model.onnx", run)}
+
+
+def varied_scores(args, model: Path, out: Path) -> dict:
+    """`model` on the varied test phantoms (outputs under `out`/varied)."""
+    return recipes.phantom_scores(model, synth_varied(args.demo, "test", args.out), out / "varied")
 
 
 def rescore(args, finished: dict, tag: str) -> dict:
@@ -90,14 +91,9 @@ def rescore(args, finished: dict, tag: str) -> dict:
     ``<variant>+<tag>``: what a change in predict does to the same models."""
     run = args.out / f"{finished['variant']}-seed{finished['seed']}"
     model, out = run / "model.onnx", run / f"rescore-{tag}"
-    varied, family2 = synth_varied(args.demo, "test", args.out), recipes.second_family(args.out / "family2")
     return {
         "variant": f"{finished['variant']}+{tag}", "seed": finished["seed"],
-        "demo": recipes.phantom_scores(model, args.test, out / "demo"),
-        "varied_test": recipes.phantom_scores(model, varied, out / "varied"),
-        "family2": recipes.phantom_scores(model, family2, out / "family2"),
-        "real": recipes.real_scores(model, out / "real", args.real),
-        "healthy_real": recipes.healthy_real_scores(model, out / "healthy_real", args.healthy),
+        **recipes.model_scores(args, model, out), "varied_test": varied_scores(args, model, out),
     }  # fmt: skip
 
 

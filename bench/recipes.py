@@ -137,13 +137,19 @@ def one_run(args, name: str, extra: str, masks: Path, seed: int) -> dict:
                  "--seed", str(seed), *shlex.split(extra))  # fmt: skip
     model = run / "model.onnx"
     covidseg("export", str(seg), "-o", str(model), "--overwrite", progress=True)  # export has no bar
+    scores = model_scores(args, model, run)
+    return {"variant": name, "seed": seed, "args": extra, "masks": str(masks), **scores}
+
+
+def model_scores(args, model: Path, out: Path) -> dict:
+    """`model` on the demo's test phantoms, the second family, the real slices and the real healthy CT
+    (outputs under `out`)."""
     return {
-        "variant": name, "seed": seed, "args": extra, "masks": str(masks),
-        "demo": phantom_scores(model, args.test, run / "demo"),
-        "family2": phantom_scores(model, second_family(args.out / "family2"), run / "family2"),
-        "real": real_scores(model, run / "real", args.real),
-        "healthy_real": healthy_real_scores(model, run / "healthy_real", args.healthy),
-    }  # fmt: skip
+        "demo": phantom_scores(model, args.test, out / "demo"),
+        "family2": phantom_scores(model, second_family(args.out / "family2"), out / "family2"),
+        "real": real_scores(model, out / "real", args.real),
+        "healthy_real": healthy_real_scores(model, out / "healthy_real", args.healthy),
+    }
 
 
 def _mean_std(values) -> str:
